@@ -1,0 +1,39 @@
+# mnv3: `make install` then `make test`. Everything runs inside .venv.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+# Quiet pip: the local index mirrors print a warning per package they do not hold.
+PIP_FLAGS := --quiet --disable-pip-version-check --constraint constraints.txt
+
+.PHONY: install test test-fast lint format bench train clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python  ## create .venv and install mnv3 with its dev tools (pinned torch 2.14.1 / torchvision 0.29.1)
+	@echo "installing mnv3 and its pinned dependencies into $(VENV) (log: $(VENV)/pip-install.log)"
+	@$(PIP) install $(PIP_FLAGS) -e ".[dev]" > $(VENV)/pip-install.log 2>&1 \
+		|| { grep -v "^WARNING: Location" $(VENV)/pip-install.log; echo "pip install failed"; exit 1; }
+	$(BIN)/python -c "import torch, torchvision, mnv3; print('mnv3 ready: torch', torch.__version__, 'torchvision', torchvision.__version__)"
+
+test:  ## run the test suite (CPU only, a few minutes)
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q
+
+lint:  ## ruff lint and format check
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format:  ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
+
+bench:  ## model benchmark: params, MAdds, CPU latency vs torchvision (writes bench/results/)
+	$(BIN)/python bench/bench_models.py --out bench/results
+
+clean:  ## remove caches and build leftovers (keeps .venv and data/)
+	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info
+	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +

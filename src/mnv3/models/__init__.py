@@ -1,0 +1,20 @@
+"""Pure-torch MobileNetV3 / MobileNetV2 models: no Hydra, Lightning or wandb import here."""
+
+from mnv3.models.mobilenet import ArchSpec, BlockSpec, FeatureInfo, MobileNet
+from mnv3.models.mobilenetv2 import mobilenet_v2, mobilenet_v2_arch
+from mnv3.models.mobilenetv3 import mobilenet_v3_arch, mobilenet_v3_large, mobilenet_v3_small
+from mnv3.models.profile import count_madds, count_params
+
+__all__ = [
+    "ArchSpec",
+    "BlockSpec",
+    "FeatureInfo",
+    "MobileNet",
+    "count_madds",
+    "count_params",
+    "mobilenet_v2",
+    "mobilenet_v2_arch",
+    "mobilenet_v3_arch",
+    "mobilenet_v3_large",
+    "mobilenet_v3_small",
+]

@@ -1,0 +1,290 @@
+"""Reading checkpoints safely, and the known pretrained weights with their preprocessing.
+
+Everything is loaded with ``torch.load(weights_only=True)``: a checkpoint is data, never code.
+Three formats are understood and told apart by their keys:
+
+- torchvision's state dicts (``features.N...``, ``classifier.N...``), renamed to ours by a key
+  map derived from the model itself;
+- this project's plain state dicts (``stem.``, ``blocks.N.``, ``last_conv.``, ``classifier.``);
+- this project's Lightning checkpoints (``{"state_dict": {"model.stem...": ...}}``).
+
+A checkpoint with another class count keeps the backbone and the head's hidden layer and
+re-initialises the logits layer (the fine-tuning path); any other mismatch is an error that
+names the first missing, unexpected and mis-shaped keys.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mnv3.models.mobilenet import MobileNet
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for a checkpoint (ImageNet evaluation preset)."""
+
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    resize_size: int = 256
+    crop_size: int = 224
+    interpolation: str = "bilinear"
+
+
+@dataclass(frozen=True)
+class KnownWeights:
+    """A published checkpoint: where it lives, what it expects, and what it should score."""
+
+    name: str
+    arch: str
+    url: str
+    num_params: int
+    metrics: Mapping[str, float]
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    num_classes: int = 1000
+    source: str = "torchvision"
+
+
+# Published top-1 / top-5 on ImageNet-1K val (torchvision's weight tables).
+KNOWN_WEIGHTS: dict[str, KnownWeights] = {
+    w.name: w
+    for w in (
+        KnownWeights(
+            "mobilenet_v3_large.IMAGENET1K_V1",
+            "mobilenet_v3_large",
+            "https://download.pytorch.org/models/mobilenet_v3_large-8738ca79.pth",
+            5_483_032,
+            {"acc1": 74.042, "acc5": 91.340},
+        ),
+        KnownWeights(
+            "mobilenet_v3_large.IMAGENET1K_V2",
+            "mobilenet_v3_large",
+            "https://download.pytorch.org/models/mobilenet_v3_large-5c1a4163.pth",
+            5_483_032,
+            {"acc1": 75.274, "acc5": 92.566},
+            Preprocessing(resize_size=232),
+        ),
+        KnownWeights(
+            "mobilenet_v3_small.IMAGENET1K_V1",
+            "mobilenet_v3_small",
+            "https://download.pytorch.org/models/mobilenet_v3_small-047dcff4.pth",
+            2_542_856,
+            {"acc1": 67.668, "acc5": 87.402},
+        ),
+        KnownWeights(
+            "mobilenet_v2.IMAGENET1K_V1",
+            "mobilenet_v2",
+            "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+            3_504_872,
+            {"acc1": 71.878, "acc5": 90.286},
+        ),
+        KnownWeights(
+            "mobilenet_v2.IMAGENET1K_V2",
+            "mobilenet_v2",
+            "https://download.pytorch.org/models/mobilenet_v2-7ebf99e0.pth",
+            3_504_872,
+            {"acc1": 72.154, "acc5": 90.822},
+            Preprocessing(resize_size=232),
+        ),
+    )
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit the model it is loaded into."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_weights` did: the format it found and which keys it re-initialised."""
+
+    source: str
+    format: str
+    reinitialized: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://", "file://"))
+
+
+def read_checkpoint(
+    source: str | os.PathLike[str], progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """Read a state dict from a known weights name, a URL (torch.hub cache) or a local file.
+
+    Lightning checkpoints are unwrapped to the network's own state dict.
+    """
+    source = str(source)
+    check_hash = False
+    if source in KNOWN_WEIGHTS:
+        source, check_hash = KNOWN_WEIGHTS[source].url, True
+    try:
+        if _is_url(source):
+            obj = torch.hub.load_state_dict_from_url(
+                source,
+                map_location="cpu",
+                progress=progress,
+                check_hash=check_hash,
+                weights_only=True,
+            )
+        else:
+            path = Path(source).expanduser()
+            if not path.is_file():
+                raise CheckpointError(
+                    f"checkpoint file {path} does not exist (expected a .pth/.ckpt file)"
+                )
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # unpickling refusals, corrupt zips, network errors
+        raise CheckpointError(
+            f"could not read checkpoint {source}: {type(exc).__name__}: {exc}".split("\n")[0]
+        ) from exc
+    return unwrap_state_dict(obj, source)
+
+
+def unwrap_state_dict(obj: object, source: str = "<checkpoint>") -> dict[str, torch.Tensor]:
+    """The network state dict inside a plain, ``{"model": ...}`` or Lightning checkpoint."""
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        inner = obj["state_dict"]
+        # The Lightning task keeps the network as ``self.model``.
+        return {k[len("model.") :]: v for k, v in inner.items() if k.startswith("model.")}
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        return dict(obj["model"])
+    if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj)
+    raise CheckpointError(f"checkpoint {source} holds no state dict (found {type(obj).__name__})")
+
+
+def torchvision_module_map(model: MobileNet) -> dict[str, str]:
+    """Map torchvision's module names to ours, derived from the model's own block list.
+
+    torchvision numbers layers inside ``features.N.block`` (V3) or ``features.N.conv`` (V2)
+    in order, skipping absent expansions and SE layers; we walk our blocks the same way.
+    """
+    v2 = model.arch.name == "mobilenet_v2"
+    names = {"features.0.0": "stem.conv", "features.0.1": "stem.bn"}
+    for i, block in enumerate(model.blocks):
+        prefix = f"features.{i + 1}.{'conv' if v2 else 'block'}"
+        j = 0
+        for part in ("expand", "depthwise"):
+            if getattr(block, part) is not None:
+                names[f"{prefix}.{j}.0"] = f"blocks.{i}.{part}.conv"
+                names[f"{prefix}.{j}.1"] = f"blocks.{i}.{part}.bn"
+                j += 1
+        if block.se is not None:
+            names[f"{prefix}.{j}.fc1"] = f"blocks.{i}.se.reduce"
+            names[f"{prefix}.{j}.fc2"] = f"blocks.{i}.se.expand"
+            j += 1
+        if v2:  # V2's projection is a bare Conv2d followed by a bare BatchNorm2d
+            names[f"{prefix}.{j}"] = f"blocks.{i}.project.conv"
+            names[f"{prefix}.{j + 1}"] = f"blocks.{i}.project.bn"
+        else:
+            names[f"{prefix}.{j}.0"] = f"blocks.{i}.project.conv"
+            names[f"{prefix}.{j}.1"] = f"blocks.{i}.project.bn"
+    last = len(model.blocks) + 1
+    names[f"features.{last}.0"] = "last_conv.conv"
+    names[f"features.{last}.1"] = "last_conv.bn"
+    if v2:
+        names["classifier.1"] = "classifier.fc"
+    else:
+        names["classifier.0"] = "classifier.pre_logits"
+        names["classifier.3"] = "classifier.fc"
+    return names
+
+
+def is_torchvision_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith("features.") for k in state_dict) and not any(
+        k.startswith("stem.") for k in state_dict
+    )
+
+
+def from_torchvision(
+    state_dict: Mapping[str, torch.Tensor], model: MobileNet
+) -> dict[str, torch.Tensor]:
+    """Rename a torchvision state dict to this project's names (unknown keys kept as they are)."""
+    modules = torchvision_module_map(model)
+    out = {}
+    for key, value in state_dict.items():
+        module, _, param = key.rpartition(".")
+        out[f"{modules[module]}.{param}" if module in modules else key] = value
+    return out
+
+
+def load_weights(
+    model: MobileNet, source: str | os.PathLike[str], progress: bool = True
+) -> LoadReport:
+    """Load a checkpoint into ``model`` in place; see the module docstring for the rules."""
+    source = str(source)
+    known = KNOWN_WEIGHTS.get(source)
+    if known is not None and known.arch != model.arch.name:
+        raise CheckpointError(f"weights {source} are for {known.arch}, not {model.arch.name}")
+    state = read_checkpoint(source, progress=progress)
+    fmt = "mnv3"
+    if is_torchvision_state_dict(state):
+        state, fmt = from_torchvision(state, model), "torchvision"
+    report = LoadReport(source=source, format=fmt)
+    expected = model.state_dict()
+
+    if model.classifier is None:  # a backbone takes no classifier from the checkpoint
+        report.ignored = [k for k in state if k.startswith("classifier.")]
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    else:
+        fc = [k for k in expected if k.startswith("classifier.fc.")]
+        fc_fits = all(k in state and state[k].shape == expected[k].shape for k in fc)
+        if not fc_fits:
+            report.ignored = [k for k in state if k.startswith("classifier.fc.")]
+            state = {k: v for k, v in state.items() if not k.startswith("classifier.fc.")}
+            report.reinitialized = fc
+        if not any(k.startswith("classifier.") for k in state):  # a backbone-only checkpoint
+            report.reinitialized = [k for k in expected if k.startswith("classifier.")]
+
+    missing = [k for k in expected if k not in state and k not in report.reinitialized]
+    unexpected = [k for k in state if k not in expected]
+    mis_shaped = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or mis_shaped:
+        parts = [f"{len(missing)} missing key(s)" + (f", first {missing[0]!r}" if missing else "")]
+        parts.append(
+            f"{len(unexpected)} unexpected" + (f", first {unexpected[0]!r}" if unexpected else "")
+        )
+        if mis_shaped:
+            k = mis_shaped[0]
+            parts.append(
+                f"{len(mis_shaped)} of another shape, first {k!r}: "
+                f"{tuple(state[k].shape)} in the checkpoint vs {tuple(expected[k].shape)} in the model"
+            )
+        raise CheckpointError(
+            f"checkpoint {source} ({fmt} format) does not fit {model.arch.name}: "
+            + "; ".join(parts)
+        )
+    model.load_state_dict(state, strict=False)
+    if report.reinitialized:
+        if any(k.startswith("classifier.pre_logits") for k in report.reinitialized):
+            model.classifier.reset_parameters()
+        else:
+            model.reset_classifier(model.num_classes)
+    return report
+
+
+def save_state_dict(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write ``model``'s state dict (plain tensors only) atomically: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

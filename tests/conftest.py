@@ -1,0 +1,15 @@
+"""Shared test settings: CPU only, deterministic, few threads (CI has 2 cores)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)

@@ -1,0 +1,167 @@
+"""torchvision checkpoints load into our models with identical logits; mismatches fail clearly."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from mnv3.models import mobilenet_v2, mobilenet_v3_large, mobilenet_v3_small
+from mnv3.models.checkpoints import (
+    KNOWN_WEIGHTS,
+    CheckpointError,
+    load_weights,
+    read_checkpoint,
+    save_state_dict,
+)
+
+PAIRS = {
+    "mobilenet_v3_large": (mobilenet_v3_large, torchvision.models.mobilenet_v3_large),
+    "mobilenet_v3_small": (mobilenet_v3_small, torchvision.models.mobilenet_v3_small),
+    "mobilenet_v2": (mobilenet_v2, torchvision.models.mobilenet_v2),
+}
+
+
+def _randomise_bn(model: torch.nn.Module) -> None:
+    """Random BN statistics and affine terms, so a swapped BN would change the logits."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+
+
+@pytest.fixture(scope="module")
+def tv_checkpoints(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
+    out = {}
+    root = tmp_path_factory.mktemp("tv")
+    for name, (_, tv_build) in PAIRS.items():
+        torch.manual_seed(0)
+        model = tv_build().eval()
+        _randomise_bn(model)
+        path = root / f"{name}.pth"
+        torch.save(model.state_dict(), path)
+        out[name] = (path, model)
+    return out
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_torchvision_weights_give_identical_logits(name, tv_checkpoints) -> None:
+    path, reference = tv_checkpoints[name]
+    ours = PAIRS[name][0](weights=str(path)).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        diff = (ours(x) - reference(x)).abs().max().item()
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_other_class_count_keeps_backbone_and_reinitialises_logits(name, tv_checkpoints) -> None:
+    path, reference = tv_checkpoints[name]
+    model = PAIRS[name][0](num_classes=3)
+    report = load_weights(model, path)
+    assert report.format == "torchvision"
+    assert report.reinitialized == ["classifier.fc.weight", "classifier.fc.bias"]
+    assert model.classifier.fc.out_features == 3
+    ref_stem = reference.state_dict()["features.0.0.weight"]
+    assert torch.equal(model.stem.conv.weight, ref_stem)
+    if model.classifier.pre_logits is not None:  # V3's hidden 1x1 layer is kept
+        assert torch.equal(model.classifier.pre_logits.weight, reference.classifier[0].weight)
+    # Backbone features equal torchvision's.
+    model.eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(x), reference.features(x), atol=1e-5)
+
+
+def test_backbone_without_classifier_ignores_classifier_keys(tv_checkpoints) -> None:
+    path, _ = tv_checkpoints["mobilenet_v3_large"]
+    backbone = mobilenet_v3_large(num_classes=0)
+    report = load_weights(backbone, path)
+    assert report.ignored and all(k.startswith("classifier.") for k in report.ignored)
+    assert backbone.classifier is None
+
+
+def test_wrong_architecture_names_first_missing_and_unexpected_keys(tv_checkpoints) -> None:
+    path, _ = tv_checkpoints["mobilenet_v3_large"]
+    with pytest.raises(CheckpointError) as info:
+        mobilenet_v3_small(weights=str(path))
+    msg = str(info.value)
+    assert "does not fit mobilenet_v3_small" in msg
+    assert "first 'blocks.0.se.reduce.weight'" in msg  # missing: Small's first block has SE
+    assert "unexpected, first 'features." in msg
+    assert "\n" not in msg
+
+
+def test_width_mismatch_names_the_first_mis_shaped_key(tv_checkpoints) -> None:
+    path, _ = tv_checkpoints["mobilenet_v3_large"]
+    with pytest.raises(
+        CheckpointError, match=r"of another shape, first 'blocks\.3\.project\.conv\.weight'"
+    ):
+        mobilenet_v3_large(width_mult=0.75, weights=str(path))
+
+
+def test_own_checkpoints_round_trip_with_weights_only(tmp_path) -> None:
+    model = mobilenet_v3_small(num_classes=7).eval()
+    _randomise_bn(model)
+    path = save_state_dict(model, tmp_path / "sub" / "small.pth")
+    assert not list(path.parent.glob(".small.pth.*")), "temporary file left behind"
+    torch.load(path, weights_only=True)  # plain tensors only
+    again = mobilenet_v3_small(num_classes=7, weights=str(path)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+
+
+def test_lightning_style_checkpoint_is_unwrapped(tmp_path) -> None:
+    model = mobilenet_v3_small(num_classes=5)
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    state = read_checkpoint(tmp_path / "last.ckpt")
+    assert set(state) == set(model.state_dict())
+
+
+def test_pickled_code_is_refused(tmp_path) -> None:
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "evil.pth")  # a module, not tensors
+    with pytest.raises(CheckpointError, match="could not read checkpoint"):
+        read_checkpoint(tmp_path / "evil.pth")
+
+
+def test_missing_file_is_one_clear_sentence(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match=r"checkpoint file .*nope\.pth does not exist"):
+        mobilenet_v3_large(weights=str(tmp_path / "nope.pth"))
+
+
+def test_file_url_goes_through_torch_hub_cache(tmp_path, monkeypatch, tv_checkpoints) -> None:
+    path, reference = tv_checkpoints["mobilenet_v3_small"]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    model = mobilenet_v3_small(weights=path.as_uri()).eval()
+    assert (tmp_path / "torch_home" / "hub" / "checkpoints" / path.name).is_file()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_WEIGHTS))
+def test_known_weights_agree_with_torchvision_tables(name) -> None:
+    entry = KNOWN_WEIGHTS[name]
+    arch, tag = name.split(".")
+    enum = torchvision.models.get_model_weights(arch)[tag]
+    assert entry.url == enum.url
+    assert entry.num_params == enum.meta["num_params"]
+    assert entry.metrics["acc1"] == enum.meta["_metrics"]["ImageNet-1K"]["acc@1"]
+    tf = enum.transforms()
+    assert entry.preprocessing.resize_size == tf.resize_size[0]
+    assert entry.preprocessing.crop_size == tf.crop_size[0]
+    assert entry.preprocessing.mean == tuple(tf.mean)
+    assert entry.preprocessing.interpolation == tf.interpolation.value
+
+
+def test_known_weights_for_another_arch_are_refused() -> None:
+    with pytest.raises(CheckpointError, match="are for mobilenet_v2, not mobilenet_v3_large"):
+        mobilenet_v3_large(weights="mobilenet_v2.IMAGENET1K_V1")
+    assert KNOWN_WEIGHTS["mobilenet_v3_large.IMAGENET1K_V1"].metrics["acc1"] == 74.042
+    assert KNOWN_WEIGHTS["mobilenet_v3_large.IMAGENET1K_V2"].metrics["acc1"] == 75.274
+    assert KNOWN_WEIGHTS["mobilenet_v3_small.IMAGENET1K_V1"].metrics["acc1"] == 67.668
