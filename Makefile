@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 # Quiet pip: the local index mirrors print a warning per package they do not hold.
 PIP_FLAGS := --quiet --disable-pip-version-check --constraint constraints.txt
 
-.PHONY: install test test-fast lint format bench train clean help
+.PHONY: install test lint format bench train clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ lint:  ## ruff lint and format check
 format:  ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/ruff format src tests bench
+
+train:  ## the default experiment: MobileNetV3-Small on generated shapes, CPU, a few minutes
+	$(BIN)/python -m mnv3.train experiment=shapes_quick $(ARGS)
 
 bench:  ## model benchmark: params, MAdds, CPU latency vs torchvision (writes bench/results/)
 	$(BIN)/python bench/bench_models.py --out bench/results

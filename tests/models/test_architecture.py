@@ -219,3 +219,12 @@ def test_models_package_imports_no_hydra_lightning_or_wandb() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_trains_one_step(variant: str) -> None:
+    kwargs = dict(VARIANTS[variant])
+    model = kwargs.pop("build")(num_classes=3, **kwargs).train()
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.tensor([0, 2]))
+    loss.backward()  # in-place ops in the head or blocks would fail here
+    assert all(p.grad is not None for p in model.parameters())

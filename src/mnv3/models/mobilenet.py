@@ -19,7 +19,7 @@ With ``output_stride`` 16 or 8 the later stages are dilated, so taps report thei
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -243,3 +243,26 @@ class MobileNet(nn.Module):
         if self.classifier is None:
             return features
         return self.classifier(features)
+
+
+def build_mobilenet(
+    arch: ArchSpec,
+    num_classes: int = 1000,
+    dropout: float = 0.2,
+    weights: str | None = None,
+    bn_momentum: float | None = None,
+) -> MobileNet:
+    """Build a :class:`MobileNet` from its spec, optionally with another BN momentum and weights.
+
+    ``bn_momentum`` None keeps the spec's (0.01 for V3: TF's decay 0.99, right for ImageNet-length
+    runs). Runs of a few hundred steps need ~0.1, or the running statistics lag the weights and
+    eval-mode accuracy collapses to chance.
+    """
+    if bn_momentum is not None:
+        arch = replace(arch, bn_momentum=bn_momentum)
+    model = MobileNet(arch, num_classes=num_classes, dropout=dropout)
+    if weights is not None:
+        from mnv3.models.checkpoints import load_weights
+
+        load_weights(model, weights)
+    return model

@@ -8,7 +8,7 @@ channels), n (repeats) and s (stride of the first repeat). Blocks use ReLU6, no 
 from __future__ import annotations
 
 from mnv3.models.layers import make_divisible
-from mnv3.models.mobilenet import ArchSpec, BlockSpec, MobileNet
+from mnv3.models.mobilenet import ArchSpec, BlockSpec, MobileNet, build_mobilenet
 
 # MobileNetV2 paper, Table 2. Stem: conv2d 3x3, 32, s2. Tail: conv2d 1x1 1280, pool, conv2d 1x1 k.
 V2_TABLE = (
@@ -66,13 +66,9 @@ def mobilenet_v2(
     output_stride: int = 32,
     dropout: float = 0.2,
     weights: str | None = None,
+    bn_momentum: float | None = None,
 ) -> MobileNet:
-    """MobileNetV2 with the same tap API as MobileNetV3; ``weights`` as in ``mobilenet_v3_large``."""
-    model = MobileNet(
-        mobilenet_v2_arch(width_mult, output_stride), num_classes=num_classes, dropout=dropout
+    """MobileNetV2 with the same tap API as MobileNetV3; other arguments as ``mobilenet_v3_large``."""
+    return build_mobilenet(
+        mobilenet_v2_arch(width_mult, output_stride), num_classes, dropout, weights, bn_momentum
     )
-    if weights is not None:
-        from mnv3.models.checkpoints import load_weights
-
-        load_weights(model, weights)
-    return model

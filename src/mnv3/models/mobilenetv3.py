@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mnv3.models.layers import BN_EPS_V3, BN_MOMENTUM_V3, make_divisible
-from mnv3.models.mobilenet import ArchSpec, BlockSpec, MobileNet
+from mnv3.models.mobilenet import ArchSpec, BlockSpec, MobileNet, build_mobilenet
 
 WidthRounding = Literal["paper", "torchvision"]
 
@@ -169,28 +169,6 @@ def mobilenet_v3_arch(
     )
 
 
-def _build(
-    variant: Literal["large", "small"],
-    num_classes: int,
-    width_mult: float,
-    minimal: bool,
-    reduced_tail: bool,
-    output_stride: int,
-    dropout: float,
-    weights: str | None,
-    width_rounding: WidthRounding,
-) -> MobileNet:
-    arch = mobilenet_v3_arch(
-        variant, width_mult, minimal, reduced_tail, output_stride, width_rounding
-    )
-    model = MobileNet(arch, num_classes=num_classes, dropout=dropout)
-    if weights is not None:
-        from mnv3.models.checkpoints import load_weights
-
-        load_weights(model, weights)
-    return model
-
-
 def mobilenet_v3_large(
     *,
     num_classes: int = 1000,
@@ -201,24 +179,20 @@ def mobilenet_v3_large(
     dropout: float = 0.2,
     weights: str | None = None,
     width_rounding: WidthRounding = "paper",
+    bn_momentum: float | None = None,
 ) -> MobileNet:
     """MobileNetV3-Large (Table 1). ``num_classes=0`` builds the backbone without classifier.
 
     ``weights``: None, a file path, a URL (fetched through torch.hub's cache), or the name of a
     known checkpoint (see ``mnv3.models.checkpoints.KNOWN_WEIGHTS``). A checkpoint with another
     class count loads the backbone and re-initialises the logits layer.
+
+    ``bn_momentum``: None keeps the paper's 0.01; see :func:`mnv3.models.mobilenet.build_mobilenet`.
     """
-    return _build(
-        "large",
-        num_classes,
-        width_mult,
-        minimal,
-        reduced_tail,
-        output_stride,
-        dropout,
-        weights,
-        width_rounding,
+    arch = mobilenet_v3_arch(
+        "large", width_mult, minimal, reduced_tail, output_stride, width_rounding
     )
+    return build_mobilenet(arch, num_classes, dropout, weights, bn_momentum)
 
 
 def mobilenet_v3_small(
@@ -231,16 +205,10 @@ def mobilenet_v3_small(
     dropout: float = 0.2,
     weights: str | None = None,
     width_rounding: WidthRounding = "paper",
+    bn_momentum: float | None = None,
 ) -> MobileNet:
     """MobileNetV3-Small (Table 2); arguments as :func:`mobilenet_v3_large`."""
-    return _build(
-        "small",
-        num_classes,
-        width_mult,
-        minimal,
-        reduced_tail,
-        output_stride,
-        dropout,
-        weights,
-        width_rounding,
+    arch = mobilenet_v3_arch(
+        "small", width_mult, minimal, reduced_tail, output_stride, width_rounding
     )
+    return build_mobilenet(arch, num_classes, dropout, weights, bn_momentum)

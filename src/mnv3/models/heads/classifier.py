@@ -34,7 +34,8 @@ class ClassifierHead(nn.Module):
         if hidden_channels is not None:
             self.pre_logits = nn.Linear(in_channels, hidden_channels)
             self.act = make_activation(activation)
-        self.dropout = nn.Dropout(p=dropout, inplace=True)
+        # Not in-place: after a ReLU (minimal models) it would overwrite what ReLU's backward reads.
+        self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(hidden_channels or in_channels, num_classes)
         self.reset_parameters()
 

@@ -1,0 +1,146 @@
+"""What the Hydra entry points share: config checks, object building, printing, error exits.
+
+Only the entry points (``mnv3.train``, ``mnv3.eval``) and this module know Hydra/OmegaConf;
+everything they hand to tasks and data modules is converted to plain Python types first.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("mnv3")
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+# Keys of a data config that describe it rather than configure the data module.
+DATA_META_KEYS = ("_target_", "name", "provides")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work (e.g. a head with a dataset of the wrong kind)."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's input, reported as one sentence and a non-zero exit."""
+    from mnv3.data.errors import DatasetError
+    from mnv3.models.checkpoints import CheckpointError
+    from mnv3.tasks.common import NonFiniteLossError
+
+    return (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError)
+
+
+def exit_on_user_error(fn: F) -> F:
+    """Turn user errors into one logged sentence and exit status 1 instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except user_errors() as exc:
+            message = str(exc).strip().split("\n")[0]
+            log.error("%s", message)
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def to_plain(cfg: Any) -> Any:
+    """A resolved, plain-Python copy of a config node (dicts, lists, scalars)."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def check_head_and_data(cfg: DictConfig) -> None:
+    """Refuse a head/dataset pair that cannot work, before any data is read."""
+    task = cfg.head.task
+    provides = list(cfg.data.get("provides", []))
+    if task not in provides:
+        raise ConfigError(
+            f"head={cfg.head.name} needs {task} data, but data={cfg.data.name} provides "
+            f"{' and '.join(provides) or 'nothing'}; choose a {task} dataset or a head for {provides[0] if provides else '-'}"
+        )
+
+
+def build_datamodule(data_cfg: Mapping[str, Any]) -> Any:
+    """Instantiate the data config's ``_target_`` with its plain arguments."""
+    import importlib
+
+    plain = to_plain(data_cfg)
+    module_name, _, cls_name = plain["_target_"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    kwargs = {k: v for k, v in plain.items() if k not in DATA_META_KEYS}
+    return cls(**kwargs)
+
+
+def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """Builder arguments of the network: the backbone group plus the head's dropout."""
+    kwargs = dict(to_plain(cfg.backbone))
+    kwargs["dropout"] = cfg.head.get("dropout", 0.2)
+    return kwargs
+
+
+def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
+    """Print the resolved config as a rich tree (groups first) and save it as YAML."""
+    from rich import print as rprint
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    order = [
+        k
+        for k in (
+            "data",
+            "backbone",
+            "head",
+            "optim",
+            "scheduler",
+            "trainer",
+            "callbacks",
+            "logger",
+        )
+        if k in cfg
+    ]
+    order += [k for k in cfg if k not in order and k != "hydra"]
+    for key in order:
+        branch = tree.add(f"[bold]{key}")
+        node = cfg[key]
+        text = OmegaConf.to_yaml(node, resolve=True) if OmegaConf.is_config(node) else str(node)
+        branch.add(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+    rprint(tree)
+    if save_to is not None:
+        save_to.parent.mkdir(parents=True, exist_ok=True)
+        save_to.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def print_metrics_table(title: str, metrics: Mapping[str, Any]) -> None:
+    """The final metrics of a run as one table (scalars only, per-class entries left out)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in sorted(metrics):
+        if "_class/" in key:
+            continue
+        value = metrics[key]
+        value = float(value.item()) if hasattr(value, "item") else value
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def default_wandb_offline() -> None:
+    """W&B stays offline unless the user set WANDB_MODE (runs are synced later with `wandb sync`)."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")

@@ -1,0 +1,207 @@
+"""Labelled image datasets read from files: the generic list and the ImageFolder layout.
+
+Every image dataset of the project (ImageFolder, ImageNet, the generated shapes, later chest X-rays)
+ends up as a :class:`LabeledImageDataset`: a root, relative file paths, integer labels and the class
+list. Paths are held in one numpy byte array rather than a list of Python strings: DataLoader
+workers are forked, and touching millions of Python objects (their reference counts) would copy the
+parent's pages into every worker.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mnv3.data.errors import DatasetError, UnreadableImageError, UnreadableImageWarning
+from mnv3.data.io import load_rgb
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+)
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+Sample = dict[str, Any]
+
+
+def folder_layout(root: str | os.PathLike[str], split: str) -> str:
+    """The expected ImageFolder layout, worded for error messages."""
+    return f"an ImageFolder tree {Path(root) / split}/<class>/<image>.jpg|png"
+
+
+def is_image_file(name: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> bool:
+    """True for a visible file name with an image extension (compared case-insensitively)."""
+    # Hidden files include macOS "._x.jpg" AppleDouble entries, which are not images.
+    return not name.startswith(".") and name.lower().endswith(tuple(extensions))
+
+
+def list_class_folders(split_dir: str | os.PathLike[str]) -> list[str]:
+    """Sorted names of the visible sub-folders of ``split_dir`` (the classes of an ImageFolder)."""
+    with os.scandir(split_dir) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+class LabeledImageDataset(Dataset[Sample | None]):
+    """Images on disk with integer labels; yields ``{"image": tensor, "label": int}``.
+
+    An unreadable file yields ``None`` after one :class:`UnreadableImageWarning` naming it;
+    :func:`mnv3.data.collate.collate_classification` drops it and counts it in ``"skipped"``.
+
+    Args:
+        root: directory the relative paths are resolved against.
+        paths: image paths relative to ``root``.
+        labels: one class index per path, in ``range(len(classes))``.
+        classes: class identifiers (folder names, ImageNet wnids), index = label.
+        class_names: human-readable names, same order; defaults to ``classes``.
+        transform: applied to the uint8 ``(3, H, W)`` image; ``None`` returns it unchanged.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        paths: Sequence[str],
+        labels: Sequence[int],
+        classes: Sequence[str],
+        class_names: Sequence[str] | None = None,
+        transform: Transform | None = None,
+    ) -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        self.root = Path(root)
+        self.classes = list(classes)
+        self.class_names = list(class_names) if class_names is not None else list(self.classes)
+        if len(self.class_names) != len(self.classes):
+            raise ValueError(f"{len(self.classes)} classes but {len(self.class_names)} names")
+        self.transform = transform
+        self._paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
+        self._labels = np.asarray(labels, dtype=np.int64)
+        if len(self._labels) and not 0 <= self._labels.min() <= self._labels.max() < len(classes):
+            raise ValueError(f"labels must be in 0..{len(classes) - 1} for {len(classes)} classes")
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (including any without samples in this split)."""
+        return len(self.classes)
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        """All ``(path, label)`` pairs, paths joined to ``root``; a new list on every call."""
+        return [(self.path(i), int(label)) for i, label in enumerate(self._labels)]
+
+    @property
+    def targets(self) -> list[int]:
+        """All labels, in sample order."""
+        return self._labels.tolist()
+
+    def path(self, index: int) -> str:
+        """Path of sample ``index``, joined to ``root``."""
+        return os.path.join(self.root, os.fsdecode(self._paths[index]))
+
+    def __getitem__(self, index: int) -> Sample | None:
+        path = self.path(index)
+        try:
+            image = load_rgb(path)
+        except UnreadableImageError as error:
+            warnings.warn(f"skipping {error}", UnreadableImageWarning, stacklevel=2)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"image": image, "label": int(self._labels[index])}
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, samples={len(self)}, "
+            f"classes={self.num_classes})"
+        )
+
+
+class ImageFolderDataset(LabeledImageDataset):
+    """The ``root/split/<class>/**/<image>`` layout: one folder per class, classes sorted by name.
+
+    Args:
+        root: dataset root holding one folder per split.
+        split: split folder name (``"train"``, ``"val"``, ``"test"``).
+        transform: applied to each uint8 image.
+        classes: the class list to label with. Give the training classes when reading an
+            evaluation split, so that a class missing from it does not shift every later label;
+            a folder not in ``classes`` is then an error. ``None`` uses this split's folders.
+        class_names: human-readable names in the order of ``classes``.
+        extensions: accepted file extensions, compared case-insensitively.
+
+    Raises:
+        DatasetError: the split folder is missing, has no class folders or no images, or has a
+            class folder outside ``classes``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        split: str,
+        transform: Transform | None = None,
+        classes: Sequence[str] | None = None,
+        class_names: Sequence[str] | None = None,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    ) -> None:
+        split_dir = Path(root) / split
+        layout = folder_layout(root, split)
+        if not split_dir.is_dir():
+            raise DatasetError(f"split folder {split_dir} does not exist; expected {layout}")
+        found = list_class_folders(split_dir)
+        if not found:
+            raise DatasetError(f"split folder {split_dir} has no class folders; expected {layout}")
+        index = {name: i for i, name in enumerate(found if classes is None else classes)}
+        unknown = [name for name in found if name not in index]
+        if unknown:
+            raise DatasetError(
+                f"split folder {split_dir} has class folder(s) {', '.join(unknown[:5])} that are "
+                f"not among the {len(index)} training classes; expected {layout} with the same "
+                "class folders as the training split"
+            )
+        derive_classes = classes is None
+        if derive_classes:
+            classes = found
+        paths: list[str] = []
+        labels: list[int] = []
+        for name in found:
+            files = _image_files(split_dir / name, extensions)
+            if derive_classes and not files:
+                # A class without a single training image would be an output never trained.
+                raise DatasetError(
+                    f"class folder {split_dir / name} contains no images; expected {layout}"
+                )
+            paths += [os.path.join(split, name, rel) for rel in files]
+            labels += [index[name]] * len(files)
+        if not paths:
+            raise DatasetError(f"split folder {split_dir} contains no images; expected {layout}")
+        super().__init__(root, paths, labels, classes, class_names, transform)
+        self.split = split
+
+
+def _image_files(class_dir: Path, extensions: Sequence[str]) -> list[str]:
+    """Image paths under ``class_dir`` (recursively, following links), relative to it, sorted."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = os.path.relpath(dirpath, class_dir)
+        for name in sorted(filenames):
+            if is_image_file(name, extensions):
+                found.append(name if rel_dir == "." else os.path.join(rel_dir, name))
+    return found

@@ -1,0 +1,238 @@
+"""Image classification as a LightningModule: loss, metrics, optimisation, EMA and logging.
+
+The network is built from plain keyword arguments (``model={"name": "mobilenet_v3_small", ...}``)
+so the hyperparameters Lightning saves in every checkpoint are plain Python types and the
+checkpoint loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from torch import nn
+from torch.nn import functional as F
+
+from mnv3.models import build_model, count_madds, count_params
+from mnv3.tasks.common import NonFiniteLossError, check_plain, log_images, save_figure
+from mnv3.tasks.ema import ModelEma
+from mnv3.tasks.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class ClassificationTask(pl.LightningModule):
+    """Softmax classification with label smoothing, top-1/top-5, per-class accuracy, confusion matrix.
+
+    Args:
+        model: builder kwargs, ``name`` plus e.g. ``width_mult``, ``dropout``, ``weights``.
+        num_classes: number of classes of the dataset.
+        optimizer: ``name`` (rmsprop_tf, sgd, adamw), ``lr``, ``weight_decay``... and optionally
+            ``reference_batch_size``: ``lr`` is then scaled linearly to the real global batch.
+        scheduler: ``name`` (exponential, cosine, constant), ``warmup_epochs`` and its knobs.
+        label_smoothing: cross-entropy label smoothing.
+        ema_decay: keep an EMA of the weights (paper: 0.9999) and validate/test with it.
+        channels_last: run the network in NHWC memory format (faster convs on CPU and GPU).
+        compile: wrap the forward in ``torch.compile``.
+        class_names: for per-class metrics and the confusion matrix.
+        max_classes_for_plots: per-class logs and confusion images only up to this many classes.
+    """
+
+    monitor = "val/acc1"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        num_classes: int,
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any] | None = None,
+        label_smoothing: float = 0.1,
+        ema_decay: float | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        class_names: list[str] | None = None,
+        max_classes_for_plots: int = 50,
+    ) -> None:
+        super().__init__()
+        check_plain(
+            {
+                "model": model,
+                "optimizer": optimizer,
+                "scheduler": scheduler,
+                "class_names": class_names,
+            }
+        )
+        self.save_hyperparameters()
+        self.model = build_model(**model, num_classes=num_classes)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = ModelEma(self.model, ema_decay) if ema_decay else None
+        self.num_classes = num_classes
+        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self._compiled: Any = None
+        self.skipped_images = 0
+
+        top5 = min(5, num_classes)
+        mc = {"task": "multiclass", "num_classes": num_classes}
+        self.train_acc1 = torchmetrics.Accuracy(**mc, top_k=1)
+        self.val_metrics = nn.ModuleDict(
+            {
+                "acc1": torchmetrics.Accuracy(**mc, top_k=1),
+                "acc5": torchmetrics.Accuracy(**mc, top_k=top5),
+                "per_class": torchmetrics.Accuracy(**mc, average=None),
+                "confusion": torchmetrics.ConfusionMatrix(**mc),
+            }
+        )
+        self.test_metrics = nn.ModuleDict({k: m.clone() for k, m in self.val_metrics.items()})
+
+    # -- forward ---------------------------------------------------------------------------
+    def _net(self, evaluating: bool) -> nn.Module:
+        if evaluating and self.ema is not None:
+            return self.ema.module
+        if self.hparams.compile:
+            if self._compiled is None:
+                # Kept out of the module tree so state_dict keys stay those of ``self.model``.
+                self.__dict__["_compiled"] = torch.compile(self.model)
+            return self._compiled
+        return self.model
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._net(evaluating=not self.training)(self._prepare(images))
+
+    # -- steps -----------------------------------------------------------------------------
+    def _count_skipped(self, batch: dict[str, Any]) -> None:
+        skipped = int(batch.get("skipped", 0))
+        if skipped:
+            self.skipped_images += skipped
+            log.warning("%d unreadable image(s) skipped so far", self.skipped_images)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self._count_skipped(batch)
+        images, labels = batch["image"], batch["label"]
+        if images.shape[0] == 0:  # every image of the batch was unreadable
+            return None
+        logits = self._net(evaluating=False)(self._prepare(images))
+        loss = self.criterion(logits, labels)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+                "stopping so the last good checkpoint is kept (lower optim.lr or check the data)"
+            )
+        self.train_acc1(logits.detach(), labels)
+        bs = images.shape[0]
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
+        self.log(
+            "train/acc1", self.train_acc1, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs
+        )
+        self.log("data/skipped_images", float(self.skipped_images), batch_size=bs, reduce_fx="max")
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None and outputs is not None:
+            self.ema.update(self.model)
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        self._count_skipped(batch)
+        images, labels = batch["image"], batch["label"]
+        if images.shape[0] == 0:
+            return
+        logits = self._net(evaluating=True)(self._prepare(images))
+        loss = F.cross_entropy(logits, labels)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        for metric in metrics.values():
+            metric.update(logits, labels)
+        bs = images.shape[0]
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=bs, sync_dist=True)
+        self.log(f"{stage}/acc1", metrics["acc1"], prog_bar=stage == "val", batch_size=bs)
+        self.log(f"{stage}/acc5", metrics["acc5"], batch_size=bs)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _end_of_eval(self, stage: str) -> None:
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        per_class = metrics["per_class"].compute()
+        confusion = metrics["confusion"].compute()
+        metrics["per_class"].reset()
+        metrics["confusion"].reset()
+        if self.trainer.sanity_checking or self.num_classes > self.hparams.max_classes_for_plots:
+            return
+        for name, acc in zip(self.class_names, per_class.tolist(), strict=True):
+            self.log(f"{stage}/acc1_class/{name}", acc)
+        if self.global_rank == 0:
+            path = self._plot_confusion(confusion, stage)
+            log_images(self.loggers, f"{stage}/confusion_matrix", [path], step=self.global_step)
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_of_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_of_eval("test")
+
+    def _plot_confusion(self, confusion: torch.Tensor, stage: str) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        n = confusion.shape[0]
+        fig, ax = plt.subplots(figsize=(2 + 0.45 * n, 1.5 + 0.45 * n))
+        ax.imshow(confusion.cpu().numpy(), cmap="Blues")
+        ax.set_xticks(range(n), self.class_names, rotation=60, ha="right")
+        ax.set_yticks(range(n), self.class_names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=8)
+        ax.set_title(f"{stage} confusion matrix, epoch {self.current_epoch}")
+        fig.tight_layout()
+        root = Path(self.trainer.default_root_dir) / "plots"
+        return save_figure(fig, root / f"{stage}_confusion_epoch{self.current_epoch:03d}.png")
+
+    # -- optimisation ----------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt_cfg = dict(self.hparams.optimizer)
+        reference = opt_cfg.pop("reference_batch_size", None)
+        if reference:
+            opt_cfg["lr"] = opt_cfg["lr"] * self._global_batch_size() / reference
+        optimizer = build_optimizer(self.model, **opt_cfg)
+        sched_cfg = dict(self.hparams.scheduler or {"name": "constant"})
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = max(1, self.trainer.max_epochs or 1)
+        scheduler = build_scheduler(
+            optimizer, total_steps=total, steps_per_epoch=max(1, total // epochs), **sched_cfg
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def _global_batch_size(self) -> int:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        per_device = getattr(datamodule, "batch_size", None)
+        if per_device is None:
+            raise ValueError("optimizer.reference_batch_size needs a datamodule with a batch_size")
+        return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    # -- reporting -------------------------------------------------------------------------
+    def model_summary(self, image_size: int = 224) -> dict[str, float]:
+        """Parameters and MAdds of the network at ``image_size`` (logged at the start of a run)."""
+        return {
+            "model/params": count_params(self.model),
+            "model/madds": count_madds(self.model, image_size),
+        }

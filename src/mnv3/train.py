@@ -1,0 +1,175 @@
+"""Train a model: ``python -m mnv3.train [backbone=large] [data=imagenet] [experiment=...] [-m ...]``.
+
+Kept short on purpose: the config (conf/train.yaml) says what to build; this file builds it in
+order, checks what can be checked before reading data, and prints the final metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from mnv3.cli import (
+    CONFIG_DIR,
+    build_datamodule,
+    check_head_and_data,
+    default_wandb_offline,
+    exit_on_user_error,
+    model_kwargs,
+    print_config_tree,
+    print_metrics_table,
+    to_plain,
+)
+
+log = logging.getLogger("mnv3.train")
+
+
+def build_task(cfg: DictConfig, datamodule: Any) -> pl.LightningModule:
+    """The task the head asks for, built from plain-typed arguments only."""
+    from mnv3.tasks import TASKS
+
+    task_cls = TASKS[cfg.head.task]
+    return task_cls(
+        model=model_kwargs(cfg),
+        num_classes=datamodule.num_classes,
+        class_names=list(datamodule.class_names),
+        optimizer=to_plain(cfg.optim),
+        scheduler=to_plain(cfg.scheduler),
+        label_smoothing=float(cfg.head.get("label_smoothing", 0.0)),
+        ema_decay=cfg.ema_decay,
+        channels_last=bool(cfg.channels_last),
+        compile=bool(cfg.compile),
+    )
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Any]:
+    """The always-on CSV logger plus the chosen ones (W&B offline by default)."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    loggers: list[Any] = [CSVLogger(save_dir=str(output_dir), name="csv", version="")]
+    for name, logger_cfg in (cfg.get("logger") or {}).items():
+        if logger_cfg is None or "_target_" not in logger_cfg:
+            continue
+        if name == "wandb":
+            default_wandb_offline()
+        loggers.append(hydra.utils.instantiate(logger_cfg, _convert_="all"))
+    return loggers
+
+
+def build_callbacks(
+    cfg: DictConfig, task: pl.LightningModule, output_dir: Path
+) -> list[pl.Callback]:
+    """best.ckpt by the task's metric; last.ckpt every N steps and every epoch; progress; lr."""
+    from pytorch_lightning.callbacks import (
+        EarlyStopping,
+        LearningRateMonitor,
+        ModelCheckpoint,
+        RichModelSummary,
+        RichProgressBar,
+        TQDMProgressBar,
+    )
+
+    cb = cfg.callbacks
+    ckpt_dir = output_dir / "checkpoints"
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="best",
+            monitor=task.monitor,
+            mode=task.monitor_mode,
+            save_top_k=1,
+            save_last=True,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        ),
+        # Mid-epoch last.ckpt, so a killed run loses at most N steps.
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=int(cb.last_every_n_steps),
+            enable_version_counter=False,
+        ),
+    ]
+    if cb.get("lr_monitor", True):
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if cb.progress_bar == "rich":
+        callbacks.append(RichProgressBar())
+    elif cb.progress_bar == "tqdm":
+        callbacks.append(TQDMProgressBar())
+    if cb.get("model_summary_depth"):
+        callbacks.append(RichModelSummary(max_depth=int(cb.model_summary_depth)))
+    if cb.get("early_stopping"):
+        callbacks.append(
+            EarlyStopping(
+                monitor=task.monitor, mode=task.monitor_mode, **to_plain(cb.early_stopping)
+            )
+        )
+    return callbacks
+
+
+@exit_on_user_error
+def train(cfg: DictConfig) -> float | None:
+    """Fit, then test the best checkpoint; returns ``cfg.optimized_metric`` for sweepers."""
+    output_dir = Path(cfg.paths.output_dir)
+    print_config_tree(cfg, save_to=output_dir / "config_resolved.yaml")
+    check_head_and_data(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = build_datamodule(cfg.data)
+    task = build_task(cfg, datamodule)
+    loggers = build_loggers(cfg, output_dir)
+    callbacks = build_callbacks(cfg, task, output_dir)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        logger=loggers,
+        callbacks=callbacks,
+        enable_progress_bar=cfg.callbacks.progress_bar != "none",
+    )
+
+    summary = task.model_summary(int(cfg.data.get("image_size", 224)))
+    for logger in loggers:
+        logger.log_hyperparams({**to_plain(cfg), **summary})
+    log.info(
+        "model: %s params, %.1fM MAdds",
+        f"{summary['model/params']:,}",
+        summary["model/madds"] / 1e6,
+    )
+
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    metrics = {k: v for k, v in trainer.callback_metrics.items()}
+
+    fast = bool(cfg.trainer.get("fast_dev_run", False))
+    if cfg.test and getattr(datamodule, "has_test", False) and not trainer.interrupted:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(
+            task,
+            datamodule=datamodule,
+            ckpt_path=None if fast or not best else "best",
+            weights_only=True,
+        )
+        metrics.update(trainer.callback_metrics)
+
+    print_metrics_table(f"{cfg.run_name}: final metrics", metrics)
+    if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
+        log.info("best checkpoint: %s", trainer.checkpoint_callback.best_model_path)
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()  # a multirun starts the next job's W&B run cleanly
+    value = metrics.get(cfg.optimized_metric)
+    return float(value) if value is not None else None
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

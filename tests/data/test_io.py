@@ -1,0 +1,106 @@
+"""Decoding: every supported kind of file gives correct uint8 RGB; damaged files raise."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnv3.data import UnreadableImageError, load_rgb
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
+)
+
+SOURCE = (200, 30, 90)
+
+
+def _pixel(image: torch.Tensor) -> list[int]:
+    assert image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3
+    return image[:, image.shape[1] // 2, image.shape[2] // 2].tolist()
+
+
+def _close(actual: list[int], expected: tuple[int, ...], tol: int) -> bool:
+    return all(abs(a - e) <= tol for a, e in zip(actual, expected, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "save", "expected", "tol"),
+    [
+        ("rgb.jpg", "RGB", {"quality": 95}, SOURCE, 4),
+        ("gray.jpg", "L", {"quality": 95}, (88, 88, 88), 3),  # ITU-R 601 luma of SOURCE
+        ("cmyk.jpg", "CMYK", {"quality": 95}, SOURCE, 4),
+        ("palette.png", "P", {}, None, 0),
+        ("rgb.bmp", "RGB", {}, SOURCE, 0),  # torchvision refuses BMP: PIL fallback
+        ("rgb.tiff", "RGB", {}, SOURCE, 0),
+    ],
+)
+def test_colour_files_decode_to_rgb(
+    tmp_path: Path, write_image, name: str, mode: str, save: dict, expected, tol: int
+) -> None:
+    path = write_image(tmp_path / name, SOURCE, mode=mode, **save)
+    image = load_rgb(path)
+    assert image.shape == (3, 16, 20)
+    if expected is None:  # palette: whatever PIL quantised SOURCE to
+        from PIL import Image
+
+        with Image.open(path) as pil:
+            expected = pil.convert("RGB").getpixel((10, 8))
+    assert _close(_pixel(image), expected, tol), (_pixel(image), expected)
+
+
+def test_rgba_png_drops_alpha(tmp_path: Path, write_image) -> None:
+    path = write_image(tmp_path / "rgba.png", (10, 200, 30, 128))
+    assert _pixel(load_rgb(path)) == [10, 200, 30]
+
+
+@pytest.mark.parametrize("name", ["gray16.png", "gray16.tiff"])  # torchvision path, PIL path
+def test_16bit_gray_is_rescaled_not_clipped(tmp_path: Path, write_image, name: str) -> None:
+    path = write_image(tmp_path / name, 40000, mode="I;16")
+    image = load_rgb(path)
+    assert image.dtype == torch.uint8
+    # 40000 / 65535 * 255 = 155.6; PIL's own convert("RGB") would give 255.
+    assert _close(_pixel(image), (156, 156, 156), 1), _pixel(image)
+
+
+def test_truncated_jpeg_is_unreadable(tmp_path: Path, write_truncated) -> None:
+    path = write_truncated(tmp_path / "cut.jpg")
+    with pytest.raises(UnreadableImageError, match=r"cut\.jpg"):
+        load_rgb(path)
+
+
+def test_jpeg_missing_only_its_end_marker_is_unreadable(tmp_path: Path, write_image) -> None:
+    path = write_image(tmp_path / "eoi.jpg", SOURCE, size=(64, 48))
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(UnreadableImageError):
+        load_rgb(path)
+
+
+def test_truncated_png_is_unreadable(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(
+        path
+    )
+    path.write_bytes(path.read_bytes()[:-500])
+    with pytest.raises(UnreadableImageError):
+        load_rgb(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not an image"])
+def test_empty_or_non_image_file_is_unreadable(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(content)
+    with pytest.raises(UnreadableImageError) as info:
+        load_rgb(path)
+    assert info.value.path == str(path)
+    assert str(path) in str(info.value)
+
+
+def test_unreadable_error_survives_pickling() -> None:
+    error = pickle.loads(pickle.dumps(UnreadableImageError("/x.jpg", "truncated")))
+    assert (error.path, error.reason) == ("/x.jpg", "truncated")

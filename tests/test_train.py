@@ -1,0 +1,315 @@
+"""End to end: config composition, training, test, eval, resume, DDP, W&B, bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import QUIET, TINY_DATA, compose_train, run_cli
+from mnv3.cli import CONFIG_DIR, ConfigError, check_head_and_data
+from mnv3.train import train
+
+BACKBONES = sorted(p.stem for p in (CONFIG_DIR / "backbone").glob("*.yaml"))
+DATASETS = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def test_every_group_option_composes(tmp_path: Path) -> None:
+    assert {
+        "large",
+        "small",
+        "large_075",
+        "small_075",
+        "large_minimal",
+        "small_minimal",
+        "large_reduced",
+        "small_reduced",
+        "mobilenet_v2",
+    } <= set(BACKBONES)
+    for backbone in BACKBONES:
+        cfg = compose_train(tmp_path, [f"backbone={backbone}"])
+        assert cfg.backbone.name.startswith("mobilenet_v")
+    for data in DATASETS:
+        cfg = compose_train(tmp_path, [f"data={data}"])
+        for knob in ("root", "batch_size", "num_workers", "image_size"):
+            assert knob in cfg.data, f"data={data} lacks data.{knob}"
+    for experiment in EXPERIMENTS:
+        compose_train(tmp_path, [f"experiment={experiment}"])
+    for group, options in {
+        "optim": ["adamw", "sgd", "rmsprop_tf"],
+        "scheduler": ["cosine", "exponential"],
+        "trainer": ["cpu", "gpu", "ddp"],
+        "logger": ["wandb", "csv", "tensorboard", "none"],
+        "debug": ["fast_dev_run", "overfit", "limit"],
+    }.items():
+        for option in options:
+            compose_train(tmp_path, [f"{group}={option}"])
+
+
+def test_paper_recipe_experiments_hold_the_paper_numbers(tmp_path: Path) -> None:
+    for name in ("imagenet_large", "imagenet_small"):
+        cfg = compose_train(tmp_path, [f"experiment={name}"])
+        assert (
+            cfg.optim.name == "rmsprop_tf" and cfg.optim.momentum == 0.9 and cfg.optim.decay == 0.9
+        )
+        assert (
+            cfg.optim.weight_decay == 1e-5 and cfg.head.dropout == 0.2 and cfg.ema_decay == 0.9999
+        )
+        assert cfg.scheduler.decay_rate == 0.99 and cfg.scheduler.decay_epochs == 3
+        assert cfg.data.batch_size * cfg.trainer.devices == 4096
+
+
+def test_impossible_head_and_data_fail_before_reading_data(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, ["data.provides=[detection]", "data.root=/does/not/exist"])
+    with pytest.raises(
+        ConfigError,
+        match="head=classifier needs classification data, but data=shapes provides detection",
+    ):
+        check_head_and_data(cfg)
+
+
+def test_fast_dev_run_trains_validates_and_tests(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, ["debug=fast_dev_run", *TINY_DATA, *QUIET])
+    train(cfg)
+    assert (tmp_path / "run" / "config_resolved.yaml").is_file()
+    assert (tmp_path / "data" / "shapes" / "train").is_dir()  # generated as a real ImageFolder tree
+
+
+def _metrics_rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_short_run_learns_and_saves_plain_checkpoints(tmp_path: Path) -> None:
+    overrides = [
+        *TINY_DATA,
+        *QUIET,
+        "trainer.max_epochs=3",
+        "optim.lr=0.01",
+        "scheduler.warmup_epochs=0",
+        "ema_decay=0.9",
+        "channels_last=true",
+    ]
+    cfg = compose_train(tmp_path, overrides)
+    train(cfg)
+    run = tmp_path / "run"
+    losses = [float(r["train/loss_epoch"]) for r in _metrics_rows(run) if r.get("train/loss_epoch")]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    for name in ("best.ckpt", "last.ckpt"):
+        ckpt = torch.load(run / "checkpoints" / name, weights_only=True)
+        hp = ckpt["hyper_parameters"]
+        assert hp["model"]["name"] == "mobilenet_v3_small" and hp["num_classes"] == 6
+        assert type(hp["optimizer"]) is dict and type(hp["class_names"]) is list
+        assert any(k.startswith("ema.module.") for k in ckpt["state_dict"])
+    rows = _metrics_rows(run)
+    assert any(r.get("test/acc1") for r in rows) and any(
+        r.get("val/acc1_class/circle") for r in rows
+    )
+    assert list((run / "plots").glob("val_confusion_epoch*.png"))
+    hparams = (run / "csv" / "hparams.yaml").read_text()
+    assert "model/madds" in hparams and "model/params" in hparams
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    calls = {"n": 0}
+    original = torch.nn.CrossEntropyLoss.forward
+
+    def poisoned(self, logits, target):
+        calls["n"] += 1
+        loss = original(self, logits, target)
+        return loss * float("nan") if calls["n"] > 8 else loss
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", poisoned)
+    cfg = compose_train(
+        tmp_path, [*TINY_DATA, *QUIET, "trainer.max_epochs=3", "callbacks.last_every_n_steps=2"]
+    )
+    with pytest.raises(SystemExit) as info:
+        train(cfg)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "training loss is nan at step 8" in err and "last good checkpoint" in err
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] in (6, 8)
+    assert all(
+        torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point()
+    )
+
+
+def test_missing_dataset_root_is_one_sentence_and_nonzero_exit(tmp_path: Path) -> None:
+    result = run_cli(
+        "mnv3.train",
+        [
+            "data=imagefolder",
+            f"data.root={tmp_path}/nowhere",
+            f"hydra.run.dir={tmp_path}/run",
+            "logger=none",
+            "callbacks.progress_bar=none",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    line = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and f"{tmp_path}/nowhere" in line[0] and "expected" in line[0], (
+        result.stderr[-2000:]
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_mistyped_config_key_is_hydras_error(tmp_path: Path) -> None:
+    result = run_cli(
+        "mnv3.train", ["data.batch_sise=3", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path
+    )
+    assert result.returncode != 0
+    assert "Could not override 'data.batch_sise'" in result.stderr
+
+
+def test_cfg_job_prints_the_config_without_running(tmp_path: Path) -> None:
+    result = run_cli("mnv3.train", ["backbone=large", "--cfg", "job"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "name: mobilenet_v3_large" in result.stdout
+
+
+def test_multirun_sweeps_backbones_one_run_each(tmp_path: Path) -> None:
+    args = [
+        "-m",
+        "backbone=small,small_minimal",
+        "debug=fast_dev_run",
+        *TINY_DATA,
+        *QUIET,
+        f"paths.data_dir={tmp_path}/data",
+        f"hydra.sweep.dir={tmp_path}/multi",
+    ]
+    result = run_cli("mnv3.train", args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / "multi").iterdir() if p.is_dir())
+    assert runs == [
+        "0_mobilenet_v3_small-classifier-shapes",
+        "1_mobilenet_v3_small-classifier-shapes",
+    ]
+    minimal = (tmp_path / "multi" / runs[1] / "config_resolved.yaml").read_text()
+    assert "minimal: true" in minimal
+
+
+def test_eval_reproduces_the_test_metrics_of_training(tmp_path: Path) -> None:
+    common = [*TINY_DATA, *QUIET, f"paths.data_dir={tmp_path}/data"]
+    result = run_cli(
+        "mnv3.train",
+        [*common, "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}/run"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = [r for r in _metrics_rows(tmp_path / "run") if r.get("test/acc1")][-1]
+    ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    result = run_cli(
+        "mnv3.eval", [f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}/eval"], cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = [r for r in _metrics_rows(tmp_path / "eval") if r.get("test/acc1")][-1]
+    assert float(evaluated["test/acc1"]) == pytest.approx(float(trained["test/acc1"]))
+    assert "test/acc1" in result.stdout
+
+
+def test_resume_after_kill_finishes_with_same_number_of_steps(tmp_path: Path) -> None:
+    # 6 classes x 16 images / batch 8 = 12 steps per epoch, 2 epochs = 24 optimizer steps.
+    data = [a.replace("train_per_class=8", "train_per_class=16") for a in TINY_DATA]
+    common = [
+        *data,
+        *QUIET,
+        "trainer.max_epochs=2",
+        "callbacks.last_every_n_steps=3",
+        f"paths.data_dir={tmp_path}/data",
+        "test=false",
+    ]
+    full = run_cli("mnv3.train", [*common, f"hydra.run.dir={tmp_path}/full"], cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    expected = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)[
+        "global_step"
+    ]
+    assert expected == 24
+
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnv3.train", *common, f"hydra.run.dir={tmp_path}/killed"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(last, weights_only=True)["global_step"]
+    assert 0 < killed_at < 24
+
+    resumed = run_cli(
+        "mnv3.train",
+        [*common, f"ckpt_path={last}", f"hydra.run.dir={tmp_path}/resumed"],
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == expected
+    assert (
+        final["epoch"]
+        == torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"]
+    )
+
+
+def test_ddp_two_cpu_processes_with_gloo(tmp_path: Path) -> None:
+    args = [
+        *TINY_DATA,
+        *QUIET,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "debug=limit",
+        "test=false",
+        f"paths.data_dir={tmp_path}/data",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    result = run_cli("mnv3.train", args, cwd=tmp_path, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert "distributed_backend=gloo" in out and "All distributed processes registered" in out
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    # 48 train images split over 2 ranks: 24 each = 3 batches of 8 per epoch, 2 epochs. A single
+    # process would run debug=limit's 4 batches per epoch (8 steps): the sampler split the data.
+    assert ckpt["global_step"] == 2 * 3
+
+
+def test_wandb_offline_run_is_grouped_and_tagged(tmp_path: Path) -> None:
+    args = [
+        *TINY_DATA,
+        "logger=wandb",
+        "callbacks.progress_bar=none",
+        "debug=limit",
+        "test=false",
+        f"paths.data_dir={tmp_path}/data",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    result = run_cli("mnv3.train", args, cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    record = next(runs[0].glob("*.wandb")).read_bytes()  # protobuf records keep strings verbatim
+    for expected in (
+        b"mobilenet_v3_small-classifier-shapes",
+        b"model/madds",
+        b"val/acc1",
+        b"shapes",
+    ):
+        assert expected in record, expected
+    assert list(runs[0].rglob("media/images/val/confusion_matrix_*.png"))
