@@ -3,18 +3,24 @@
 from mnv3.models.mobilenet import ArchSpec, BlockSpec, FeatureInfo, MobileNet
 from mnv3.models.mobilenetv2 import mobilenet_v2, mobilenet_v2_arch
 from mnv3.models.mobilenetv3 import mobilenet_v3_arch, mobilenet_v3_large, mobilenet_v3_small
+from mnv3.models.optimize import fuse_conv_bn, optimize_for_inference
 from mnv3.models.profile import count_madds, count_params
+from mnv3.models.registry import MODELS, build_model
 
 __all__ = [
+    "MODELS",
     "ArchSpec",
     "BlockSpec",
     "FeatureInfo",
     "MobileNet",
+    "build_model",
     "count_madds",
     "count_params",
+    "fuse_conv_bn",
     "mobilenet_v2",
     "mobilenet_v2_arch",
     "mobilenet_v3_arch",
     "mobilenet_v3_large",
     "mobilenet_v3_small",
+    "optimize_for_inference",
 ]
