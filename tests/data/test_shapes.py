@@ -58,3 +58,30 @@ def test_foreign_folder_is_not_overwritten(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"without a manifest.json"):
         generate_shapes(root, **SMALL)
     assert (root / "thesis.txt").read_text() == "precious"
+
+
+def test_textures_are_deterministic_and_labelled_by_pattern(tmp_path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from mnv3.data import generate_shapes
+    from mnv3.data.shapes import TEXTURE_CLASSES
+
+    kwargs = dict(
+        seed=3,
+        num_classes=6,
+        train_per_class=2,
+        val_per_class=1,
+        test_per_class=0,
+        image_size=32,
+        kind="textures",
+    )
+    a, b = generate_shapes(tmp_path / "a", **kwargs), generate_shapes(tmp_path / "b", **kwargs)
+    assert sorted(p.name for p in (a / "train").iterdir()) == sorted(TEXTURE_CLASSES)
+    for f in sorted((a / "train").rglob("*.png")):
+        assert f.read_bytes() == (b / f.relative_to(a)).read_bytes()
+    # Horizontal stripes vary down the columns, not along the rows; vertical stripes the reverse.
+    h = np.asarray(Image.open(next((a / "train" / "hstripes").glob("*.png"))), dtype=float)
+    v = np.asarray(Image.open(next((a / "train" / "vstripes").glob("*.png"))), dtype=float)
+    assert h.std(axis=0).mean() > 2 * h.std(axis=1).mean()
+    assert v.std(axis=1).mean() > 2 * v.std(axis=0).mean()

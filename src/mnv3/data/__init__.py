@@ -1,5 +1,15 @@
 """Datasets, transforms and LightningDataModules. Knows nothing of models; never imports Hydra."""
 
+from mnv3.data.chest_xray import (
+    CHESTXRAY14_FINDINGS,
+    CHEXPERT_COMPETITION_LABELS,
+    CHEXPERT_OBSERVATIONS,
+    PNEUMONIA_CLASSES,
+    UNCERTAIN_POLICIES,
+    ChestXray14Dataset,
+    CheXpertDataset,
+    PneumoniaDataset,
+)
 from mnv3.data.collate import collate_classification
 from mnv3.data.datamodule import (
     DATASETS,
@@ -8,11 +18,22 @@ from mnv3.data.datamodule import (
     DatasetSpec,
     register_dataset,
 )
-from mnv3.data.errors import DatasetError, UnreadableImageError, UnreadableImageWarning
-from mnv3.data.folder import IMAGE_EXTENSIONS, ImageFolderDataset, LabeledImageDataset
+from mnv3.data.errors import (
+    DatasetError,
+    MissingImageWarning,
+    UnreadableImageError,
+    UnreadableImageWarning,
+)
+from mnv3.data.folder import (
+    IMAGE_EXTENSIONS,
+    ImageFolderDataset,
+    LabeledImageDataset,
+    MultiLabelImageDataset,
+    known_labels,
+)
 from mnv3.data.imagenet import IMAGENET_LAYOUT, imagenet_classes, imagenet_split, read_class_index
 from mnv3.data.io import load_rgb
-from mnv3.data.shapes import SHAPE_CLASSES, generate_shapes, shapes_classes
+from mnv3.data.shapes import SHAPE_CLASSES, TEXTURE_CLASSES, generate_shapes, shapes_classes
 from mnv3.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -21,12 +42,20 @@ from mnv3.data.transforms import (
 )
 
 __all__ = [
+    "CHESTXRAY14_FINDINGS",
+    "CHEXPERT_COMPETITION_LABELS",
+    "CHEXPERT_OBSERVATIONS",
     "DATASETS",
     "IMAGENET_LAYOUT",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "PNEUMONIA_CLASSES",
     "SHAPE_CLASSES",
+    "TEXTURE_CLASSES",
+    "UNCERTAIN_POLICIES",
+    "CheXpertDataset",
+    "ChestXray14Dataset",
     "ClassificationDataModule",
     "ClassificationEvalPreset",
     "ClassificationTrainPreset",
@@ -35,12 +64,16 @@ __all__ = [
     "DatasetSpec",
     "ImageFolderDataset",
     "LabeledImageDataset",
+    "MissingImageWarning",
+    "MultiLabelImageDataset",
+    "PneumoniaDataset",
     "UnreadableImageError",
     "UnreadableImageWarning",
     "collate_classification",
     "generate_shapes",
     "imagenet_classes",
     "imagenet_split",
+    "known_labels",
     "load_rgb",
     "read_class_index",
     "register_dataset",

@@ -2,7 +2,9 @@
 
 A dataset family says four things: which classes it has (cheaply, before any image is listed, so
 the model can be built first), whether a split exists, how to prepare it (download, generate) and
-how to build one split. Adding a dataset (chest X-rays, ...) is one more :data:`DATASETS` entry.
+how to build one split, and whether its labels are one class per image (``"multiclass"``) or a
+vector of independent findings (``"multilabel"``, the chest X-ray datasets). Adding a dataset is
+one more :data:`DATASETS` entry.
 
 The module's constructor takes plain values only, so Hydra can instantiate it from ``_target_`` and
 ``save_hyperparameters`` stores nothing that needs OmegaConf to unpickle.
@@ -21,6 +23,20 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from mnv3.data.chest_xray import (
+    CHESTXRAY14_FINDINGS,
+    CHESTXRAY14_LAYOUT,
+    CHEXPERT_LAYOUT,
+    DEFAULT_VAL_FRACTION,
+    PNEUMONIA_CLASSES,
+    PNEUMONIA_LAYOUT,
+    ChestXray14Dataset,
+    CheXpertDataset,
+    PneumoniaDataset,
+    chexpert_has_split,
+    chexpert_labels,
+    pneumonia_has_split,
+)
 from mnv3.data.collate import collate_classification
 from mnv3.data.errors import DatasetError
 from mnv3.data.folder import ImageFolderDataset, LabeledImageDataset, Transform, list_class_folders
@@ -34,6 +50,7 @@ from mnv3.data.transforms import (
 )
 
 SplitKind = Literal["train", "val", "test"]
+LabelType = Literal["multiclass", "multilabel"]
 TRAIN_SPLIT = "train"
 
 
@@ -46,6 +63,12 @@ class DatasetSpec:
     test_split: str | None = "test"
     val_label_file: str | None = None
     generate: Mapping[str, Any] = field(default_factory=dict)
+    # Options of the label-table datasets (chest X-rays); the other families ignore them.
+    val_fraction: float | None = None
+    split_seed: int = 0
+    uncertain: str = "ones"
+    labels: tuple[str, ...] | None = None
+    frontal_only: bool = False
 
     def folder(self, kind: SplitKind) -> str:
         """The split folder name for a split kind (``None`` test split: no folder)."""
@@ -65,6 +88,8 @@ class DatasetFamily:
         has_split: ``(spec, folder name) -> bool``.
         layout: the expected layout, worded for error messages.
         prepare: run once per node before ``setup`` (download, generate); None: nothing to do.
+        label_type: ``"multiclass"`` (an int64 class index per image, softmax) or ``"multilabel"``
+            (a float32 vector of K independent labels per image, sigmoid; NaN = unknown).
     """
 
     classes: Callable[[DatasetSpec], tuple[list[str], list[str]]]
@@ -72,6 +97,7 @@ class DatasetFamily:
     has_split: Callable[[DatasetSpec, str], bool]
     layout: str
     prepare: Callable[[DatasetSpec], None] | None = None
+    label_type: LabelType = "multiclass"
 
 
 # --- ImageFolder: root/{train,val,test}/<class>/<image> -------------------------------------------
@@ -126,24 +152,83 @@ def _imagenet_has_split(spec: DatasetSpec, folder: str) -> bool:
 # --- Shapes: generated into root, then read as an ImageFolder ---------------------------------------
 
 
-def _shapes_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
-    classes = shapes_manifest(**spec.generate)["classes"]
-    return classes, list(classes)
+def _generated_family(kind: str) -> DatasetFamily:
+    """A generated dataset (shapes or textures): written into root on first use, then an ImageFolder."""
+
+    def params(spec: DatasetSpec) -> dict[str, Any]:
+        return {**spec.generate, "kind": kind}
+
+    def classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
+        names = shapes_manifest(**params(spec))["classes"]
+        return names, list(names)
+
+    def prepare(spec: DatasetSpec) -> None:
+        generate_shapes(spec.root, **params(spec))
+
+    def build(spec: DatasetSpec, kind_: SplitKind, transform: Transform) -> LabeledImageDataset:
+        # Idempotent and atomic, so calling it here too makes the module usable without a Trainer.
+        prepare(spec)
+        return _folder_build(spec, kind_, transform)
+
+    def has_split(spec: DatasetSpec, folder: str) -> bool:
+        return shapes_manifest(**params(spec))["per_class"].get(folder, 0) > 0
+
+    return DatasetFamily(classes, build, has_split, SHAPES_LAYOUT, prepare)
 
 
-def _shapes_prepare(spec: DatasetSpec) -> None:
-    generate_shapes(spec.root, **spec.generate)
+# --- Chest X-rays (issue 4): Kaggle pneumonia folders, NIH ChestX-ray14, CheXpert -----------------
 
 
-def _shapes_build(spec: DatasetSpec, kind: SplitKind, transform: Transform) -> LabeledImageDataset:
-    # Idempotent and atomic, so calling it here too makes the module usable without a Trainer.
-    _shapes_prepare(spec)
-    return _folder_build(spec, kind, transform)
+def _fixed_classes(names: Sequence[str]) -> Callable[[DatasetSpec], tuple[list[str], list[str]]]:
+    return lambda spec: (list(names), list(names))
 
 
-def _shapes_has_split(spec: DatasetSpec, folder: str) -> bool:
-    per_class = shapes_manifest(**spec.generate)["per_class"]
-    return per_class.get(folder, 0) > 0
+def _carve_fraction(spec: DatasetSpec) -> float:
+    """The patient carve-out of train_val / train.csv: None means the default 10 %."""
+    return DEFAULT_VAL_FRACTION if spec.val_fraction is None else spec.val_fraction
+
+
+def _pneumonia_build(
+    spec: DatasetSpec, kind: SplitKind, transform: Transform
+) -> LabeledImageDataset:
+    folder = spec.folder(kind)
+    return PneumoniaDataset(spec.root, folder, transform, spec.val_fraction, spec.split_seed)
+
+
+def _chestxray14_build(
+    spec: DatasetSpec, kind: SplitKind, transform: Transform
+) -> LabeledImageDataset:
+    return ChestXray14Dataset(spec.root, kind, transform, _carve_fraction(spec), spec.split_seed)
+
+
+def _chestxray14_has_split(spec: DatasetSpec, folder: str) -> bool:
+    # Only the test split is asked about; train and val both come from train_val_list.txt.
+    listing = "test_list.txt" if folder == spec.test_split else "train_val_list.txt"
+    return (spec.root / listing).is_file()
+
+
+def _chexpert_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
+    names = chexpert_labels(spec.labels)
+    return names, list(names)
+
+
+def _chexpert_build(
+    spec: DatasetSpec, kind: SplitKind, transform: Transform
+) -> LabeledImageDataset:
+    return CheXpertDataset(
+        spec.root,
+        kind,
+        transform,
+        labels=spec.labels,
+        uncertain=spec.uncertain,
+        frontal_only=spec.frontal_only,
+        val_fraction=_carve_fraction(spec),
+        seed=spec.split_seed,
+    )
+
+
+def _chexpert_has_split(spec: DatasetSpec, folder: str) -> bool:
+    return chexpert_has_split(spec.root, "test" if folder == spec.test_split else "train")
 
 
 DATASETS: dict[str, DatasetFamily] = {
@@ -153,8 +238,27 @@ DATASETS: dict[str, DatasetFamily] = {
     "imagenet": DatasetFamily(
         _imagenet_classes, _imagenet_build, _imagenet_has_split, IMAGENET_LAYOUT
     ),
-    "shapes": DatasetFamily(
-        _shapes_classes, _shapes_build, _shapes_has_split, SHAPES_LAYOUT, _shapes_prepare
+    "shapes": _generated_family("shapes"),
+    "textures": _generated_family("textures"),
+    "chest_xray_pneumonia": DatasetFamily(
+        _fixed_classes(PNEUMONIA_CLASSES),
+        _pneumonia_build,
+        lambda spec, folder: pneumonia_has_split(spec.root, folder),
+        PNEUMONIA_LAYOUT,
+    ),
+    "chestxray14": DatasetFamily(
+        _fixed_classes(CHESTXRAY14_FINDINGS),
+        _chestxray14_build,
+        _chestxray14_has_split,
+        CHESTXRAY14_LAYOUT,
+        label_type="multilabel",
+    ),
+    "chexpert": DatasetFamily(
+        _chexpert_classes,
+        _chexpert_build,
+        _chexpert_has_split,
+        CHEXPERT_LAYOUT,
+        label_type="multilabel",
     ),
 }
 
@@ -183,13 +287,16 @@ def _plain(value: Any) -> Any:
 class ClassificationDataModule(pl.LightningDataModule):
     """Image classification data: a registered dataset family, the presets, and the loaders.
 
-    Batches are ``{"image": float (N, 3, S, S), "label": int64 (N,), "skipped": int}``, where
-    ``skipped`` counts unreadable images dropped from the batch (see
+    Batches are ``{"image": float (N, 3, S, S), "label": ..., "skipped": int}``, where ``label`` is
+    int64 ``(N,)`` for a ``"multiclass"`` dataset and float32 ``(N, K)`` for a ``"multilabel"`` one
+    (see :attr:`label_type`; NaN marks an unknown label to leave out of the loss), and ``skipped``
+    counts unreadable images dropped from the batch (see
     :func:`~mnv3.data.collate.collate_classification`).
 
     Args:
-        root: dataset root folder (for ``"shapes"``: where the data is generated).
-        dataset: a :data:`DATASETS` name: ``"imagefolder"``, ``"imagenet"`` or ``"shapes"``.
+        root: dataset root folder (for ``"shapes"`` / ``"textures"``: where the data is generated).
+        dataset: a :data:`DATASETS` name: ``"imagefolder"``, ``"imagenet"``, ``"shapes"``,
+            ``"textures"``, ``"chest_xray_pneumonia"``, ``"chestxray14"``, ``"chexpert"``.
         batch_size: images per batch, for every split.
         num_workers: DataLoader worker processes (0: load in the main process).
         image_size: the square crop fed to the network, in training and evaluation.
@@ -207,9 +314,18 @@ class ClassificationDataModule(pl.LightningDataModule):
         val_split: folder of the validation split.
         test_split: folder of the test split; None: there is no test split.
         generate: keyword arguments of :func:`~mnv3.data.shapes.generate_shapes` for
-            ``dataset="shapes"`` (its own ``seed``: the data does not change with ``seed`` below).
+            ``dataset="shapes"`` or ``"textures"`` (its own ``seed``: the data does not change with ``seed`` below).
         val_label_file: ImageNet flat-validation label file; None: ``root/val_labels.txt``.
         seed: seed of the training shuffle (and of the workers' augmentation streams).
+        val_fraction: chest X-rays: the fraction of training patients carved out as validation.
+            ``chest_xray_pneumonia``: None or 0 reads the official val folder (16 images), a value
+            in (0, 1) takes a seeded, class-stratified sample of train instead. ``chestxray14`` /
+            ``chexpert``: in (0, 1), None means 0.1 (neither ships a validation split of its own).
+        split_seed: seed of that carve-out; separate from ``seed`` so that runs with different
+            training seeds are validated on the same patients.
+        uncertain: CheXpert's -1.0 labels: ``"ones"``, ``"zeros"`` or ``"ignore"`` (NaN labels).
+        labels: CheXpert observations to predict, in output order; None: all 14.
+        frontal_only: CheXpert: keep only frontal views.
     """
 
     task = "classification"
@@ -237,6 +353,11 @@ class ClassificationDataModule(pl.LightningDataModule):
         generate: Mapping[str, Any] | None = None,
         val_label_file: str | None = None,
         seed: int = 0,
+        val_fraction: float | None = None,
+        split_seed: int = 0,
+        uncertain: str = "ones",
+        labels: Sequence[str] | None = None,
+        frontal_only: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -251,6 +372,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         std = tuple(float(s) for s in std)
         generate = _plain(generate) if generate is not None else None
         val_label_file = os.fspath(val_label_file) if val_label_file is not None else None
+        val_fraction = float(val_fraction) if val_fraction is not None else None
+        labels = [str(label) for label in labels] if labels is not None else None
         self.save_hyperparameters()
 
         self.family = DATASETS[dataset]
@@ -260,6 +383,11 @@ class ClassificationDataModule(pl.LightningDataModule):
             test_split=test_split,
             val_label_file=val_label_file,
             generate=generate or {},
+            val_fraction=val_fraction,
+            split_seed=int(split_seed),
+            uncertain=str(uncertain),
+            labels=tuple(labels) if labels is not None else None,
+            frontal_only=bool(frontal_only),
         )
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
@@ -308,6 +436,11 @@ class ClassificationDataModule(pl.LightningDataModule):
     def num_classes(self) -> int:
         """Number of classes; available before ``setup`` (no image is listed)."""
         return len(self._class_lists()[0])
+
+    @property
+    def label_type(self) -> LabelType:
+        """``"multiclass"`` (int64 class indices) or ``"multilabel"`` (float32 (K,) vectors)."""
+        return self.family.label_type
 
     @property
     def mean(self) -> tuple[float, float, float]:

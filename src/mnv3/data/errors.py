@@ -30,3 +30,7 @@ class UnreadableImageError(OSError):
 
 class UnreadableImageWarning(UserWarning):
     """Warned once per unreadable image that a dataset skips, so users can filter or raise it."""
+
+
+class MissingImageWarning(UserWarning):
+    """Warned once per split whose label table names images that are not on disk (rows skipped)."""

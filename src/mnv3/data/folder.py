@@ -205,3 +205,66 @@ def _image_files(class_dir: Path, extensions: Sequence[str]) -> list[str]:
             if is_image_file(name, extensions):
                 found.append(name if rel_dir == "." else os.path.join(rel_dir, name))
     return found
+
+
+class MultiLabelImageDataset(LabeledImageDataset):
+    """Images on disk with a vector of K binary labels; yields ``{"image", "label": float32 (K,)}``.
+
+    A label is 1.0 (present), 0.0 (absent) or NaN (unknown: the loss must leave it out, e.g. an
+    uncertain CheXpert finding under the ``"ignore"`` policy); :func:`known_labels` gives the mask.
+    Labels are held in one float32 ``(N, K)`` array, for the same fork-friendliness as the paths.
+
+    Args:
+        root: directory the relative paths are resolved against.
+        paths: image paths relative to ``root``.
+        labels: ``(N, K)`` values in {0, 1, NaN}, one row per path, one column per class.
+        classes: the K label identifiers, index = column.
+        class_names: human-readable names, same order; defaults to ``classes``.
+        transform: applied to the uint8 ``(3, H, W)`` image; ``None`` returns it unchanged.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        paths: Sequence[str],
+        labels: np.ndarray | Sequence[Sequence[float]],
+        classes: Sequence[str],
+        class_names: Sequence[str] | None = None,
+        transform: Transform | None = None,
+    ) -> None:
+        matrix = np.asarray(labels, dtype=np.float32).reshape(len(paths), len(classes))
+        known = matrix[~np.isnan(matrix)]
+        if known.size and not np.isin(known, (0.0, 1.0)).all():
+            raise ValueError("multi-label values must be 0, 1 or NaN (unknown)")
+        super().__init__(
+            root, paths, np.zeros(len(paths), np.int64), classes, class_names, transform
+        )
+        self._labels = matrix
+
+    @property
+    def samples(self) -> list[tuple[str, list[float]]]:
+        """All ``(path, label vector)`` pairs, paths joined to ``root``; a new list each call."""
+        return [(self.path(i), row.tolist()) for i, row in enumerate(self._labels)]
+
+    @property
+    def label_matrix(self) -> np.ndarray:
+        """The ``(N, K)`` float32 labels, read-only: for class frequencies and ``pos_weight``."""
+        view = self._labels.view()
+        view.flags.writeable = False
+        return view
+
+    def __getitem__(self, index: int) -> Sample | None:
+        path = self.path(index)
+        try:
+            image = load_rgb(path)
+        except UnreadableImageError as error:
+            warnings.warn(f"skipping {error}", UnreadableImageWarning, stacklevel=2)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"image": image, "label": torch.from_numpy(self._labels[index].copy())}
+
+
+def known_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The mask of labels a multi-label loss should count: True where ``labels`` is not NaN."""
+    return ~torch.isnan(labels)
