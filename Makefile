@@ -31,11 +31,13 @@ format:  ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/ruff format src tests bench
 
-train:  ## the default experiment: MobileNetV3-Small on generated shapes, CPU, a few minutes
-	$(BIN)/python -m mnv3.train experiment=shapes_quick $(ARGS)
+train:  ## the default experiment: MobileNetV3-Small on generated textures, CPU, a few minutes
+	$(BIN)/python -m mnv3.train experiment=textures_quick $(ARGS)
 
-bench:  ## model benchmark: params, MAdds, CPU latency vs torchvision (writes bench/results/)
+bench:  ## benchmarks vs torchvision: models (params, MAdds, latency), training step, data loading (bench/results/)
 	$(BIN)/python bench/bench_models.py --out bench/results
+	$(BIN)/python bench/bench_train.py --out bench/results
+	$(BIN)/python bench/bench_data.py --out bench/results
 
 clean:  ## remove caches and build leftovers (keeps .venv and data/)
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info

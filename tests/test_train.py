@@ -71,7 +71,7 @@ def test_impossible_head_and_data_fail_before_reading_data(tmp_path: Path) -> No
     cfg = compose_train(tmp_path, ["data.provides=[detection]", "data.root=/does/not/exist"])
     with pytest.raises(
         ConfigError,
-        match="head=classifier needs classification data, but data=shapes provides detection",
+        match="head=classifier needs classification data, but data=textures provides detection",
     ):
         check_head_and_data(cfg)
 
@@ -80,7 +80,9 @@ def test_fast_dev_run_trains_validates_and_tests(tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, ["debug=fast_dev_run", *TINY_DATA, *QUIET])
     train(cfg)
     assert (tmp_path / "run" / "config_resolved.yaml").is_file()
-    assert (tmp_path / "data" / "shapes" / "train").is_dir()  # generated as a real ImageFolder tree
+    assert (
+        tmp_path / "data" / "textures" / "train"
+    ).is_dir()  # generated as a real ImageFolder tree
 
 
 def _metrics_rows(run: Path) -> list[dict[str, str]]:
@@ -111,7 +113,7 @@ def test_short_run_learns_and_saves_plain_checkpoints(tmp_path: Path) -> None:
         assert any(k.startswith("ema.module.") for k in ckpt["state_dict"])
     rows = _metrics_rows(run)
     assert any(r.get("test/acc1") for r in rows) and any(
-        r.get("val/acc1_class/circle") for r in rows
+        r.get("val/acc1_class/checker") for r in rows
     )
     assert list((run / "plots").glob("val_confusion_epoch*.png"))
     hparams = (run / "csv" / "hparams.yaml").read_text()
@@ -193,8 +195,8 @@ def test_multirun_sweeps_backbones_one_run_each(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.name for p in (tmp_path / "multi").iterdir() if p.is_dir())
     assert runs == [
-        "0_mobilenet_v3_small-classifier-shapes",
-        "1_mobilenet_v3_small-classifier-shapes",
+        "0_mobilenet_v3_small-classifier-textures",
+        "1_mobilenet_v3_small-classifier-textures",
     ]
     minimal = (tmp_path / "multi" / runs[1] / "config_resolved.yaml").read_text()
     assert "minimal: true" in minimal
@@ -306,10 +308,39 @@ def test_wandb_offline_run_is_grouped_and_tagged(tmp_path: Path) -> None:
     assert len(runs) == 1
     record = next(runs[0].glob("*.wandb")).read_bytes()  # protobuf records keep strings verbatim
     for expected in (
-        b"mobilenet_v3_small-classifier-shapes",
+        b"mobilenet_v3_small-classifier-textures",
         b"model/madds",
         b"val/acc1",
-        b"shapes",
+        b"textures",
     ):
         assert expected in record, expected
     assert list(runs[0].rglob("media/images/val/confusion_matrix_*.png"))
+
+
+def test_truncated_and_empty_images_are_skipped_counted_and_training_continues(
+    tmp_path: Path,
+) -> None:
+    from mnv3.data import generate_shapes
+
+    root = tmp_path / "data" / "textures"
+    generate_shapes(
+        root,
+        seed=0,
+        num_classes=6,
+        train_per_class=8,
+        val_per_class=4,
+        test_per_class=4,
+        image_size=32,
+        kind="textures",
+    )
+    victims = sorted((root / "train" / "checker").glob("*.png"))[:2]
+    victims[0].write_bytes(
+        victims[0].read_bytes()[: len(victims[0].read_bytes()) // 3]
+    )  # truncated
+    victims[1].write_bytes(b"")  # zero bytes
+    cfg = compose_train(tmp_path, [*TINY_DATA, *QUIET, "trainer.max_epochs=1", "test=false"])
+    train(cfg)
+    rows = _metrics_rows(tmp_path / "run")
+    skipped = max(float(r["data/skipped_images"]) for r in rows if r.get("data/skipped_images"))
+    assert skipped == 2.0
+    assert any(r.get("val/acc1") for r in rows)

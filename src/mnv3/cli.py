@@ -128,7 +128,7 @@ def print_metrics_table(title: str, metrics: Mapping[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=title, min_width=max(40, len(title) + 4))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in sorted(metrics):

@@ -58,7 +58,11 @@ def _read_hparams(path: Path) -> dict[str, float]:
     if not path.is_file():
         return {}
     data = yaml.safe_load(path.read_text()) or {}
-    return {k: float(v) for k, v in data.items() if k.startswith("model/") and isinstance(v, int | float)}
+    return {
+        k: float(v)
+        for k, v in data.items()
+        if k.startswith("model/") and isinstance(v, int | float)
+    }
 
 
 def collect_runs(log_dir: str | Path) -> list[Run]:
@@ -77,7 +81,9 @@ def collect_runs(log_dir: str | Path) -> list[Run]:
     return runs
 
 
-def runs_table(runs: Iterable[Run], metrics: Sequence[str] = ("val/acc1", "test/acc1")) -> list[dict[str, Any]]:
+def runs_table(
+    runs: Iterable[Run], metrics: Sequence[str] = ("val/acc1", "test/acc1")
+) -> list[dict[str, Any]]:
     """One row per run: what it was (backbone, width, data) and its final metrics."""
     table = []
     for run in runs:

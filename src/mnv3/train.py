@@ -155,6 +155,9 @@ def train(cfg: DictConfig) -> float | None:
         )
         metrics.update(trainer.callback_metrics)
 
+    best_cb = trainer.checkpoint_callback
+    if best_cb is not None and best_cb.best_model_score is not None:
+        metrics[f"best {task.monitor}"] = best_cb.best_model_score
     print_metrics_table(f"{cfg.run_name}: final metrics", metrics)
     if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
         log.info("best checkpoint: %s", trainer.checkpoint_callback.best_model_path)

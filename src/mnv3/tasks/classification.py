@@ -135,7 +135,14 @@ class ClassificationTask(pl.LightningModule):
         self.log(
             "train/acc1", self.train_acc1, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs
         )
-        self.log("data/skipped_images", float(self.skipped_images), batch_size=bs, reduce_fx="max")
+        self.log(
+            "data/skipped_images",
+            float(self.skipped_images),
+            on_step=False,
+            on_epoch=True,
+            reduce_fx="max",
+            batch_size=bs,
+        )
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
