@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from mnv3.cli import (
     CONFIG_DIR,
+    ConfigError,
     build_datamodule,
     check_head_and_data,
     default_wandb_offline,
@@ -34,6 +35,7 @@ def build_task(cfg: DictConfig, datamodule: Any) -> pl.LightningModule:
     from mnv3.tasks import TASKS
 
     task_cls = TASKS[cfg.head.task]
+    label_type = getattr(datamodule, "label_type", "multiclass")
     return task_cls(
         model=model_kwargs(cfg),
         num_classes=datamodule.num_classes,
@@ -44,7 +46,37 @@ def build_task(cfg: DictConfig, datamodule: Any) -> pl.LightningModule:
         ema_decay=cfg.ema_decay,
         channels_last=bool(cfg.channels_last),
         compile=bool(cfg.compile),
+        label_type=label_type,
+        class_weights=class_weights(
+            to_plain(cfg.head.get("class_weights")), datamodule, label_type
+        ),
+        freeze_backbone_epochs=int(cfg.get("freeze_backbone_epochs", 0)),
+        backbone_lr_factor=float(cfg.get("backbone_lr_factor", 1.0)),
     )
+
+
+def class_weights(setting: Any, datamodule: Any, label_type: str) -> list[float] | None:
+    """None, an explicit list, or "balanced": weights from the training split's label counts.
+
+    Multiclass: n / (k * count_c) per class (cross-entropy weights). Multilabel: negatives /
+    positives per label (BCE pos_weight), uncertain (NaN) labels left out of both counts.
+    """
+    if setting is None or isinstance(setting, list):
+        return setting
+    if setting != "balanced":
+        raise ConfigError(f"head.class_weights must be null, a list or 'balanced', got {setting!r}")
+    import torch
+
+    train = datamodule.get_dataset("train")
+    if label_type == "multilabel":
+        labels = torch.as_tensor(train.label_matrix, dtype=torch.float32)
+        positives = (labels == 1).sum(0).clamp(min=1)
+        negatives = (labels == 0).sum(0)
+        return (negatives / positives).tolist()
+    counts = torch.bincount(torch.as_tensor(train.targets), minlength=datamodule.num_classes).clamp(
+        min=1
+    )
+    return (counts.sum() / (len(counts) * counts.float())).tolist()
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Any]:
@@ -165,7 +197,7 @@ def train(cfg: DictConfig) -> float | None:
         import wandb
 
         wandb.finish()  # a multirun starts the next job's W&B run cleanly
-    value = metrics.get(cfg.optimized_metric)
+    value = metrics.get(cfg.optimized_metric or task.monitor)
     return float(value) if value is not None else None
 
 

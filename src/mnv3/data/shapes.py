@@ -39,7 +39,8 @@ SHAPE_CLASSES: tuple[str, ...] = (
 # Periodic patterns whose class is their structure, not their colour; every class is its own
 # mirror image, so horizontal flips keep labels. CNNs learn these from local statistics within a
 # few hundred steps, which is what lets `make train` reach >= 90% on a CPU in minutes.
-TEXTURE_CLASSES: tuple[str, ...] = ("checker", "dots", "grid", "hstripes", "rings", "vstripes")
+# Listed so that a 2-class set is hstripes vs vstripes (orientation only); labels are sorted.
+TEXTURE_CLASSES: tuple[str, ...] = ("hstripes", "vstripes", "checker", "dots", "rings", "grid")
 KINDS = ("shapes", "textures")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MANIFEST = "manifest.json"

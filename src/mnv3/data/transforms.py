@@ -20,7 +20,7 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # Inception-style evaluation: resize the short side so the centre crop keeps 87.5 % of it.
 EVAL_CROP_RATIO = 0.875
 
-AutoAugmentName = Literal["autoaugment", "trivialaugment"]
+AutoAugmentName = Literal["autoaugment", "trivialaugment", "xray"]
 
 _INTERPOLATIONS = {
     "nearest": v2.InterpolationMode.NEAREST,
@@ -83,10 +83,19 @@ class ClassificationTrainPreset:
             steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=mode))
         elif auto_augment == "trivialaugment":
             steps.append(v2.TrivialAugmentWide(interpolation=mode))
+        elif auto_augment == "xray":
+            # Radiographs: small rotations, scale and shift, exposure changes; never a vertical
+            # flip (anatomy has an up), and horizontal flips only if hflip_prob says so.
+            steps.append(
+                v2.RandomAffine(
+                    degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1), interpolation=mode
+                )
+            )
+            steps.append(v2.ColorJitter(brightness=0.2, contrast=0.2))
         elif auto_augment is not None:
             raise ValueError(
-                f"unknown auto_augment {auto_augment!r}; expected None, 'autoaugment' or "
-                "'trivialaugment'"
+                f"unknown auto_augment {auto_augment!r}; expected None, 'autoaugment', "
+                "'trivialaugment' or 'xray'"
             )
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
         if self.random_erase_prob > 0:
