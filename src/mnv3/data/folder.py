@@ -124,7 +124,11 @@ class LabeledImageDataset(Dataset[Sample | None]):
             return None
         if self.transform is not None:
             image = self.transform(image)
-        return {"image": image, "label": int(self._labels[index])}
+        return {"image": image, "label": self._label(index)}
+
+    def _label(self, index: int) -> int | torch.Tensor:
+        """The label of sample ``index`` as the collate function expects it (an int here)."""
+        return int(self._labels[index])
 
     def __repr__(self) -> str:
         return (
@@ -253,16 +257,9 @@ class MultiLabelImageDataset(LabeledImageDataset):
         view.flags.writeable = False
         return view
 
-    def __getitem__(self, index: int) -> Sample | None:
-        path = self.path(index)
-        try:
-            image = load_rgb(path)
-        except UnreadableImageError as error:
-            warnings.warn(f"skipping {error}", UnreadableImageWarning, stacklevel=2)
-            return None
-        if self.transform is not None:
-            image = self.transform(image)
-        return {"image": image, "label": torch.from_numpy(self._labels[index].copy())}
+    def _label(self, index: int) -> torch.Tensor:
+        """A float ``(K,)`` vector: 1 present, 0 absent, NaN uncertain-and-ignored."""
+        return torch.from_numpy(self._labels[index].copy())
 
 
 def known_labels(labels: torch.Tensor) -> torch.Tensor:
