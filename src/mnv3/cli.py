@@ -31,11 +31,18 @@ class ConfigError(ValueError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's input, reported as one sentence and a non-zero exit."""
-    from mnv3.data.errors import DatasetError
+    from mnv3.data.errors import DatasetError, UnreadableImageError
     from mnv3.models.checkpoints import CheckpointError
     from mnv3.tasks.common import NonFiniteLossError
 
-    return (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError)
+    return (
+        ConfigError,
+        DatasetError,
+        CheckpointError,
+        NonFiniteLossError,
+        FileNotFoundError,
+        UnreadableImageError,
+    )
 
 
 def exit_on_user_error(fn: F) -> F:

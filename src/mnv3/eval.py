@@ -54,10 +54,22 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     task = task_cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     datamodule = build_datamodule(data_cfg)
     output_dir = Path(cfg.paths.output_dir)
+    callbacks = []
+    if run_cfg.head.task == "classification":
+        import torch
+
+        from mnv3.tasks.callbacks import OODCalibration
+
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ood_state = OODCalibration.state_from_checkpoint(checkpoint)
+        if ood_state is not None:  # reports test/ood_flagged: test images below the val threshold
+            ood = OODCalibration(quantile=float(ood_state.get("quantile", 0.05)))
+            ood.load_state_dict(ood_state)
+            callbacks.append(ood)
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         logger=[CSVLogger(save_dir=str(output_dir), name="csv", version="")],
-        callbacks=[],
+        callbacks=callbacks,
     )
     pl.seed_everything(int(run_cfg.get("seed", 0)), workers=True)
     if cfg.split == "val":

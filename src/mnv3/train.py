@@ -128,6 +128,18 @@ def build_callbacks(
             enable_version_counter=False,
         ),
     ]
+    if cfg.head.task == "classification":
+        from mnv3.tasks.callbacks import GradCamImages, OODCalibration
+
+        if cb.get("ood_quantile"):
+            callbacks.append(OODCalibration(quantile=float(cb.ood_quantile)))
+        if cb.get("gradcam_images"):
+            callbacks.append(
+                GradCamImages(
+                    num_images=int(cb.gradcam_images),
+                    every_n_epochs=int(cb.get("gradcam_every_n_epochs", 1)),
+                )
+            )
     if cb.get("lr_monitor", True):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cb.progress_bar == "rich":

@@ -211,12 +211,13 @@ class ClassificationTask(pl.LightningModule):
         if self.ema is not None and outputs is not None:
             self.ema.update(self.model)
 
-    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor] | None:
         self._count_skipped(batch)
         images, labels = batch["image"], batch["label"]
         if images.shape[0] == 0:
-            return
+            return None
         logits = self._net(evaluating=True)(self._prepare(images))
+        out = {"logits": logits.detach()}  # callbacks (OOD calibration) reuse them
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         bs = images.shape[0]
         self.log(
@@ -229,7 +230,7 @@ class ClassificationTask(pl.LightningModule):
         if self.multilabel:
             targets = torch.nan_to_num(labels, nan=-1.0).long()
             metrics["auroc"].update(torch.sigmoid(logits), targets)
-            return
+            return out
         for name in ("acc1", "acc5", "per_class", "confusion"):
             metrics[name].update(logits, labels)
         if self.binary:
@@ -237,12 +238,15 @@ class ClassificationTask(pl.LightningModule):
             metrics["targets"].update(labels.float())
         self.log(f"{stage}/acc1", metrics["acc1"], prog_bar=stage == "val", batch_size=bs)
         self.log(f"{stage}/acc5", metrics["acc5"], batch_size=bs)
+        return out
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(
+        self, batch: dict[str, Any], batch_idx: int
+    ) -> dict[str, torch.Tensor] | None:
+        return self._eval_step(batch, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor] | None:
+        return self._eval_step(batch, "test")
 
     def _end_of_eval(self, stage: str) -> None:
         metrics = self.val_metrics if stage == "val" else self.test_metrics

@@ -1,0 +1,242 @@
+"""Explain one prediction: top classes, out-of-distribution check and a Grad-CAM overlay.
+
+``python -m mnv3.explain ckpt_path=<run>/checkpoints/best.ckpt image=photo.png [out=overlay.png]
+[target=null] [tap=C5]``
+
+The image is preprocessed exactly as in evaluation (the run's ``config_resolved.yaml`` gives the
+crop, resize and normalisation), the network is the one the run validated with (its EMA copy when
+it kept one), and the heat map is mapped back from the centre crop onto the whole image, so the
+overlay has the image's own size. The out-of-distribution threshold is the one
+:class:`~mnv3.tasks.callbacks.OODCalibration` saved in the checkpoint, or ``ood_threshold``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from mnv3.cli import CONFIG_DIR, ConfigError, exit_on_user_error
+from mnv3.eval import find_run_config
+
+log = logging.getLogger("mnv3.explain")
+
+
+def _load_network(ckpt_path: Path, task_kind: str) -> tuple[Any, torch.nn.Module, dict[str, Any]]:
+    """The task, its evaluation network, and the raw checkpoint dict (for callback states)."""
+    from mnv3.models.checkpoints import CheckpointError
+    from mnv3.tasks import ClassificationTask
+
+    if task_kind != "classification":
+        raise ConfigError(
+            f"explain works on classification checkpoints; {ckpt_path} is {task_kind}"
+        )
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        task = ClassificationTask.load_from_checkpoint(
+            ckpt_path, map_location="cpu", weights_only=True
+        )
+    except Exception as exc:  # corrupt zips, unpickling refusals, missing keys
+        message = f"could not read checkpoint {ckpt_path}: {type(exc).__name__}: {exc}"
+        raise CheckpointError(message.split("\n")[0]) from exc
+    network = task.ema.module if task.ema is not None else task.model
+    return task, network.eval(), checkpoint
+
+
+def _is_multilabel(task: Any, data_cfg: DictConfig) -> bool:
+    """Independent findings (sigmoid) or one class (softmax): the task's word, else the dataset's."""
+    from mnv3.data import DATASETS
+
+    label_type = getattr(task, "label_type", None) or task.hparams.get("label_type")
+    if label_type is None:
+        family = DATASETS.get(str(data_cfg.get("dataset", "")))
+        label_type = family.label_type if family is not None else "multiclass"
+    return label_type == "multilabel"
+
+
+def _ood_threshold(checkpoint: dict[str, Any], cfg: DictConfig) -> tuple[float, str]:
+    """The saved OODCalibration threshold, else the ``ood_threshold`` config value; and its source."""
+    from mnv3.tasks.callbacks import OODCalibration
+
+    state = OODCalibration.state_from_checkpoint(checkpoint)
+    if state is not None:
+        quantile = float(state.get("quantile", float("nan")))
+        return float(state["threshold"]), (
+            f"calibrated by OODCalibration in the checkpoint: the {quantile:.0%} quantile of "
+            f"{int(state.get('num_scores', 0))} validation scores"
+        )
+    return float(cfg.get("ood_threshold", 0.5)), (
+        "config value ood_threshold; the checkpoint holds no OODCalibration threshold"
+    )
+
+
+def _target_index(target: Any, class_names: list[str]) -> int | None:
+    """``target`` as a class index: None, an index, or a class name."""
+    if target is None:
+        return None
+    if isinstance(target, str) and not target.lstrip("-").isdigit():
+        if target not in class_names:
+            raise ConfigError(f"target={target} is not a class; classes: {', '.join(class_names)}")
+        return class_names.index(target)
+    index = int(target)
+    if not 0 <= index < len(class_names):
+        raise ConfigError(f"target={index} is out of range for {len(class_names)} classes")
+    return index
+
+
+def heat_on_image(
+    heat: torch.Tensor, image_hw: tuple[int, int], resize_size: int, crop_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map a heat map of the evaluation centre crop back onto the original image.
+
+    The eval preset resizes the short side to ``resize_size`` (long side scaled and truncated, as
+    torchvision does) and centre-crops ``crop_size``. Returns the heat map and a coverage mask
+    (1 where the network saw the image, 0 in the cropped-away margins), both ``image_hw``.
+    """
+    height, width = image_hw
+    short, long = sorted((height, width))
+    resized_long = int(resize_size * long / short)
+    rh, rw = (resize_size, resized_long) if height <= width else (resized_long, resize_size)
+    # torchvision's CenterCrop offsets (Python's round, half to even).
+    top, left = round((rh - crop_size) / 2.0), round((rw - crop_size) / 2.0)
+    canvas = torch.zeros(2, rh, rw)
+    # Clipped paste: with resize_size < crop_size the crop is padded, i.e. offsets are negative.
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + crop_size, rh), min(left + crop_size, rw)
+    canvas[0, y0:y1, x0:x1] = heat[y0 - top : y1 - top, x0 - left : x1 - left].float().cpu()
+    canvas[1, y0:y1, x0:x1] = 1.0
+    full = torch.nn.functional.interpolate(canvas[None], size=(height, width), mode="bilinear")
+    return full[0, 0].clamp(0, 1), full[0, 1].clamp(0, 1)
+
+
+def render_overlay(
+    image: torch.Tensor, heat: torch.Tensor, coverage: torch.Tensor, alpha: float = 0.5
+) -> np.ndarray:
+    """Heat-map overlay where the network looked; the image at half brightness elsewhere."""
+    from mnv3.models.gradcam import overlay_heatmap
+
+    overlay = torch.from_numpy(overlay_heatmap(image, heat, alpha)).float()
+    dimmed = image.permute(1, 2, 0).float() * 0.5
+    weight = coverage[..., None]
+    return (weight * overlay + (1 - weight) * dimmed).round().to(torch.uint8).numpy()
+
+
+@exit_on_user_error
+def explain(cfg: DictConfig) -> dict[str, Any]:
+    """Predict, check for out-of-distribution input, and write the Grad-CAM overlay of one image."""
+    from PIL import Image
+
+    from mnv3.data.errors import UnreadableImageError
+    from mnv3.data.io import load_rgb
+    from mnv3.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ClassificationEvalPreset
+    from mnv3.models.gradcam import grad_cam
+    from mnv3.models.ood import (
+        confidence_score,
+        energy_score,
+        joint_energy_score,
+    )
+
+    ckpt_path = Path(str(cfg.ckpt_path)).expanduser()
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {ckpt_path} does not exist (expected a .ckpt written by mnv3.train)"
+        )
+    image_path = Path(str(cfg.image)).expanduser()
+    if not image_path.is_file():
+        raise FileNotFoundError(f"image {image_path} does not exist (give image=path/to/file)")
+    run_cfg = find_run_config(ckpt_path)
+    data_cfg = run_cfg.data
+    task, network, checkpoint = _load_network(ckpt_path, str(run_cfg.head.task))
+    class_names = list(task.class_names)
+    try:
+        raw = load_rgb(image_path)
+    except UnreadableImageError as exc:
+        raise ConfigError(str(exc)) from None
+
+    preset = ClassificationEvalPreset(
+        crop_size=int(data_cfg.get("image_size", 224)),
+        resize_size=data_cfg.get("resize_size"),
+        mean=list(data_cfg.get("mean") or IMAGENET_MEAN),
+        std=list(data_cfg.get("std") or IMAGENET_STD),
+        interpolation=str(data_cfg.get("interpolation", "bilinear")),
+    )
+    batch = preset(raw)[None]
+    with torch.no_grad():
+        logits = network(batch).float()
+    multilabel = _is_multilabel(task, data_cfg)
+    probs = torch.sigmoid(logits[0]) if multilabel else torch.softmax(logits[0], dim=0)
+    confidence = float(confidence_score(logits, multilabel)[0])
+    energy = float((joint_energy_score if multilabel else energy_score)(logits)[0])
+    threshold, source = _ood_threshold(checkpoint, cfg)
+    out_of_distribution = confidence < threshold
+
+    tap = str(cfg.get("tap", "C5"))
+    try:
+        network.tap(tap)
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0])) from None
+    target = _target_index(cfg.get("target"), class_names)
+    explained = target if target is not None else int(logits[0].argmax())
+    heat = grad_cam(network, batch, target=explained, tap=tap)[0]
+    full_heat, coverage = heat_on_image(
+        heat, (raw.shape[1], raw.shape[2]), preset.resize_size, preset.crop_size
+    )
+    out = cfg.get("out")
+    out_path = (
+        Path(str(out)).expanduser()
+        if out
+        else Path(cfg.paths.output_dir) / f"{image_path.stem}_gradcam.png"
+    )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(render_overlay(raw, full_heat, coverage, float(cfg.get("alpha", 0.5)))).save(
+        out_path
+    )
+
+    top_k = min(int(cfg.get("top_k", 5)), len(class_names))
+    values, indices = probs.topk(top_k)
+    width = max(len(class_names[i]) for i in indices.tolist())
+    score_name = "max-sigmoid" if multilabel else "max-softmax"
+    energy_name = "joint energy" if multilabel else "energy"
+    lines = [
+        f"image: {image_path} ({raw.shape[2]}x{raw.shape[1]}), checkpoint: {ckpt_path}",
+        f"top {top_k} predictions ({'sigmoid' if multilabel else 'softmax'} probability):",
+        *(
+            f"  {rank}. {class_names[i]:<{width}}  {p:.4f}"
+            for rank, (i, p) in enumerate(zip(indices.tolist(), values.tolist(), strict=True), 1)
+        ),
+        f"{score_name} score: {confidence:.4f}   {energy_name} score: {energy:.4f}",
+        f"OOD threshold: {threshold:.4f} ({source})",
+    ]
+    if out_of_distribution:
+        lines.append(
+            f"WARNING: OUT-OF-DISTRIBUTION: the {score_name} score {confidence:.4f} is below the "
+            f"threshold {threshold:.4f}; this image is unlike the training data, do not trust the "
+            "prediction"
+        )
+    lines.append(f"Grad-CAM of class '{class_names[explained]}' at tap {tap} written to {out_path}")
+    print("\n".join(lines))
+    return {
+        "prediction": class_names[int(indices[0])],
+        "probability": float(values[0]),
+        "confidence": confidence,
+        "energy": energy,
+        "threshold": threshold,
+        "threshold_source": source,
+        "out_of_distribution": out_of_distribution,
+        "explained_class": class_names[explained],
+        "overlay": out_path,
+    }
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="explain")
+def main(cfg: DictConfig) -> None:
+    explain(cfg)
+
+
+if __name__ == "__main__":
+    main()

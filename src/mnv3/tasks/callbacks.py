@@ -1,0 +1,286 @@
+"""Lightning callbacks that explain and guard a classifier: OOD threshold calibration, Grad-CAM.
+
+- :class:`OODCalibration` turns each validation epoch into an out-of-distribution threshold (the
+  low quantile of in-distribution confidence) and saves it in every checkpoint, so ``mnv3.explain``
+  can flag an image the network was not trained for without re-reading the validation set.
+- :class:`GradCamImages` writes Grad-CAM overlays of a few fixed validation images every epoch, so
+  one can watch *where* the network looks while it learns.
+
+Both run the task's evaluation network (the EMA copy when the task keeps one) and expect batches
+``{"image": (N, 3, H, W), ...}`` as the classification data modules produce.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from mnv3.models.gradcam import grad_cam, overlay_heatmap
+from mnv3.models.mobilenet import MobileNet
+from mnv3.models.ood import calibrate_threshold, confidence_score
+from mnv3.tasks.common import log_images
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GradCamImages", "OODCalibration", "eval_network", "is_multilabel"]
+
+
+def eval_network(pl_module: pl.LightningModule) -> torch.nn.Module:
+    """The network a task validates with: its EMA copy if it keeps one, else ``model``."""
+    ema = getattr(pl_module, "ema", None)
+    if ema is not None:
+        return ema.module
+    return pl_module.model
+
+
+def is_multilabel(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether labels are independent findings (sigmoid) rather than one class (softmax).
+
+    Asks the task first (a ``label_type`` attribute or hyperparameter), then the data module.
+    """
+    label_type = getattr(pl_module, "label_type", None) or pl_module.hparams.get("label_type")
+    if label_type is None:
+        label_type = getattr(getattr(trainer, "datamodule", None), "label_type", None)
+    return label_type == "multilabel"
+
+
+class OODCalibration(pl.Callback):
+    """Calibrate an out-of-distribution threshold on every validation epoch and checkpoint it.
+
+    At each validation epoch (not the sanity check) the confidence of every validation image is
+    collected: the maximum softmax probability (Hendrycks & Gimpel 2017), or the maximum sigmoid
+    for a multi-label task. The ``quantile`` of those scores becomes the threshold: an image scoring
+    below it is less confident than all but ``quantile`` of in-distribution images. It is logged as
+    ``log_key`` and kept in :meth:`state_dict`, which Lightning saves in every checkpoint under
+    ``checkpoint["callbacks"]["OODCalibration"]``; read it back with
+    :meth:`state_from_checkpoint`.
+
+    Logits come from the step's output when ``validation_step`` returns a mapping with a
+    ``"logits"`` entry; otherwise the task is run once more on the batch (eval mode, no grad).
+
+    Args:
+        quantile: fraction of in-distribution validation images allowed below the threshold
+            (the false-alarm rate).
+        log_key: the metric name of the threshold.
+    """
+
+    def __init__(self, quantile: float = 0.05, log_key: str = "val/ood_threshold") -> None:
+        if not 0.0 < quantile < 1.0:
+            raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+        self.quantile = float(quantile)
+        self.log_key = log_key
+        self.threshold: float | None = None
+        self.num_scores = 0
+        self._scores: list[torch.Tensor] = []
+
+    # -- collection ----------------------------------------------------------------------------
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._scores = []
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking:
+            return
+        if isinstance(outputs, Mapping) and outputs.get("logits") is not None:
+            logits = outputs["logits"]
+        else:
+            images = batch["image"]
+            if images.shape[0] == 0:  # every image of the batch was unreadable
+                return
+            with torch.no_grad():
+                logits = pl_module(images)
+        multilabel = is_multilabel(trainer, pl_module)
+        self._scores.append(confidence_score(logits.detach(), multilabel).float().cpu())
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        local = torch.cat(self._scores) if self._scores else torch.empty(0)
+        self._scores = []
+        scores = self._gather(pl_module, local)
+        scores = scores[torch.isfinite(scores)]
+        if scores.numel() == 0:
+            log.warning("OODCalibration: no finite validation score this epoch; threshold kept")
+            return
+        self.threshold = calibrate_threshold(scores, self.quantile)
+        self.num_scores = int(scores.numel())
+        pl_module.log(self.log_key, self.threshold, batch_size=self.num_scores)
+
+    # -- test: how many test images fall below the calibrated threshold -----------------------
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._scores = []
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if (
+            self.threshold is not None
+            and isinstance(outputs, Mapping)
+            and outputs.get("logits") is not None
+        ):
+            multilabel = is_multilabel(trainer, pl_module)
+            self._scores.append(
+                confidence_score(outputs["logits"].detach(), multilabel).float().cpu()
+            )
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log ``test/ood_flagged``: the share of test images below the validation threshold."""
+        local = torch.cat(self._scores) if self._scores else torch.empty(0)
+        self._scores = []
+        scores = self._gather(pl_module, local)
+        if self.threshold is None or scores.numel() == 0:
+            return
+        flagged = float((scores < self.threshold).float().mean())
+        pl_module.log("test/ood_flagged", flagged, batch_size=int(scores.numel()))
+        pl_module.log("test/ood_threshold", self.threshold, batch_size=int(scores.numel()))
+
+    @staticmethod
+    def _gather(pl_module: pl.LightningModule, scores: torch.Tensor) -> torch.Tensor:
+        """All ranks' scores (ranks may hold different counts: pad with NaN, gather, drop NaN)."""
+        if pl_module.trainer.world_size <= 1:
+            return scores
+        device = pl_module.device
+        counts = pl_module.all_gather(torch.tensor([scores.numel()], device=device)).flatten()
+        padded = torch.full((max(1, int(counts.max())),), math.nan, device=device)
+        padded[: scores.numel()] = scores.to(device)
+        gathered = pl_module.all_gather(padded).flatten().cpu()
+        return gathered[torch.isfinite(gathered)]
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values only, so checkpoints keep loading with ``torch.load(weights_only=True)``."""
+        return {
+            "threshold": self.threshold,
+            "quantile": self.quantile,
+            "num_scores": self.num_scores,
+            "score": "max_softmax (max_sigmoid for multi-label tasks)",
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        threshold = state_dict.get("threshold")
+        self.threshold = float(threshold) if threshold is not None else None
+        self.num_scores = int(state_dict.get("num_scores", 0))
+
+    @classmethod
+    def state_from_checkpoint(cls, checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The saved state (``threshold``, ``quantile``...) of this callback in a loaded
+        checkpoint dict, or None when the run did not use it or never finished a validation."""
+        for key, state in (checkpoint.get("callbacks") or {}).items():
+            name = key if isinstance(key, str) else getattr(key, "__qualname__", "")
+            if (
+                name.split("{")[0] == cls.__qualname__
+                and isinstance(state, Mapping)
+                and state.get("threshold") is not None
+            ):
+                return dict(state)
+        return None
+
+
+class GradCamImages(pl.Callback):
+    """Write Grad-CAM overlays of the first validation images at the end of validation epochs.
+
+    The first ``num_images`` images of validation batch 0 are kept (the same images every epoch
+    when the validation loader does not shuffle), explained for their predicted class (the top
+    logit for a multi-label task) with :func:`mnv3.models.gradcam.grad_cam` on the task's eval
+    network, and written as ``<default_root_dir>/plots/gradcam_epochNNN_<i>.png``; the files are
+    also sent to image-taking loggers under ``val/gradcam``. Only global rank 0 writes.
+
+    Args:
+        num_images: how many images to explain.
+        tap: the feature tap explained (C5: the map the classifier pools).
+        alpha: weight of the heat-map colour in the overlay.
+        every_n_epochs: write every this many epochs.
+    """
+
+    def __init__(
+        self, num_images: int = 4, tap: str = "C5", alpha: float = 0.5, every_n_epochs: int = 1
+    ) -> None:
+        if num_images < 1 or every_n_epochs < 1:
+            raise ValueError("num_images and every_n_epochs must be at least 1")
+        self.num_images = int(num_images)
+        self.tap = tap
+        self.alpha = float(alpha)
+        self.every_n_epochs = int(every_n_epochs)
+        self._images: torch.Tensor | None = None
+        self.last_paths: list[Path] = []
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        return (
+            not trainer.sanity_checking
+            and trainer.is_global_zero
+            and trainer.current_epoch % self.every_n_epochs == 0
+        )
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if batch_idx == 0 and dataloader_idx == 0 and self._due(trainer):
+            self._images = batch["image"][: self.num_images].detach().clone()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        images, self._images = self._images, None
+        if images is None or images.shape[0] == 0 or not self._due(trainer):
+            return
+        network = eval_network(pl_module)
+        if not isinstance(network, MobileNet):
+            log.warning("GradCamImages: %s is not a MobileNet; skipped", type(network).__name__)
+            return
+        heat = grad_cam(network, images, tap=self.tap)
+        display = self._to_uint8(trainer, images)
+        folder = Path(trainer.default_root_dir) / "plots"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, (image, cam) in enumerate(zip(display, heat, strict=True)):
+            path = folder / f"gradcam_epoch{trainer.current_epoch:03d}_{i}.png"
+            _save_png(overlay_heatmap(image, cam, self.alpha), path)
+            paths.append(path)
+        self.last_paths = paths
+        log_images(trainer.loggers, "val/gradcam", paths, step=trainer.global_step)
+
+    @staticmethod
+    def _to_uint8(trainer: pl.Trainer, images: torch.Tensor) -> torch.Tensor:
+        """Undo the data module's normalisation (per-image min-max when it has no mean/std)."""
+        images = images.detach().float().cpu()
+        datamodule = getattr(trainer, "datamodule", None)
+        mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+        if mean is not None and std is not None:
+            pixels = images * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+        else:
+            low = images.amin(dim=(1, 2, 3), keepdim=True)
+            high = images.amax(dim=(1, 2, 3), keepdim=True)
+            pixels = (images - low) / (high - low).clamp_min(1e-12)
+        return (pixels.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+
+def _save_png(array: Any, path: Path) -> None:
+    """Write an HWC uint8 array as PNG via a temporary name, so readers never see half a file."""
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    tmp.replace(path)
