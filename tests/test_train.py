@@ -346,3 +346,12 @@ def test_truncated_and_empty_images_are_skipped_counted_and_training_continues(
     skipped = max(float(r["data/skipped_images"]) for r in rows if r.get("data/skipped_images"))
     assert skipped == 2.0
     assert any(r.get("val/acc1") for r in rows)
+
+
+def test_gray_data_with_rgb_backbone_fails_at_start(tmp_path: Path) -> None:
+    from mnv3.cli import check_channels
+
+    cfg = compose_train(tmp_path, ["data=chestxray14", "data.channels=1"])
+    with pytest.raises(ConfigError, match=r"data.channels=1 but backbone.in_channels=3"):
+        check_channels(cfg)
+    check_channels(compose_train(tmp_path, ["data=chestxray14", "data.channels=1", "backbone.in_channels=1"]))

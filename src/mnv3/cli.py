@@ -79,6 +79,17 @@ def check_head_and_data(cfg: DictConfig) -> None:
         )
 
 
+def check_channels(cfg: DictConfig) -> None:
+    """A gray (1-channel) data config needs a 1-channel backbone, and the reverse."""
+    data_channels = int(cfg.data.get("channels", 3))
+    model_channels = int(cfg.backbone.get("in_channels", 3) or 3)
+    if data_channels != model_channels:
+        raise ConfigError(
+            f"data.channels={data_channels} but backbone.in_channels={model_channels}; set both to 1 "
+            "(gray input, stem weights summed from RGB) or both to 3 (gray replicated to RGB)"
+        )
+
+
 def build_datamodule(data_cfg: Mapping[str, Any]) -> Any:
     """Instantiate the data config's ``_target_`` with its plain arguments."""
     import importlib

@@ -18,6 +18,7 @@ from mnv3.cli import (
     CONFIG_DIR,
     ConfigError,
     build_datamodule,
+    check_channels,
     check_head_and_data,
     default_wandb_offline,
     exit_on_user_error,
@@ -163,6 +164,7 @@ def train(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.paths.output_dir)
     print_config_tree(cfg, save_to=output_dir / "config_resolved.yaml")
     check_head_and_data(cfg)
+    check_channels(cfg)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg.data)

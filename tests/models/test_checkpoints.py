@@ -165,3 +165,43 @@ def test_known_weights_for_another_arch_are_refused() -> None:
     assert KNOWN_WEIGHTS["mobilenet_v3_large.IMAGENET1K_V1"].metrics["acc1"] == 74.042
     assert KNOWN_WEIGHTS["mobilenet_v3_large.IMAGENET1K_V2"].metrics["acc1"] == 75.274
     assert KNOWN_WEIGHTS["mobilenet_v3_small.IMAGENET1K_V1"].metrics["acc1"] == 67.668
+
+
+# --- gray (1-channel) models: RGB stems summed into one input channel ---------------------------
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_rgb_checkpoint_into_gray_model_gives_identical_logits(name, tv_checkpoints) -> None:
+    """conv(replicate(g), W) == conv(g, W.sum(1)): the 1-channel model matches on gray input."""
+    path, reference = tv_checkpoints[name]
+    rgb = PAIRS[name][0](weights=str(path)).eval()
+    gray = PAIRS[name][0](in_channels=1).eval()
+    report = load_weights(gray, path)
+    assert report.adapted and report.adapted[0].startswith("stem.conv.weight")
+    assert gray.stem.conv.weight.shape[1] == 1
+    g = torch.rand(1, 1, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits_rgb = rgb(g.expand(-1, 3, -1, -1))
+        logits_gray = gray(g)
+        assert (logits_rgb - logits_gray).abs().max().item() <= 1e-5
+        assert (logits_rgb - reference(g.expand(-1, 3, -1, -1))).abs().max().item() <= 1e-5
+
+
+def test_rgb_model_loads_rgb_checkpoint_without_adaptation(tv_checkpoints) -> None:
+    path, _ = tv_checkpoints["mobilenet_v3_small"]
+    assert load_weights(mobilenet_v3_small(), path).adapted == []
+
+
+def test_gray_checkpoint_into_rgb_model_names_the_stem_key(tmp_path) -> None:
+    path = save_state_dict(mobilenet_v3_small(in_channels=1), tmp_path / "gray.pth")
+    with pytest.raises(CheckpointError, match=r"'stem\.conv\.weight'.*\(16, 1, 3, 3\)"):
+        load_weights(mobilenet_v3_small(), path)
+
+
+def test_gray_checkpoint_round_trips_into_gray_model(tmp_path) -> None:
+    source = mobilenet_v3_small(in_channels=1, num_classes=4).eval()
+    path = save_state_dict(source, tmp_path / "gray.pth")
+    target = mobilenet_v3_small(in_channels=1, num_classes=4, weights=str(path)).eval()
+    x = torch.randn(1, 1, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(source(x), target(x))

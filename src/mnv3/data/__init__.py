@@ -39,6 +39,8 @@ from mnv3.data.transforms import (
     IMAGENET_STD,
     ClassificationEvalPreset,
     ClassificationTrainPreset,
+    RGBToLuma,
+    channel_stats,
 )
 
 __all__ = [
@@ -67,8 +69,10 @@ __all__ = [
     "MissingImageWarning",
     "MultiLabelImageDataset",
     "PneumoniaDataset",
+    "RGBToLuma",
     "UnreadableImageError",
     "UnreadableImageWarning",
+    "channel_stats",
     "collate_classification",
     "generate_shapes",
     "imagenet_classes",

@@ -287,10 +287,10 @@ def _plain(value: Any) -> Any:
 class ClassificationDataModule(pl.LightningDataModule):
     """Image classification data: a registered dataset family, the presets, and the loaders.
 
-    Batches are ``{"image": float (N, 3, S, S), "label": ..., "skipped": int}``, where ``label`` is
-    int64 ``(N,)`` for a ``"multiclass"`` dataset and float32 ``(N, K)`` for a ``"multilabel"`` one
-    (see :attr:`label_type`; NaN marks an unknown label to leave out of the loss), and ``skipped``
-    counts unreadable images dropped from the batch (see
+    Batches are ``{"image": float (N, C, S, S), "label": ..., "skipped": int}`` (C: ``channels``),
+    where ``label`` is int64 ``(N,)`` for a ``"multiclass"`` dataset and float32 ``(N, K)`` for a
+    ``"multilabel"`` one (see :attr:`label_type`; NaN marks an unknown label to leave out of the
+    loss), and ``skipped`` counts unreadable images dropped from the batch (see
     :func:`~mnv3.data.collate.collate_classification`).
 
     Args:
@@ -302,8 +302,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         image_size: the square crop fed to the network, in training and evaluation.
         resize_size: evaluation short-side resize; None: ``round(image_size / 0.875)``.
         interpolation: ``"bilinear"``, ``"bicubic"`` or ``"nearest"``.
-        mean: per-channel normalisation mean (of images in [0, 1]).
-        std: per-channel normalisation standard deviation.
+        mean: per-channel normalisation mean (of images in [0, 1]): 3 values, or 1 for all.
+        std: per-channel normalisation standard deviation: 3 values, or 1 for all.
         hflip_prob: probability of a horizontal flip in training.
         auto_augment: None, ``"autoaugment"`` (ImageNet policy) or ``"trivialaugment"``.
         random_erase_prob: probability of random erasing in training.
@@ -326,6 +326,10 @@ class ClassificationDataModule(pl.LightningDataModule):
         uncertain: CheXpert's -1.0 labels: ``"ones"``, ``"zeros"`` or ``"ignore"`` (NaN labels).
         labels: CheXpert observations to predict, in output order; None: all 14.
         frontal_only: CheXpert: keep only frontal views.
+        channels: 3 (RGB; gray files come as three equal channels) or 1: every image is reduced
+            to ITU-R 601 luma after decoding (exactly the gray value for gray files) and
+            normalised with one mean/std, the averages of 3 given values. The network must read
+            1 channel too (``in_channels=1``; RGB-pretrained stems are summed to fit).
     """
 
     task = "classification"
@@ -358,8 +362,13 @@ class ClassificationDataModule(pl.LightningDataModule):
         uncertain: str = "ones",
         labels: Sequence[str] | None = None,
         frontal_only: bool = False,
+        channels: int = 3,
     ) -> None:
         super().__init__()
+        if channels not in (1, 3):
+            raise DatasetError(
+                f"channels must be 1 (gray) or 3 (RGB) for dataset root {root}, got {channels!r}"
+            )
         if dataset not in DATASETS:
             raise DatasetError(
                 f"unknown dataset {dataset!r} for root {root}; expected one of "
@@ -404,6 +413,7 @@ class ClassificationDataModule(pl.LightningDataModule):
             auto_augment=auto_augment,  # type: ignore[arg-type]  # validated by the preset
             random_erase_prob=random_erase_prob,
             scale=(min_scale, 1.0),
+            channels=channels,
         )
         self.eval_transform = ClassificationEvalPreset(
             crop_size=image_size,
@@ -411,6 +421,7 @@ class ClassificationDataModule(pl.LightningDataModule):
             mean=mean,
             std=std,
             interpolation=interpolation,
+            channels=channels,
         )
         self._classes: tuple[list[str], list[str]] | None = None
         self._datasets: dict[SplitKind, LabeledImageDataset] = {}
@@ -443,13 +454,18 @@ class ClassificationDataModule(pl.LightningDataModule):
         return self.family.label_type
 
     @property
-    def mean(self) -> tuple[float, float, float]:
-        """Normalisation mean of both presets."""
+    def channels(self) -> int:
+        """Channels of the batches' images: 3 (RGB) or 1 (gray)."""
+        return self.train_transform.channels
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Normalisation mean of both presets (one value per image channel, or one for all)."""
         return self.train_transform.mean
 
     @property
-    def std(self) -> tuple[float, float, float]:
-        """Normalisation standard deviation of both presets."""
+    def std(self) -> tuple[float, ...]:
+        """Normalisation standard deviation of both presets (as :attr:`mean`)."""
         return self.train_transform.std
 
     @property

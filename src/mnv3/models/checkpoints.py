@@ -9,8 +9,9 @@ Three formats are understood and told apart by their keys:
 - this project's Lightning checkpoints (``{"state_dict": {"model.stem...": ...}}``).
 
 A checkpoint with another class count keeps the backbone and the head's hidden layer and
-re-initialises the logits layer (the fine-tuning path); any other mismatch is an error that
-names the first missing, unexpected and mis-shaped keys.
+re-initialises the logits layer (the fine-tuning path). An RGB checkpoint loads into a
+one-channel (gray) model by summing the stem's kernels over R, G, B (:func:`adapt_stem_to_gray`).
+Any other mismatch is an error that names the first missing, unexpected and mis-shaped keys.
 """
 
 from __future__ import annotations
@@ -103,12 +104,44 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadReport:
-    """What :func:`load_weights` did: the format it found and which keys it re-initialised."""
+    """What :func:`load_weights` did: the format it found, which keys it re-initialised, and
+    which tensors it adapted to the model (``adapted``: one "key: what was done" note each)."""
 
     source: str
     format: str
     reinitialized: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
+
+
+STEM_WEIGHT = "stem.conv.weight"
+
+
+def adapt_stem_to_gray(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Sum an RGB stem kernel into one input channel when the model reads gray images.
+
+    Why the sum is exact: a gray image ``g`` replicated to RGB has ``x_c = g`` for every c, so
+    ``conv(x, W) = sum_c conv(g, W[:, c]) = conv(g, W.sum(dim=1, keepdim=True))`` (convolution is
+    linear in its input channels). When the gray channel is normalised as each replicated one was
+    (the same mean/std on all three), the one-channel model computes exactly what the RGB model
+    computed on the replicated image; with ImageNet's per-channel mean/std the data side uses
+    their averages, a close approximation.
+
+    Returns the state dict (a new dict; other tensors shared) and the adaptation notes. Only the
+    3 -> 1 case is adapted; every other in-channel mismatch is left for the shape check to report.
+    """
+    ours, theirs = expected.get(STEM_WEIGHT), state.get(STEM_WEIGHT)
+    if ours is None or theirs is None or theirs.ndim != 4 or ours.ndim != 4:
+        return dict(state), []
+    if not (theirs.shape[1] == 3 and ours.shape[1] == 1):
+        return dict(state), []
+    if theirs.shape[0] != ours.shape[0] or theirs.shape[2:] != ours.shape[2:]:
+        return dict(state), []  # another stem altogether: the shape check names it
+    out = dict(state)
+    out[STEM_WEIGHT] = theirs.sum(dim=1, keepdim=True)
+    return out, [f"{STEM_WEIGHT}: RGB kernels summed into 1 input channel (gray model)"]
 
 
 def _is_url(source: str) -> bool:
@@ -222,7 +255,15 @@ def from_torchvision(
 def load_weights(
     model: MobileNet, source: str | os.PathLike[str], progress: bool = True
 ) -> LoadReport:
-    """Load a checkpoint into ``model`` in place; see the module docstring for the rules."""
+    """Load a checkpoint into ``model`` in place; see the module docstring for the rules.
+
+    Gray models (``in_channels=1``) take RGB checkpoints: the stem kernel ``W`` (out, 3, k, k)
+    becomes ``W.sum(dim=1, keepdim=True)``, because for a gray image replicated to RGB
+    ``conv(replicate(x), W) == conv(x, W.sum(dim=1, keepdim=True))``; with identical
+    normalisation the 1-channel model computes exactly what the 3-channel one did on replicated
+    input. The report's ``adapted`` lists it. Any other in-channel mismatch (a 1-channel
+    checkpoint into an RGB model, say) is a :class:`CheckpointError` naming ``stem.conv.weight``.
+    """
     source = str(source)
     known = KNOWN_WEIGHTS.get(source)
     if known is not None and known.arch != model.arch.name:
@@ -233,6 +274,7 @@ def load_weights(
         state, fmt = from_torchvision(state, model), "torchvision"
     report = LoadReport(source=source, format=fmt)
     expected = model.state_dict()
+    state, report.adapted = adapt_stem_to_gray(state, expected)
 
     if model.classifier is None:  # a backbone takes no classifier from the checkpoint
         report.ignored = [k for k in state if k.startswith("classifier.")]

@@ -149,15 +149,19 @@ def overlay_heatmap(
     """Blend a coloured heat map onto an image, for display.
 
     Args:
-        image_uint8_chw: the image as uint8 ``(3, H, W)`` RGB.
+        image_uint8_chw: the image as uint8 ``(3, H, W)`` RGB or ``(1, H, W)`` gray.
         heat: ``(h, w)`` in [0, 1]; resized (bilinear) to ``(H, W)`` when the sizes differ.
         alpha: weight of the heat map colour (0: the image only, 1: the colour map only).
 
     Returns:
         uint8 ``(H, W, 3)`` numpy array (what PIL's ``Image.fromarray`` and loggers take).
     """
-    if image_uint8_chw.ndim != 3 or image_uint8_chw.shape[0] != 3:
-        raise ValueError(f"image must be (3, H, W), got shape {tuple(image_uint8_chw.shape)}")
+    if image_uint8_chw.ndim != 3 or image_uint8_chw.shape[0] not in (1, 3):
+        raise ValueError(
+            f"image must be (3, H, W) or (1, H, W), got shape {tuple(image_uint8_chw.shape)}"
+        )
+    if image_uint8_chw.shape[0] == 1:  # a gray model's input: shown as gray RGB
+        image_uint8_chw = image_uint8_chw.expand(3, -1, -1)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     height, width = image_uint8_chw.shape[-2:]

@@ -48,6 +48,7 @@ class ArchSpec:
 
     ``blocks`` keep the paper's strides; ``output_stride`` < 32 is applied when the network is
     built (:func:`apply_output_stride`), so the spec reads like the paper's table.
+    ``in_channels`` is what the stem conv reads: 3 for RGB, 1 for single-channel (gray) images.
     """
 
     name: str
@@ -61,6 +62,7 @@ class ArchSpec:
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1
     output_stride: int = 32
+    in_channels: int = 3
 
     @property
     def num_blocks(self) -> int:
@@ -145,7 +147,7 @@ class MobileNet(nn.Module):
         self.arch = arch
         bn = {"bn_eps": arch.bn_eps, "bn_momentum": arch.bn_momentum}
         self.stem = ConvBNAct(
-            3, arch.stem_channels, 3, stride=2, activation=arch.stem_activation, **bn
+            arch.in_channels, arch.stem_channels, 3, stride=2, activation=arch.stem_activation, **bn
         )
         self.blocks = nn.Sequential(
             *(
@@ -251,15 +253,24 @@ def build_mobilenet(
     dropout: float = 0.2,
     weights: str | None = None,
     bn_momentum: float | None = None,
+    in_channels: int | None = None,
 ) -> MobileNet:
     """Build a :class:`MobileNet` from its spec, optionally with another BN momentum and weights.
 
     ``bn_momentum`` None keeps the spec's (0.01 for V3: TF's decay 0.99, right for ImageNet-length
     runs). Runs of a few hundred steps need ~0.1, or the running statistics lag the weights and
     eval-mode accuracy collapses to chance.
+
+    ``in_channels`` None keeps the spec's (3). 1 builds a network for gray images; RGB-pretrained
+    ``weights`` still load: the stem's kernels are summed over R, G, B
+    (:func:`mnv3.models.checkpoints.load_weights`).
     """
     if bn_momentum is not None:
         arch = replace(arch, bn_momentum=bn_momentum)
+    if in_channels is not None:
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be a positive channel count, got {in_channels}")
+        arch = replace(arch, in_channels=int(in_channels))
     model = MobileNet(arch, num_classes=num_classes, dropout=dropout)
     if weights is not None:
         from mnv3.models.checkpoints import load_weights

@@ -67,8 +67,14 @@ def mobilenet_v2(
     dropout: float = 0.2,
     weights: str | None = None,
     bn_momentum: float | None = None,
+    in_channels: int | None = None,
 ) -> MobileNet:
     """MobileNetV2 with the same tap API as MobileNetV3; other arguments as ``mobilenet_v3_large``."""
     return build_mobilenet(
-        mobilenet_v2_arch(width_mult, output_stride), num_classes, dropout, weights, bn_momentum
+        mobilenet_v2_arch(width_mult, output_stride),
+        num_classes,
+        dropout,
+        weights,
+        bn_momentum,
+        in_channels,
     )

@@ -180,6 +180,7 @@ def mobilenet_v3_large(
     weights: str | None = None,
     width_rounding: WidthRounding = "paper",
     bn_momentum: float | None = None,
+    in_channels: int | None = None,
 ) -> MobileNet:
     """MobileNetV3-Large (Table 1). ``num_classes=0`` builds the backbone without classifier.
 
@@ -188,11 +189,14 @@ def mobilenet_v3_large(
     class count loads the backbone and re-initialises the logits layer.
 
     ``bn_momentum``: None keeps the paper's 0.01; see :func:`mnv3.models.mobilenet.build_mobilenet`.
+
+    ``in_channels``: None or 3 for RGB input; 1 for gray images (RGB weights are adapted by
+    summing the stem's kernels, see :func:`mnv3.models.mobilenet.build_mobilenet`).
     """
     arch = mobilenet_v3_arch(
         "large", width_mult, minimal, reduced_tail, output_stride, width_rounding
     )
-    return build_mobilenet(arch, num_classes, dropout, weights, bn_momentum)
+    return build_mobilenet(arch, num_classes, dropout, weights, bn_momentum, in_channels)
 
 
 def mobilenet_v3_small(
@@ -206,9 +210,10 @@ def mobilenet_v3_small(
     weights: str | None = None,
     width_rounding: WidthRounding = "paper",
     bn_momentum: float | None = None,
+    in_channels: int | None = None,
 ) -> MobileNet:
     """MobileNetV3-Small (Table 2); arguments as :func:`mobilenet_v3_large`."""
     arch = mobilenet_v3_arch(
         "small", width_mult, minimal, reduced_tail, output_stride, width_rounding
     )
-    return build_mobilenet(arch, num_classes, dropout, weights, bn_momentum)
+    return build_mobilenet(arch, num_classes, dropout, weights, bn_momentum, in_channels)

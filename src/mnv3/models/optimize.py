@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mnv3.models.layers import ConvBNAct
+from mnv3.models.profile import model_in_channels
 
 OptimizeMode = Literal["freeze", "compile", "eager"]
 
@@ -174,8 +175,9 @@ def optimize_for_inference(
     the gain. TorchScript is deprecated upstream (torch >= 2.11) but still shipped; should it
     go, ``mode="compile"`` is the next-fastest path.
 
-    ``example_input`` drives tracing / compiling (default: a 1x3x224x224 zero tensor on the
-    model's device); use the shape you will run, since the compiled plan is specialised to it.
+    ``example_input`` drives tracing / compiling (default: a 1xCx224x224 zero tensor on the
+    model's device, C the model's input channels, 3 unless built with ``in_channels=1``); use the
+    shape you will run, since the compiled plan is specialised to it.
     Other shapes are still correct; in "freeze" mode they get a plan built without the oneDNN
     Graph fuser (the process-wide switch is restored to its previous state after the warm-up
     calls) unless ``torch.jit.enable_onednn_fusion(True)`` is on when they first run.
@@ -188,7 +190,7 @@ def optimize_for_inference(
     param = next(fused.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     if example_input is None:
-        example_input = torch.zeros(1, 3, 224, 224, device=device)
+        example_input = torch.zeros(1, model_in_channels(model), 224, 224, device=device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:
         fused = fused.to(memory_format=memory_format)

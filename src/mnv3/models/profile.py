@@ -18,15 +18,20 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 @torch.no_grad()
 def count_madds(
-    model: nn.Module, input_size: tuple[int, int] | int = 224, in_channels: int = 3
+    model: nn.Module, input_size: tuple[int, int] | int = 224, in_channels: int | None = None
 ) -> int:
     """Multiply-adds of one forward pass on one ``in_channels`` x H x W image.
+
+    ``in_channels`` None: what the model reads (``model.arch.in_channels`` of a
+    :class:`~mnv3.models.mobilenet.MobileNet`, 3 for any other module).
 
     Counted by running the model once with forward hooks on every ``nn.Conv2d`` and
     ``nn.Linear``, so any model (heads, dilated backbones, non-square inputs) is measured by what
     it really computes at that size, not by a formula that could drift from the code.
     """
     h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+    if in_channels is None:
+        in_channels = model_in_channels(model)
     total = 0
 
     def conv_hook(
@@ -60,3 +65,9 @@ def count_madds(
             handle.remove()
         model.train(was_training)
     return int(total)
+
+
+def model_in_channels(model: nn.Module) -> int:
+    """Input channels a model reads: its ``arch.in_channels`` when it has one, else 3 (RGB)."""
+    arch = getattr(model, "arch", None)
+    return int(getattr(arch, "in_channels", 3))
