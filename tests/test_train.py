@@ -354,4 +354,6 @@ def test_gray_data_with_rgb_backbone_fails_at_start(tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, ["data=chestxray14", "data.channels=1"])
     with pytest.raises(ConfigError, match=r"data.channels=1 but backbone.in_channels=3"):
         check_channels(cfg)
-    check_channels(compose_train(tmp_path, ["data=chestxray14", "data.channels=1", "backbone.in_channels=1"]))
+    check_channels(
+        compose_train(tmp_path, ["data=chestxray14", "data.channels=1", "backbone.in_channels=1"])
+    )
