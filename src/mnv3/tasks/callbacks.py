@@ -83,17 +83,10 @@ class OODCalibration(pl.Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._scores = []
 
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def _collect(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any
     ) -> None:
-        if trainer.sanity_checking:
-            return
+        """Append the confidence scores of one batch (from the step's logits, or a new forward)."""
         if isinstance(outputs, Mapping) and outputs.get("logits") is not None:
             logits = outputs["logits"]
         else:
@@ -105,13 +98,29 @@ class OODCalibration(pl.Callback):
         multilabel = is_multilabel(trainer, pl_module)
         self._scores.append(confidence_score(logits.detach(), multilabel).float().cpu())
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
+    def _epoch_scores(self, pl_module: pl.LightningModule) -> torch.Tensor:
+        """This epoch's finite scores from every rank; the buffer is emptied."""
         local = torch.cat(self._scores) if self._scores else torch.empty(0)
         self._scores = []
         scores = self._gather(pl_module, local)
-        scores = scores[torch.isfinite(scores)]
+        return scores[torch.isfinite(scores)]
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not trainer.sanity_checking:
+            self._collect(trainer, pl_module, outputs, batch)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        scores = self._epoch_scores(pl_module)
         if scores.numel() == 0:
             log.warning("OODCalibration: no finite validation score this epoch; threshold kept")
             return
@@ -132,21 +141,12 @@ class OODCalibration(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if (
-            self.threshold is not None
-            and isinstance(outputs, Mapping)
-            and outputs.get("logits") is not None
-        ):
-            multilabel = is_multilabel(trainer, pl_module)
-            self._scores.append(
-                confidence_score(outputs["logits"].detach(), multilabel).float().cpu()
-            )
+        if self.threshold is not None:
+            self._collect(trainer, pl_module, outputs, batch)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log ``test/ood_flagged``: the share of test images below the validation threshold."""
-        local = torch.cat(self._scores) if self._scores else torch.empty(0)
-        self._scores = []
-        scores = self._gather(pl_module, local)
+        scores = self._epoch_scores(pl_module)
         if self.threshold is None or scores.numel() == 0:
             return
         flagged = float((scores < self.threshold).float().mean())
