@@ -8,7 +8,7 @@ runs first in a process pays for its allocator warm-up: a fixed order once showe
 where an alternating order shows 1.0x), and glibc's malloc thresholds are pinned as in
 bench_models.py; the median images/s per side is reported with the ratio ours / plain.
 
-    python bench/bench_train.py --out bench/results [--steps 6] [--rounds 3] [--models small large]
+    python bench/bench_train.py --out bench/results [--steps 8] [--rounds 5] [--models small large]
 """
 
 from __future__ import annotations
@@ -122,9 +122,9 @@ def main() -> None:
     parser.add_argument(
         "--models", nargs="+", default=["small", "large"], choices=["small", "large"]
     )
-    parser.add_argument("--steps", type=int, default=6, help="measured steps per round")
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per round")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
         "--default-malloc", action="store_true", help="do not pin glibc's malloc thresholds"
     )
