@@ -12,7 +12,6 @@ as the reference. Prints a markdown table and writes ``bench_data.md`` / ``bench
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 import PIL
 import torch
 import torchvision
+from common import write_results
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as v1
@@ -182,12 +182,7 @@ def main() -> None:
     rows = run(args.num_images, args.batch_size, args.workers, args.crop, args.repeats)
     table = markdown(rows, args)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_data.md").write_text(table)
-    with open(args.out / "bench_data.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_results(args.out, "bench_data", table, rows)
 
 
 if __name__ == "__main__":

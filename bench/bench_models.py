@@ -33,7 +33,6 @@ faulted back in on every call, which made eager latencies depend on heap history
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
 import datetime as dt
 import gc
@@ -50,6 +49,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from common import write_results
 from torch import nn
 from torchvision.models import mobilenetv3 as tv_mnv3
 
@@ -604,16 +604,6 @@ def csv_record(r: Result) -> dict[str, object]:
     }
 
 
-def write_csv(path: Path, results: Sequence[Result]) -> None:
-    records = [csv_record(r) for r in results]
-    with path.open("w", newline="") as f:
-        if not records:
-            return
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -696,9 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         busy,
     )
     print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_models.md").write_text(report)
-    write_csv(args.out / "bench_models.csv", results)
+    write_results(args.out, "bench_models", report, [csv_record(r) for r in results])
     print(
         f"wrote {args.out / 'bench_models.md'} and {args.out / 'bench_models.csv'}", file=sys.stderr
     )

@@ -14,7 +14,6 @@ bench_models.py; the median images/s per side is reported with the ratio ours / 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torchvision
+from common import write_results
 from torch.utils.data import DataLoader, Dataset
 
 from mnv3.tasks import ClassificationTask
@@ -180,12 +180,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_train.md").write_text(text + "\n")
-    with open(args.out / "bench_train.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_results(args.out, "bench_train", text, rows)
 
 
 if __name__ == "__main__":
