@@ -52,7 +52,14 @@ def run_cli(
     module: str, args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m <module> args`` as a user would, capturing its output."""
-    full_env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env or {})}
+    # HYDRA_FULL_ERROR=0: a user's one-sentence errors (conftest turns tracebacks on in-process).
+    full_env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "PYTHONUNBUFFERED": "1",
+        "HYDRA_FULL_ERROR": "0",
+        **(env or {}),
+    }
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
@@ -61,3 +68,42 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def start_cli(
+    module: str, args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """Start ``python -m <module> args`` in the background (to signal it), output captured."""
+    # HYDRA_FULL_ERROR=0: a user's one-sentence errors (conftest turns tracebacks on in-process).
+    full_env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "PYTHONUNBUFFERED": "1",
+        "HYDRA_FULL_ERROR": "0",
+        **(env or {}),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen[str], timeout: float = 240) -> None:
+    """Poll until ``path`` exists (or ``proc`` ends, or the timeout passes)."""
+    import time
+
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+
+
+def metrics_rows(run: Path) -> list[dict[str, str]]:
+    """The rows of a run's ``csv/metrics.csv``, as ``csv.DictReader`` reads them."""
+    import csv
+
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))

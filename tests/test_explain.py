@@ -19,7 +19,8 @@ from torch.nn import functional as F
 
 from helpers import QUIET, TINY_DATA, compose_train, run_cli
 from mnv3.cli import CONFIG_DIR, build_datamodule
-from mnv3.explain import explain, heat_on_image
+from mnv3.data.io import load_rgb
+from mnv3.explain import explain, heat_on_image, overlay_size
 from mnv3.models import mobilenet_v3_small
 from mnv3.models.gradcam import colorize, grad_cam, overlay_heatmap
 from mnv3.models.heads.classifier import ClassifierHead
@@ -186,6 +187,22 @@ def test_heat_map_goes_back_onto_the_uncropped_image() -> None:
     assert coverage[:, 55:].max() == 0
 
 
+def test_heat_map_goes_onto_a_downscaled_copy_with_the_original_geometry() -> None:
+    # A 400x600 image: the network saw columns 100..500; on a 100x150 copy that is 25..125.
+    heat, coverage = heat_on_image(
+        torch.ones(32, 32), (400, 600), resize_size=32, crop_size=32, out_hw=(100, 150)
+    )
+    assert heat.shape == coverage.shape == (100, 150)
+    assert coverage[:, 30:120].min() > 0.999
+    assert coverage[:, :22].max() == 0 and coverage[:, 128:].max() == 0
+    assert overlay_size((400, 600), 150) == (100, 150)
+    assert overlay_size((8000, 3000), 2048) == (2048, 768)
+    assert overlay_size((40, 60), 2048) == (40, 60) and overlay_size((4000, 6000), None) == (
+        4000,
+        6000,
+    )
+
+
 # -- OOD scores ----------------------------------------------------------------------------------
 
 
@@ -278,7 +295,7 @@ def test_explain_cli_prints_prediction_threshold_and_writes_overlay(trained_run:
             f"ckpt_path={ckpt}",
             f"image={image}",
             f"out={out}",
-            "ood_threshold=1.01",  # above any probability: the warning must show
+            "ood_threshold=1.0",  # the largest valid value, above any 6-class probability here
             f"hydra.run.dir={trained_run}/explain",
         ],
         cwd=trained_run,
@@ -288,7 +305,7 @@ def test_explain_cli_prints_prediction_threshold_and_writes_overlay(trained_run:
     lines = result.stdout.splitlines()
     assert any(line.strip().startswith("1. ") and line.split()[1] in classes for line in lines)
     assert "max-softmax score:" in result.stdout and "energy score:" in result.stdout
-    assert "OOD threshold: 1.0100 (config value ood_threshold" in result.stdout
+    assert "OOD threshold: 1.0000 (config value ood_threshold" in result.stdout
     assert "WARNING: OUT-OF-DISTRIBUTION" in result.stdout
     with Image.open(out) as overlay:
         assert overlay.size == (45, 38) and overlay.mode == "RGB"
@@ -309,6 +326,10 @@ def test_user_errors_are_one_error_line_and_exit_status_1(
         ([f"ckpt_path={ckpt}", f"image={image}", "target=zebra"], "target=zebra is not a class"),
         ([f"ckpt_path={ckpt}", f"image={image}", "target=6"], "out of range for 6 classes"),
         ([f"ckpt_path={ckpt}", f"image={image}", "tap=C9"], "no feature tap 'C9'"),
+        (
+            [f"ckpt_path={ckpt}", f"image={image}", "overlay_max_size=0"],
+            "overlay_max_size=0 (conf/explain.yaml) must be a positive number of pixels",
+        ),
     ]:
         cfg = _compose_explain(trained_run, overrides)
         with pytest.raises(SystemExit) as info:
@@ -373,3 +394,70 @@ def test_callbacks_calibrate_save_and_explain_reports_the_saved_threshold(
     assert result["overlay"] == trained_run / "out" / "cal_gradcam.png"
     assert result["overlay"].is_file()
     assert (result["confidence"] < ood.threshold) == ("OUT-OF-DISTRIBUTION" in out)
+
+
+def test_a_large_image_gives_an_overlay_no_larger_than_overlay_max_size(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Smooth content so that encoding and decoding stay fast; 3000x1800 pixels.
+    ramp = np.linspace(0, 255, 3000, dtype=np.float32)
+    array = np.stack([np.tile(ramp, (1800, 1))] * 3, axis=-1).astype(np.uint8)
+    big = trained_run / "big.jpg"
+    Image.fromarray(array).save(big, quality=80)
+    ckpt = trained_run / "run" / "checkpoints" / "best.ckpt"
+    out = trained_run / "big_overlay.png"
+    result = explain(
+        _compose_explain(trained_run, [f"ckpt_path={ckpt}", f"image={big}", f"out={out}"])
+    )
+    printed = capsys.readouterr().out
+    assert result["overlay_size"] == (2048, 1229)
+    with Image.open(out) as overlay:
+        assert overlay.size == (2048, 1229)
+    assert "(3000x1800)" in printed
+    assert "overlay downscaled from 3000x1800 to 2048x1229 (overlay_max_size=2048" in printed
+
+    small = explain(
+        _compose_explain(
+            trained_run,
+            [f"ckpt_path={ckpt}", f"image={big}", f"out={out}", "overlay_max_size=300"],
+        )
+    )
+    assert small["overlay_size"] == (300, 180)
+    # The prediction does not depend on the overlay's size: the network sees the same crop.
+    assert small["probability"] == result["probability"]
+
+
+@pytest.fixture(scope="module")
+def gray_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-channel run (data.channels=1, backbone.in_channels=1), its data folder deleted."""
+    import shutil
+
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("explain_gray")
+    gray = ["++data.channels=1", "backbone.in_channels=1"]
+    train(compose_train(tmp, ["debug=fast_dev_run", *TINY_DATA, *QUIET, *gray]))
+    # explain must neither read nor regenerate the training data.
+    shutil.rmtree(tmp / "data")
+    return tmp
+
+
+def test_explain_runs_a_gray_model_with_the_data_modules_eval_transform(
+    gray_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = gray_run / "run" / "checkpoints" / "last.ckpt"
+    image = _image(gray_run / "photo.png")
+    result = explain(_compose_explain(gray_run, [f"ckpt_path={ckpt}", f"image={image}"]))
+    assert "overlay downscaled" not in capsys.readouterr().out
+    assert not (gray_run / "data").exists()
+    with Image.open(result["overlay"]) as overlay:
+        assert overlay.size == (45, 38) and overlay.mode == "RGB"
+
+    # The same probability as the run's own eval transform (one luma channel) gives.
+    datamodule = build_datamodule(OmegaConf.load(gray_run / "run" / "config_resolved.yaml").data)
+    batch = datamodule.eval_transform(load_rgb(image))[None]
+    assert batch.shape[1] == 1
+    task = ClassificationTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    network = (task.ema.module if task.ema is not None else task.model).eval()
+    with torch.no_grad():
+        expected = torch.softmax(network(batch).float()[0], dim=0).max()
+    assert result["probability"] == pytest.approx(float(expected), abs=1e-6)

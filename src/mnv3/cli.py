@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,16 +46,38 @@ def user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def user_message(exc: BaseException) -> str:
+    """The one sentence of a user error, also when a DataLoader worker raised it.
+
+    torch re-raises a worker's exception in the main process as "Caught DatasetError in
+    DataLoader worker process 0." followed by the worker's traceback, whose last line is
+    ``module.Class: <the sentence>``.
+    """
+    text = str(exc).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and lines[0].startswith("Caught ") and "worker" in lines[0]:
+        last = lines[-1]
+        name = type(exc).__name__
+        return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+    return lines[0] if lines else type(exc).__name__
+
+
 def exit_on_user_error(fn: F) -> F:
-    """Turn user errors into one logged sentence and exit status 1 instead of a traceback."""
+    """Turn user errors into one logged sentence and exit status 1 instead of a traceback.
+
+    With ``HYDRA_FULL_ERROR=1`` (Hydra's own switch for full tracebacks) the traceback is
+    printed above the sentence; the exit status stays 1 either way.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except user_errors() as exc:
-            message = str(exc).strip().split("\n")[0]
+            message = user_message(exc)
             log.error("%s", message)
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                traceback.print_exc(file=sys.stderr)
             print(f"error: {message}", file=sys.stderr)
             sys.exit(1)
 

@@ -3,11 +3,16 @@
 ``python -m mnv3.explain ckpt_path=<run>/checkpoints/best.ckpt image=photo.png [out=overlay.png]
 [target=null] [tap=C5]``
 
-The image is preprocessed exactly as in evaluation (the run's ``config_resolved.yaml`` gives the
-crop, resize and normalisation), the network is the one the run validated with (its EMA copy when
-it kept one), and the heat map is mapped back from the centre crop onto the whole image, so the
-overlay has the image's own size. The out-of-distribution threshold is the one
-:class:`~mnv3.tasks.callbacks.OODCalibration` saved in the checkpoint, or ``ood_threshold``.
+The image is preprocessed exactly as in evaluation: the data module of the run's
+``config_resolved.yaml`` is built (which lists, reads and generates nothing) and its own
+``eval_transform`` is applied, so crop, resize, normalisation and channels (a gray X-ray model
+reads one) are the evaluation's. The network is the one the run validated with (its EMA copy when
+it kept one), and the heat map is mapped back from the centre crop onto the whole image. The
+overlay has the image's own size up to ``overlay_max_size`` pixels on the long side; a larger
+image is shown downscaled (and the output says so): the network only ever sees the resized crop,
+and full-size float copies of an 8000x8000 photo cost gigabytes. The out-of-distribution threshold
+is the one :class:`~mnv3.tasks.callbacks.OODCalibration` saved in the checkpoint, or
+``ood_threshold``.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from mnv3.cli import CONFIG_DIR, ConfigError, exit_on_user_error
-from mnv3.eval import find_run_config
+from mnv3.cli import CONFIG_DIR, ConfigError, build_datamodule, exit_on_user_error
+from mnv3.rundir import find_run_config
 
 log = logging.getLogger("mnv3.explain")
 
@@ -48,15 +53,51 @@ def _load_network(ckpt_path: Path, task_kind: str) -> tuple[Any, torch.nn.Module
     return task, network.eval(), checkpoint
 
 
-def _is_multilabel(task: Any, data_cfg: DictConfig) -> bool:
-    """Independent findings (sigmoid) or one class (softmax): the task's word, else the dataset's."""
-    from mnv3.data import DATASETS
-
+def _is_multilabel(task: Any, datamodule: Any) -> bool:
+    """Independent findings (sigmoid) or one class (softmax): the task's word, else the data's."""
     label_type = getattr(task, "label_type", None) or task.hparams.get("label_type")
     if label_type is None:
-        family = DATASETS.get(str(data_cfg.get("dataset", "")))
-        label_type = family.label_type if family is not None else "multiclass"
+        label_type = getattr(datamodule, "label_type", "multiclass")
     return label_type == "multilabel"
+
+
+def _eval_transform(run_data: DictConfig, ckpt_path: Path) -> tuple[Any, Any]:
+    """The run's data module and its evaluation preset; constructing the module reads no file."""
+    try:
+        datamodule = build_datamodule(run_data)
+    except TypeError as exc:  # a key the data module does not take, e.g. from an older version
+        raise ConfigError(
+            f"the data section of the run config of {ckpt_path} does not build a data module "
+            f"({exc}); expected the config_resolved.yaml written by mnv3.train"
+        ) from None
+    preset = getattr(datamodule, "eval_transform", None)
+    if not all(hasattr(preset, key) for key in ("resize_size", "crop_size")):
+        raise ConfigError(
+            f"the data module of the run of {ckpt_path} ({type(datamodule).__name__}) has no "
+            "classification eval transform (resize_size, crop_size); explain needs one"
+        )
+    return datamodule, preset
+
+
+def _overlay_max_size(value: Any) -> int | None:
+    """``overlay_max_size`` as a pixel count (None: no limit), or one sentence saying why not."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"overlay_max_size={value!r} (conf/explain.yaml) must be a positive number of "
+            "pixels or null for no limit"
+        )
+    return value
+
+
+def overlay_size(image_hw: tuple[int, int], max_size: int | None) -> tuple[int, int]:
+    """The overlay's ``(height, width)``: the image's, scaled so the long side is <= max_size."""
+    height, width = image_hw
+    if max_size is None or max(height, width) <= max_size:
+        return height, width
+    scale = max_size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def _ood_threshold(checkpoint: dict[str, Any], cfg: DictConfig) -> tuple[float, str]:
@@ -90,13 +131,19 @@ def _target_index(target: Any, class_names: list[str]) -> int | None:
 
 
 def heat_on_image(
-    heat: torch.Tensor, image_hw: tuple[int, int], resize_size: int, crop_size: int
+    heat: torch.Tensor,
+    image_hw: tuple[int, int],
+    resize_size: int,
+    crop_size: int,
+    out_hw: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Map a heat map of the evaluation centre crop back onto the original image.
 
-    The eval preset resizes the short side to ``resize_size`` (long side scaled and truncated, as
-    torchvision does) and centre-crops ``crop_size``. Returns the heat map and a coverage mask
-    (1 where the network saw the image, 0 in the cropped-away margins), both ``image_hw``.
+    The eval preset resizes the short side of the ``image_hw`` image to ``resize_size`` (long
+    side scaled and truncated, as torchvision does) and centre-crops ``crop_size``. Returns the
+    heat map and a coverage mask (1 where the network saw the image, 0 in the cropped-away
+    margins), both of size ``out_hw``: the image's own size by default, or that of a downscaled
+    copy of the whole image (the geometry is the original's either way).
     """
     height, width = image_hw
     short, long = sorted((height, width))
@@ -110,7 +157,8 @@ def heat_on_image(
     y1, x1 = min(top + crop_size, rh), min(left + crop_size, rw)
     canvas[0, y0:y1, x0:x1] = heat[y0 - top : y1 - top, x0 - left : x1 - left].float().cpu()
     canvas[1, y0:y1, x0:x1] = 1.0
-    full = torch.nn.functional.interpolate(canvas[None], size=(height, width), mode="bilinear")
+    size = out_hw if out_hw is not None else (height, width)
+    full = torch.nn.functional.interpolate(canvas[None], size=size, mode="bilinear")
     return full[0, 0].clamp(0, 1), full[0, 1].clamp(0, 1)
 
 
@@ -130,10 +178,10 @@ def render_overlay(
 def explain(cfg: DictConfig) -> dict[str, Any]:
     """Predict, check for out-of-distribution input, and write the Grad-CAM overlay of one image."""
     from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
 
     from mnv3.data.errors import UnreadableImageError
     from mnv3.data.io import load_rgb
-    from mnv3.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ClassificationEvalPreset
     from mnv3.models.gradcam import grad_cam
     from mnv3.models.ood import (
         confidence_score,
@@ -149,26 +197,29 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     image_path = Path(str(cfg.image)).expanduser()
     if not image_path.is_file():
         raise FileNotFoundError(f"image {image_path} does not exist (give image=path/to/file)")
+    from mnv3.validate import check_explain_config
+
+    check_explain_config(cfg)  # values, and an empty/truncated/unsafe checkpoint: one sentence
+    max_size = _overlay_max_size(cfg.get("overlay_max_size", 2048))
     run_cfg = find_run_config(ckpt_path)
-    data_cfg = run_cfg.data
     task, network, checkpoint = _load_network(ckpt_path, str(run_cfg.head.task))
+    datamodule, preset = _eval_transform(run_cfg.data, ckpt_path)
     class_names = list(task.class_names)
     try:
         raw = load_rgb(image_path)
     except UnreadableImageError as exc:
         raise ConfigError(str(exc)) from None
 
-    preset = ClassificationEvalPreset(
-        crop_size=int(data_cfg.get("image_size", 224)),
-        resize_size=data_cfg.get("resize_size"),
-        mean=list(data_cfg.get("mean") or IMAGENET_MEAN),
-        std=list(data_cfg.get("std") or IMAGENET_STD),
-        interpolation=str(data_cfg.get("interpolation", "bilinear")),
-    )
+    # Only the uint8 decode is full size: the preset resizes it to the network's input, and the
+    # overlay is drawn on a uint8 copy of at most max_size on the long side.
+    image_hw = (int(raw.shape[1]), int(raw.shape[2]))
     batch = preset(raw)[None]
+    shown_hw = overlay_size(image_hw, max_size)
+    shown = raw if shown_hw == image_hw else TF.resize(raw, list(shown_hw), antialias=True)
+    del raw
     with torch.no_grad():
         logits = network(batch).float()
-    multilabel = _is_multilabel(task, data_cfg)
+    multilabel = _is_multilabel(task, datamodule)
     probs = torch.sigmoid(logits[0]) if multilabel else torch.softmax(logits[0], dim=0)
     confidence = float(confidence_score(logits, multilabel)[0])
     energy = float((joint_energy_score if multilabel else energy_score)(logits)[0])
@@ -183,8 +234,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     target = _target_index(cfg.get("target"), class_names)
     explained = target if target is not None else int(logits[0].argmax())
     heat = grad_cam(network, batch, target=explained, tap=tap)[0]
-    full_heat, coverage = heat_on_image(
-        heat, (raw.shape[1], raw.shape[2]), preset.resize_size, preset.crop_size
+    shown_heat, coverage = heat_on_image(
+        heat, image_hw, preset.resize_size, preset.crop_size, out_hw=shown_hw
     )
     out = cfg.get("out")
     out_path = (
@@ -193,9 +244,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         else Path(cfg.paths.output_dir) / f"{image_path.stem}_gradcam.png"
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(render_overlay(raw, full_heat, coverage, float(cfg.get("alpha", 0.5)))).save(
-        out_path
-    )
+    overlay = render_overlay(shown, shown_heat, coverage, float(cfg.get("alpha", 0.5)))
+    Image.fromarray(overlay).save(out_path)
 
     top_k = min(int(cfg.get("top_k", 5)), len(class_names))
     values, indices = probs.topk(top_k)
@@ -203,7 +253,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     score_name = "max-sigmoid" if multilabel else "max-softmax"
     energy_name = "joint energy" if multilabel else "energy"
     lines = [
-        f"image: {image_path} ({raw.shape[2]}x{raw.shape[1]}), checkpoint: {ckpt_path}",
+        f"image: {image_path} ({image_hw[1]}x{image_hw[0]}), checkpoint: {ckpt_path}",
         f"top {top_k} predictions ({'sigmoid' if multilabel else 'softmax'} probability):",
         *(
             f"  {rank}. {class_names[i]:<{width}}  {p:.4f}"
@@ -219,6 +269,12 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
             "prediction"
         )
     lines.append(f"Grad-CAM of class '{class_names[explained]}' at tap {tap} written to {out_path}")
+    if shown_hw != image_hw:
+        lines.append(
+            f"overlay downscaled from {image_hw[1]}x{image_hw[0]} to {shown_hw[1]}x{shown_hw[0]} "
+            f"(overlay_max_size={max_size}; the network saw the same {preset.crop_size}-pixel "
+            "crop either way)"
+        )
     print("\n".join(lines))
     return {
         "prediction": class_names[int(indices[0])],
@@ -230,6 +286,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         "out_of_distribution": out_of_distribution,
         "explained_class": class_names[explained],
         "overlay": out_path,
+        "overlay_size": (shown_hw[1], shown_hw[0]),
     }
 
 

@@ -96,3 +96,79 @@ def test_layout_errors_name_the_path_and_the_layout(tmp_path: Path, write_image)
     write_image(tmp_path / "train" / "full_class" / "0.png", RED)
     with pytest.raises(DatasetError, match="empty_class contains no images"):
         ImageFolderDataset(tmp_path, "train")
+
+
+# -- symbolic links (issue 7) --------------------------------------------------------------------
+
+
+def _scan_with_warnings(root: Path) -> tuple[ImageFolderDataset, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = ImageFolderDataset(root, "train")
+    return dataset, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+@pytest.mark.parametrize("loops", [1, 2])
+def test_links_back_into_a_class_folder_are_followed_once(
+    tmp_path: Path, write_image, loops: int
+) -> None:
+    # One self-loop made the scan count the class 41 times (the 40-link limit); two hung it.
+    cat = tmp_path / "train" / "cat"
+    write_image(cat / "0.png", RED)
+    write_image(cat / "sub" / "1.png", RED)
+    write_image(tmp_path / "train" / "dog" / "0.png", BLUE)
+    (cat / "loop").symlink_to(cat, target_is_directory=True)
+    if loops == 2:
+        (cat / "sub" / "back").symlink_to(cat, target_is_directory=True)
+
+    dataset, messages = _scan_with_warnings(tmp_path)
+    assert dataset.classes == ["cat", "dog"]
+    assert sorted(Path(p).relative_to(tmp_path).as_posix() for p, _ in dataset.samples) == [
+        "train/cat/0.png",
+        "train/cat/sub/1.png",
+        "train/dog/0.png",
+    ]
+    assert dataset.targets == [0, 0, 1]
+    assert len(messages) == 1 and f"{loops} linked folder(s)" in messages[0]
+    assert str(cat / "loop") in messages[0]
+
+
+def test_a_linked_folder_outside_the_tree_is_read_and_a_class_link_counts_once_per_class(
+    tmp_path: Path, write_image
+) -> None:
+    store = tmp_path / "store"
+    write_image(store / "a.png", RED)
+    write_image(store / "b.png", RED)
+    train = tmp_path / "train"
+    write_image(train / "cat" / "own.png", RED)
+    (train / "cat" / "shared").symlink_to(store, target_is_directory=True)
+    (train / "cat" / "shared_again").symlink_to(store, target_is_directory=True)
+    (train / "kitten").symlink_to(train / "cat", target_is_directory=True)
+
+    dataset, messages = _scan_with_warnings(tmp_path)
+    assert dataset.classes == ["cat", "kitten"]
+    names = [Path(p).relative_to(train).as_posix() for p, _ in dataset.samples]
+    # shared_again reaches the same real folder as shared: listed once, with one warning.
+    assert names == [
+        "cat/own.png",
+        "cat/shared/a.png",
+        "cat/shared/b.png",
+        "kitten/own.png",
+        "kitten/shared/a.png",
+        "kitten/shared/b.png",
+    ]
+    assert dataset.targets == [0, 0, 0, 1, 1, 1]
+    assert len(messages) == 2 and all("shared_again" in m for m in messages)
+
+
+def test_a_dangling_class_folder_link_warns_and_the_class_is_left_out(
+    tmp_path: Path, write_image
+) -> None:
+    write_image(tmp_path / "train" / "cat" / "0.png", RED)
+    (tmp_path / "train" / "dog").symlink_to(tmp_path / "moved_away", target_is_directory=True)
+
+    dataset, messages = _scan_with_warnings(tmp_path)
+    assert dataset.classes == ["cat"] and len(dataset) == 1
+    assert len(messages) == 1
+    assert str(tmp_path / "train" / "dog") in messages[0] and "does not exist" in messages[0]
+    assert "'dog' is left out" in messages[0]

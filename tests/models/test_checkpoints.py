@@ -1,5 +1,8 @@
 """torchvision checkpoints load into our models with identical logits; mismatches fail clearly."""
 
+import os
+import re
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ from mnv3.models import mobilenet_v2, mobilenet_v3_large, mobilenet_v3_small
 from mnv3.models.checkpoints import (
     KNOWN_WEIGHTS,
     CheckpointError,
+    load_checkpoint_file,
     load_weights,
     read_checkpoint,
     save_state_dict,
@@ -125,7 +129,7 @@ def test_lightning_style_checkpoint_is_unwrapped(tmp_path) -> None:
 
 def test_pickled_code_is_refused(tmp_path) -> None:
     torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "evil.pth")  # a module, not tensors
-    with pytest.raises(CheckpointError, match="could not read checkpoint"):
+    with pytest.raises(CheckpointError, match=r"holds a pickled .*Linear, refused for safety"):
         read_checkpoint(tmp_path / "evil.pth")
 
 
@@ -151,6 +155,9 @@ def test_known_weights_agree_with_torchvision_tables(name) -> None:
     enum = torchvision.models.get_model_weights(arch)[tag]
     assert entry.url == enum.url
     assert entry.num_params == enum.meta["num_params"]
+    if "box_map" in entry.metrics:  # a COCO detector
+        assert entry.metrics["box_map"] == enum.meta["_metrics"]["COCO-val2017"]["box_map"]
+        return
     assert entry.metrics["acc1"] == enum.meta["_metrics"]["ImageNet-1K"]["acc@1"]
     tf = enum.transforms()
     assert entry.preprocessing.resize_size == tf.resize_size[0]
@@ -205,3 +212,67 @@ def test_gray_checkpoint_round_trips_into_gray_model(tmp_path) -> None:
     x = torch.randn(1, 1, 96, 96)
     with torch.no_grad():
         assert torch.equal(source(x), target(x))
+
+
+def _broken_files(root: Path) -> dict[str, Path]:
+    """An empty file, half a torch.save archive, a text file and a pickle that runs code."""
+    good = root / "good.pth"
+    torch.save(mobilenet_v3_small(num_classes=3).state_dict(), good)
+    files = {"empty": root / "empty.pth", "truncated": root / "truncated.pth"}
+    files["empty"].touch()
+    files["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    files["text"] = root / "notes.pth"
+    files["text"].write_text("these are my notes, not a checkpoint\n")
+    files["unsafe"] = root / "unsafe.pth"
+    torch.save({"x": _RunsCode()}, files["unsafe"])
+    return files
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.system``: what a malicious checkpoint would do."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        ("empty", r"is empty \(0 bytes\)"),
+        ("truncated", r"is truncated or corrupt \([\d,]+ bytes, an incomplete zip archive\)"),
+        ("text", r"is not a PyTorch checkpoint"),
+        ("unsafe", r"holds a pickled \S*system, refused for safety"),
+    ],
+)
+def test_broken_checkpoint_is_one_sentence_without_unsafe_advice(tmp_path, kind, says) -> None:
+    path = _broken_files(tmp_path)[kind]
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_file(path)
+    message = str(info.value)
+    assert re.search(says, message) and str(path) in message, message
+    assert "\n" not in message and "weights_only" not in message  # never "retry unsafely"
+    with pytest.raises(CheckpointError, match=says):  # the backbone.weights path says the same
+        mobilenet_v3_small(weights=str(path))
+
+
+def test_known_weights_offline_say_where_to_put_the_file(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def no_network(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    name = "mobilenet_v3_small.IMAGENET1K_V1"
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "mobilenet_v3_small-047dcff4.pth"
+    with pytest.raises(CheckpointError) as info:
+        mobilenet_v3_small(weights=name)
+    message = str(info.value)
+    assert f"could not download {name}" in message and "name resolution" in message
+    assert f"put that file at {cached}" in message and "$TORCH_HOME/hub/checkpoints" in message
+    assert "local copy" in message and "\n" not in message
+
+    # Following the advice works without the network: the cached file is read, nothing downloaded.
+    model = mobilenet_v3_small()
+    save_state_dict(model, cached)
+    loaded = mobilenet_v3_small(weights=name)
+    assert torch.equal(loaded.stem.conv.weight, model.stem.conv.weight)

@@ -45,6 +45,7 @@ from mnv3.data.folder import (
     Transform,
     is_image_file,
     known_labels,
+    walk_once,
 )
 
 __all__ = [
@@ -225,12 +226,12 @@ def _pneumonia_files(split_dir: Path, base: Path) -> tuple[list[str], list[int]]
             raise DatasetError(
                 f"class folder {class_dir} does not exist; expected {PNEUMONIA_LAYOUT}"
             )
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = sorted(
-                d for d in dirnames if not d.startswith(".") and d not in _IGNORED_DIRS
-            )
+        # Each real folder once: a link back into the tree must not list images 41 times.
+        for dirpath, filenames in walk_once(class_dir):
+            if _IGNORED_DIRS[0] in Path(dirpath).relative_to(class_dir).parts:
+                continue
             rel_dir = os.path.relpath(dirpath, base)
-            for file in sorted(filenames):
+            for file in filenames:
                 if is_image_file(file):  # also skips macOS "._x.jpeg" AppleDouble files
                     paths.append(os.path.join(rel_dir, file))
                     labels.append(label)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,62 @@ def is_image_file(name: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> bo
 
 
 def list_class_folders(split_dir: str | os.PathLike[str]) -> list[str]:
-    """Sorted names of the visible sub-folders of ``split_dir`` (the classes of an ImageFolder)."""
+    """Sorted names of the visible sub-folders of ``split_dir`` (the classes of an ImageFolder).
+
+    A sub-folder may be a symbolic link to a folder (e.g. into a shared image store). A link whose
+    target does not exist is left out with a ``UserWarning`` naming it: it was most likely meant
+    to be a class, and dropping a class silently would shift what the model is trained to tell.
+    """
+    names: list[str] = []
     with os.scandir(split_dir) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                names.append(entry.name)
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                warnings.warn(
+                    f"class folder {entry.path} is a symbolic link to "
+                    f"{os.readlink(entry.path)}, which does not exist; class {entry.name!r} "
+                    "is left out (fix or remove the link)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+    return sorted(names)
+
+
+def walk_once(top: str | os.PathLike[str]) -> Iterator[tuple[str, list[str]]]:
+    """``(dirpath, sorted file names)`` of ``top`` and its visible sub-folders, links followed.
+
+    Each real directory is visited once, whatever links lead to it: a link back into its own
+    tree (``class/loop -> class``) would otherwise be walked until the path hits the OS's 40-link
+    limit (the class counted 41 times), and two such links branch exponentially (a hang). Links
+    that lead to an already visited directory are skipped with one ``UserWarning`` per call
+    naming the first of them. Hidden folders (``.cache``, ``.git``) are not entered.
+    """
+    visited = {os.path.realpath(top)}
+    skipped: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        kept: list[str] = []
+        for name in sorted(dirnames):
+            if name.startswith("."):
+                continue
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if real in visited:
+                skipped.append(os.path.join(dirpath, name))
+                continue
+            visited.add(real)
+            kept.append(name)
+        dirnames[:] = kept
+        yield dirpath, sorted(filenames)
+    if skipped:
+        warnings.warn(
+            f"{len(skipped)} linked folder(s) under {top} lead to a folder already scanned "
+            f"(first: {skipped[0]} -> {os.path.realpath(skipped[0])}); their images are "
+            "counted once",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 class LabeledImageDataset(Dataset[Sample | None]):
@@ -140,6 +193,13 @@ class LabeledImageDataset(Dataset[Sample | None]):
 class ImageFolderDataset(LabeledImageDataset):
     """The ``root/split/<class>/**/<image>`` layout: one folder per class, classes sorted by name.
 
+    Symbolic links are followed, each real folder once per class (:func:`walk_once`): a link
+    cycle inside a class folder neither repeats its images nor hangs the scan. Classes are
+    scanned independently, so a class folder that links to another class folder of the split
+    lists the same images under both labels, exactly once each: the layout says so, and it is
+    how a shared image store is reused. A class folder link whose target is missing warns and
+    leaves the class out (:func:`list_class_folders`).
+
     Args:
         root: dataset root holding one folder per split.
         split: split folder name (``"train"``, ``"val"``, ``"test"``).
@@ -200,12 +260,11 @@ class ImageFolderDataset(LabeledImageDataset):
 
 
 def _image_files(class_dir: Path, extensions: Sequence[str]) -> list[str]:
-    """Image paths under ``class_dir`` (recursively, following links), relative to it, sorted."""
+    """Image paths under ``class_dir`` (recursively, each real folder once), relative to it."""
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for dirpath, filenames in walk_once(class_dir):
         rel_dir = os.path.relpath(dirpath, class_dir)
-        for name in sorted(filenames):
+        for name in filenames:
             if is_image_file(name, extensions):
                 found.append(name if rel_dir == "." else os.path.join(rel_dir, name))
     return found

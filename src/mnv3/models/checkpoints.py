@@ -17,10 +17,15 @@ Any other mismatch is an error that names the first missing, unexpected and mis-
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -94,6 +99,16 @@ KNOWN_WEIGHTS: dict[str, KnownWeights] = {
             {"acc1": 72.154, "acc5": 90.822},
             Preprocessing(resize_size=232),
         ),
+        # SSDLite detector (mnv3.models.ssdlite320): COCO box mAP on val2017, inputs in [-1, 1].
+        KnownWeights(
+            "ssdlite320_mobilenet_v3_large.COCO_V1",
+            "ssdlite320_mobilenet_v3_large",
+            "https://download.pytorch.org/models/ssdlite320_mobilenet_v3_large_coco-a79551df.pth",
+            3_440_060,
+            {"box_map": 21.3},
+            Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resize_size=320, crop_size=320),
+            num_classes=91,
+        ),
     )
 }
 
@@ -148,40 +163,107 @@ def _is_url(source: str) -> bool:
     return source.startswith(("http://", "https://", "file://"))
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
+# How torch's safe unpickler names the callable it refused ("GLOBAL posix.system").
+_REFUSED_GLOBAL = re.compile(r"(?:Unsupported global: |unsupported )GLOBAL (\S+)")
+
+
+def _load_error(path: Path, exc: BaseException) -> str:
+    """One sentence saying why ``torch.load(path, weights_only=True)`` failed, for a user.
+
+    Never the loader's own advice to retry with ``weights_only=False``: that would run whatever
+    code the file carries.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
+        refused = _REFUSED_GLOBAL.search(text)
+        what = f"a pickled {refused.group(1)}" if refused else "pickled objects"
+        return (
+            f"checkpoint file {path} holds {what}, refused for safety: only tensors and plain "
+            "values are loaded, so it was not written by torch.save of a state dict or by mnv3.train"
+        )
+    if head == _ZIP_MAGIC:
+        # torch's zip reader reports a cut-off archive as a missing central directory.
+        return (
+            f"checkpoint file {path} is truncated or corrupt ({size:,} bytes, an incomplete zip "
+            "archive): the save or the copy was interrupted; copy it again or use another checkpoint"
+        )
+    return (
+        f"file {path} is not a PyTorch checkpoint ({size:,} bytes that are neither a torch.save "
+        f"zip archive nor a readable pickle: {type(exc).__name__}); expected a .pth/.ckpt file"
+    )
+
+
+def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, with one sentence for every failure.
+
+    Why a wrapper: torch answers an empty file with a bare ``EOFError``, a text file with a
+    ``KeyError`` and an unsafe pickle with advice to disable the safety check. Each case becomes a
+    :class:`CheckpointError` naming the file and what it is instead.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; expected a .pth/.ckpt file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist (expected a .pth/.ckpt file)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(
+            f"checkpoint file {path} is empty (0 bytes): the save or the copy was interrupted; "
+            "use another checkpoint or copy it again"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint file {path}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # unpickling refusals, corrupt zips, garbage bytes
+        raise CheckpointError(_load_error(path, exc)) from exc
+
+
+def hub_cache_path(url: str) -> Path:
+    """Where torch.hub keeps the file of ``url``: ``$TORCH_HOME/hub/checkpoints/<file name>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def _download(url: str, name: str, check_hash: bool, progress: bool) -> Path:
+    """The torch.hub cache file of ``url``, downloaded first when it is not there yet."""
+    cached = hub_cache_path(url)
+    if cached.is_file():
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    match = torch.hub.HASH_REGEX.search(cached.name) if check_hash else None
+    print(f"Downloading {url} to {cached}", file=sys.stdout)
+    try:
+        # Looked up at call time, so tests can stand in for the network.
+        torch.hub.download_url_to_file(
+            url, str(cached), match.group(1) if match else None, progress=progress
+        )
+    except Exception as exc:  # no network, HTTP errors, a hash that does not match
+        reason = str(getattr(exc, "reason", None) or exc).split("\n")[0]
+        raise CheckpointError(
+            f"could not download {name} from {url} ({type(exc).__name__}: {reason}); without "
+            f"network, put that file at {cached} ($TORCH_HOME/hub/checkpoints/{cached.name}) "
+            "or give the path of a local copy instead"
+        ) from exc
+    return cached
+
+
 def read_checkpoint(
     source: str | os.PathLike[str], progress: bool = True
 ) -> dict[str, torch.Tensor]:
     """Read a state dict from a known weights name, a URL (torch.hub cache) or a local file.
 
-    Lightning checkpoints are unwrapped to the network's own state dict.
+    Lightning checkpoints are unwrapped to the network's own state dict. Every failure (missing,
+    empty, truncated or unsafe file; no network for a known name) is one :class:`CheckpointError`.
     """
-    source = str(source)
+    name = source = str(source)
     check_hash = False
     if source in KNOWN_WEIGHTS:
         source, check_hash = KNOWN_WEIGHTS[source].url, True
-    try:
-        if _is_url(source):
-            obj = torch.hub.load_state_dict_from_url(
-                source,
-                map_location="cpu",
-                progress=progress,
-                check_hash=check_hash,
-                weights_only=True,
-            )
-        else:
-            path = Path(source).expanduser()
-            if not path.is_file():
-                raise CheckpointError(
-                    f"checkpoint file {path} does not exist (expected a .pth/.ckpt file)"
-                )
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # unpickling refusals, corrupt zips, network errors
-        raise CheckpointError(
-            f"could not read checkpoint {source}: {type(exc).__name__}: {exc}".split("\n")[0]
-        ) from exc
-    return unwrap_state_dict(obj, source)
+    path = _download(source, name, check_hash, progress) if _is_url(source) else Path(source)
+    return unwrap_state_dict(load_checkpoint_file(path), str(path))
 
 
 def unwrap_state_dict(obj: object, source: str = "<checkpoint>") -> dict[str, torch.Tensor]:

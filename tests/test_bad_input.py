@@ -1,0 +1,256 @@
+"""Every bad config value or checkpoint is one sentence and exit status 1, before data is read.
+
+Most cases run the checks in-process (a composed config costs ~0.1 s); a few go through the real
+entry points as a user would run them, with ``HYDRA_FULL_ERROR`` unset, to pin the exit path:
+status 1, exactly one line on stderr, no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import compose_train, run_cli
+from mnv3.cli import CONFIG_DIR, ConfigError, exit_on_user_error
+from mnv3.models import mobilenet_v3_large
+from mnv3.models.checkpoints import CheckpointError
+from mnv3.validate import (
+    check_backbone_keys,
+    check_checkpoint_fits,
+    check_train_config,
+    check_values,
+)
+
+GROUPS = ("backbone", "data", "optim", "scheduler", "trainer", "experiment", "debug", "head")
+
+
+def _user_env() -> dict[str, str]:
+    """The environment of a user who did not ask for tracebacks (conftest sets the switch)."""
+    return {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+
+
+def _run_as_user(module: str, args: list[str], cwd: Path):
+    """``python -m module args`` with HYDRA_FULL_ERROR unset, as a user types it."""
+    env = _user_env()
+    old = os.environ.pop("HYDRA_FULL_ERROR", None)
+    try:
+        return run_cli(module, args, cwd=cwd, env=env)
+    finally:
+        if old is not None:
+            os.environ["HYDRA_FULL_ERROR"] = old
+
+
+def _one_sentence(result) -> str:
+    """The single stderr line of a failed run, after asserting the exit path."""
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
+
+
+def _lightning_checkpoint(path: Path, network: nn.Module, model: dict, num_classes: int) -> Path:
+    """A checkpoint shaped as mnv3.train writes it: Lightning's keys, plain hyperparameters."""
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in network.state_dict().items()},
+            "hyper_parameters": {"model": model, "num_classes": num_classes},
+            "optimizer_states": [],
+            "epoch": 0,
+            "global_step": 1,
+        },
+        path,
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.batch_size=0", "a positive integer"),
+        ("data.image_size=-1", "a positive integer"),
+        ("optim.lr=abc", "a positive number"),
+        ("optim.weight_decay=-0.1", "a number >= 0"),
+        ("scheduler.warmup_epochs=-1", "a number >= 0"),
+        ("backbone.name=mobilenet_v4", "one of mobilenet_v3_large, mobilenet_v3_small"),
+        ("backbone.output_stride=7", "one of 8, 16, 32"),
+        ("backbone.width_mult=0", "a positive number"),
+        ("head.dropout=1.5", "a number in [0, 1)"),
+        ("data.num_workers=two", "an integer >= 0"),
+        ("data=coco data.iou_crop=maybe", "true or false"),
+        ("head=ssdlite head.loss=hinge", "one of softmax_hnm, focal"),
+        ("head=ssdlite head.nms_thresh=1.5", "a number in [0, 1]"),
+        ("head=lraspp head.pool=max", "one of paper, global"),
+        ("head=lraspp head.output_stride=8", "null or one of 16, 32"),
+        ("data=shapes_cityscapes data.crop_size=[0,5]", "a positive integer or a list of 2"),
+    ],
+)
+def test_bad_value_names_key_value_and_expectation(tmp_path: Path, override: str, expected: str):
+    cfg = compose_train(tmp_path, override.split())
+    with pytest.raises(ConfigError) as info:
+        check_values(cfg)
+    message = str(info.value)
+    bad = override.split()[-1].replace(",", ", ")
+    assert message.startswith(f"{bad} is not valid") and expected in message
+    assert "\n" not in message
+
+
+def test_every_shipped_config_option_passes_the_checks(tmp_path: Path) -> None:
+    checked = 0
+    for group in GROUPS:
+        for option in sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")):
+            cfg = compose_train(tmp_path, [f"{group}={option}"])
+            check_values(cfg)
+            check_backbone_keys(cfg)
+            checked += 1
+    assert checked >= 35
+
+
+def test_a_v3_only_key_on_mobilenet_v2_is_named(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, ["backbone.name=mobilenet_v2"])  # keeps large's `minimal`
+    with pytest.raises(ConfigError, match=r"backbone.minimal is not an option of .*mobilenet_v2"):
+        check_backbone_keys(cfg)
+
+
+def test_unreadable_backbone_weights_fail_before_data(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pth"
+    empty.touch()
+    cfg = compose_train(tmp_path, [f"backbone.weights={empty}"])
+    with pytest.raises(
+        CheckpointError, match=rf"^backbone.weights: checkpoint file {empty} is empty \(0 bytes\)"
+    ):
+        check_train_config(cfg)
+
+
+def test_resume_from_another_architecture_names_both_and_the_first_keys(tmp_path: Path) -> None:
+    large = {"name": "mobilenet_v3_large", "width_mult": 1.0, "dropout": 0.2, "weights": None}
+    ckpt = _lightning_checkpoint(
+        tmp_path / "large.ckpt", mobilenet_v3_large(num_classes=6), large, 6
+    )
+    cfg = compose_train(tmp_path, ["backbone=small", f"ckpt_path={ckpt}"])
+    with pytest.raises(CheckpointError) as info:
+        check_train_config(cfg)
+    message = str(info.value)
+    assert f"ckpt_path={ckpt} holds a mobilenet_v3_large network" in message
+    assert "this run builds mobilenet_v3_small" in message
+    assert "first blocks.0." in message and "backbone.name=mobilenet_v3_large" in message
+    assert message.count(" vs ") <= 4 and "\n" not in message  # a few keys, not ~150 lines
+
+    same = compose_train(tmp_path, ["backbone=large", f"ckpt_path={ckpt}"])
+    check_train_config(same)  # the right architecture passes
+
+
+def test_resume_checkpoint_that_does_not_fit_the_task_is_one_sentence(tmp_path: Path) -> None:
+    class Task(nn.Module):
+        def __init__(self, num_classes: int) -> None:
+            super().__init__()
+            self.model = nn.Linear(4, num_classes)
+            self.hparams = {"model": {"name": "linear"}, "num_classes": num_classes}
+
+    ckpt = _lightning_checkpoint(tmp_path / "last.ckpt", nn.Linear(4, 6), {"name": "linear"}, 6)
+    check_checkpoint_fits(ckpt, Task(6))
+    with pytest.raises(
+        CheckpointError, match=r"linear \(6 classes\).*linear \(3 classes\)"
+    ) as info:
+        check_checkpoint_fits(ckpt, Task(3))
+    assert "model.weight (6, 4) vs (3, 4)" in str(info.value)
+
+
+def test_a_state_dict_is_not_a_resumable_checkpoint(tmp_path: Path) -> None:
+    plain = tmp_path / "weights.pth"
+    torch.save(nn.Linear(2, 2).state_dict(), plain)
+    cfg = compose_train(tmp_path, [f"ckpt_path={plain}"])
+    with pytest.raises(CheckpointError, match=r"is not a checkpoint written by mnv3\.train"):
+        check_train_config(cfg)
+
+
+def test_full_error_switch_prints_the_traceback_above_the_sentence(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    @exit_on_user_error
+    def fails() -> None:
+        raise ConfigError("data.batch_size=0 is not valid: expected a positive integer")
+
+    for switch, traceback_shown in (("1", True), (None, False)):
+        if switch is None:
+            monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+        else:
+            monkeypatch.setenv("HYDRA_FULL_ERROR", switch)
+        with pytest.raises(SystemExit) as info:
+            fails()
+        assert info.value.code == 1
+        err = capsys.readouterr().err
+        assert ("Traceback" in err) is traceback_shown
+        assert err.strip().splitlines()[-1] == (
+            "error: data.batch_size=0 is not valid: expected a positive integer"
+        )
+
+
+# Through the real entry points. data=imagefolder with a root that does not exist: had the data
+# been read first, the sentence would be about the missing folder instead.
+NO_DATA = ["data=imagefolder", "data.root=/nonexistent/mnv3-data", "logger=none"]
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["optim.lr=abc"], "optim.lr=abc is not valid: expected a positive number"),
+        (["ckpt_path={empty}"], "ckpt_path: checkpoint file {empty} is empty (0 bytes)"),
+    ],
+)
+def test_train_cli_bad_input_is_one_sentence_before_data(
+    tmp_path: Path, args: list[str], named: str
+) -> None:
+    empty = tmp_path / "empty.ckpt"
+    empty.touch()
+    args = [a.format(empty=empty) for a in args]
+    result = _run_as_user(
+        "mnv3.train", [*NO_DATA, *args, f"hydra.run.dir={tmp_path}/run"], tmp_path
+    )
+    line = _one_sentence(result)
+    assert line.startswith("error: ") and named.format(empty=empty) in line
+    assert "mnv3-data" not in line
+
+
+def test_eval_cli_bad_split_is_one_sentence(tmp_path: Path) -> None:
+    result = _run_as_user(
+        "mnv3.eval",
+        [f"ckpt_path={tmp_path}/best.ckpt", "split=train", f"hydra.run.dir={tmp_path}/run"],
+        tmp_path,
+    )
+    assert "split=train is not valid: expected one of val, test" in _one_sentence(result)
+
+
+def test_unknown_config_option_stays_hydras_short_error(tmp_path: Path) -> None:
+    result = _run_as_user(
+        "mnv3.train", ["head=no_such_head", f"hydra.run.dir={tmp_path}/run"], tmp_path
+    )
+    assert result.returncode == 1
+    assert "Could not find 'head/no_such_head'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_error_raised_in_a_dataloader_worker_keeps_its_sentence() -> None:
+    from torch.utils.data import DataLoader, Dataset
+
+    from mnv3.cli import user_message
+    from mnv3.data.errors import DatasetError
+
+    sentence = "label map a_gtFine_labelIds.png is 10x20 but its image a_leftImg8bit.png is 20x40"
+
+    class Broken(Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int) -> None:
+            raise DatasetError(sentence)
+
+    with pytest.raises(DatasetError) as caught:
+        next(iter(DataLoader(Broken(), num_workers=1)))
+    assert str(caught.value).startswith("Caught DatasetError")  # torch's wrapping
+    assert user_message(caught.value) == sentence
+    assert user_message(DatasetError(f"{sentence}\nmore")) == sentence
