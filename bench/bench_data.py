@@ -2,7 +2,7 @@
 
 Writes ``--num-images`` real JPEGs of ImageNet-like size and content into a temporary ImageFolder,
 then times one epoch of the training preset (224 random resized crop + flip) and of the evaluation
-preset (resize 256 + centre crop 224) through :class:`mnv3.data.ClassificationDataModule` loaders
+preset (resize 256 + centre crop 224) through :class:`mnv3.data.DataModule` loaders
 with 0, 1 and 2 workers, and the same loaders with PIL decoding and ``torchvision.transforms`` (v1)
 as the reference. Prints a markdown table and writes ``bench_data.md`` / ``bench_data.csv``.
 
@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as v1
 
-from mnv3.data import IMAGENET_MEAN, IMAGENET_STD, ClassificationDataModule, LabeledImageDataset
+from mnv3.data import IMAGENET_MEAN, IMAGENET_STD, DataModule, LabeledImageDataset
 
 NUM_CLASSES = 8
 
@@ -99,7 +99,7 @@ def run(
             file=sys.stderr,
         )
         for num_workers in workers:
-            dm = ClassificationDataModule(
+            dm = DataModule(
                 str(root),
                 batch_size=batch_size,
                 num_workers=num_workers,

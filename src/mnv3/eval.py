@@ -9,6 +9,7 @@ the network comes from the checkpoint's own plain hyperparameters, loaded with w
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import hydra
@@ -16,22 +17,10 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from mnv3.cli import CONFIG_DIR, build_datamodule, exit_on_user_error, print_metrics_table
+from mnv3.rundir import find_run_config
+from mnv3.validate import check_values, lightning_checkpoint
 
 log = logging.getLogger("mnv3.eval")
-
-
-def find_run_config(ckpt_path: Path) -> DictConfig:
-    """The resolved config saved by ``mnv3.train`` in the run folder holding the checkpoint."""
-    for folder in (ckpt_path.parent, *ckpt_path.parents):
-        candidate = folder / "config_resolved.yaml"
-        if candidate.is_file():
-            return OmegaConf.load(candidate)
-        if folder == ckpt_path.parent.parent:
-            break
-    raise FileNotFoundError(
-        f"no config_resolved.yaml next to {ckpt_path} or in its run folder; "
-        "expected the layout <run>/checkpoints/<name>.ckpt with <run>/config_resolved.yaml"
-    )
 
 
 @exit_on_user_error
@@ -41,31 +30,31 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     from mnv3.tasks import TASKS
 
-    ckpt_path = Path(cfg.ckpt_path).expanduser()
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {ckpt_path} does not exist (expected a .ckpt written by mnv3.train)"
-        )
-    if cfg.split not in ("val", "test"):
-        raise ValueError(f"split must be val or test, got {cfg.split!r}")
+    check_values(cfg)  # split, trainer and data overrides: before anything is read
+    ckpt_path = Path(str(cfg.ckpt_path)).expanduser()
+    # Read once, safely: an empty, truncated, unsafe or foreign file is one sentence here.
+    checkpoint = lightning_checkpoint(ckpt_path, "ckpt_path")
     run_cfg = find_run_config(ckpt_path)
     data_cfg = OmegaConf.merge(run_cfg.data, cfg.get("data") or {})
+    check_values(OmegaConf.create({"data": data_cfg}))
     task_cls = TASKS[run_cfg.head.task]
-    task = task_cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    # The checkpoint holds the trained weights; the pretrained ones the run started from are not
+    # needed, and re-reading them would download them again (or fail offline).
+    model_hparams = checkpoint["hyper_parameters"].get("model")
+    overrides = (
+        {"model": {**model_hparams, "weights": None}}
+        if isinstance(model_hparams, Mapping) and model_hparams.get("weights")
+        else {}
+    )
+    task = task_cls.load_from_checkpoint(
+        ckpt_path, map_location="cpu", weights_only=True, **overrides
+    )
     datamodule = build_datamodule(data_cfg)
     output_dir = Path(cfg.paths.output_dir)
-    callbacks = []
-    if run_cfg.head.task == "classification":
-        import torch
-
-        from mnv3.tasks.callbacks import OODCalibration
-
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        ood_state = OODCalibration.state_from_checkpoint(checkpoint)
-        if ood_state is not None:  # reports test/ood_flagged: test images below the val threshold
-            ood = OODCalibration(quantile=float(ood_state.get("quantile", 0.05)))
-            ood.load_state_dict(ood_state)
-            callbacks.append(ood)
+    # Stateful callbacks the checkpoint carries (e.g. the OOD threshold behind test/ood_flagged).
+    callbacks = task_cls.restore_callbacks(checkpoint)
+    if cfg.get("save_predictions"):
+        task.predictions_dir = output_dir  # detection: COCO results json; segmentation: PNGs
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         logger=[CSVLogger(save_dir=str(output_dir), name="csv", version="")],

@@ -7,12 +7,15 @@ order, checks what can be checked before reading data, and prints the final metr
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from mnv3.cli import (
     CONFIG_DIR,
@@ -22,75 +25,49 @@ from mnv3.cli import (
     check_head_and_data,
     default_wandb_offline,
     exit_on_user_error,
-    model_kwargs,
     print_config_tree,
     print_metrics_table,
     to_plain,
 )
+from mnv3.runs import (
+    AtomicCheckpointIO,
+    PeriodicLastCheckpoint,
+    Preempted,
+    PreemptionCheckpoint,
+    ResumableCSVLogger,
+    check_output_dir,
+    restore_run_config,
+    resume_argv,
+    wandb_run_id,
+)
+from mnv3.validate import check_checkpoint_fits, check_train_config
 
 log = logging.getLogger("mnv3.train")
 
 
 def build_task(cfg: DictConfig, datamodule: Any) -> pl.LightningModule:
-    """The task the head asks for, built from plain-typed arguments only."""
+    """The task the head asks for (``head.task``), built by the task class from the plain config."""
     from mnv3.tasks import TASKS
 
-    task_cls = TASKS[cfg.head.task]
-    label_type = getattr(datamodule, "label_type", "multiclass")
-    return task_cls(
-        model=model_kwargs(cfg),
-        num_classes=datamodule.num_classes,
-        class_names=list(datamodule.class_names),
-        optimizer=to_plain(cfg.optim),
-        scheduler=to_plain(cfg.scheduler),
-        label_smoothing=float(cfg.head.get("label_smoothing", 0.0)),
-        ema_decay=cfg.ema_decay,
-        channels_last=bool(cfg.channels_last),
-        compile=bool(cfg.compile),
-        label_type=label_type,
-        class_weights=class_weights(
-            to_plain(cfg.head.get("class_weights")), datamodule, label_type
-        ),
-        freeze_backbone_epochs=int(cfg.get("freeze_backbone_epochs", 0)),
-        backbone_lr_factor=float(cfg.get("backbone_lr_factor", 1.0)),
-    )
-
-
-def class_weights(setting: Any, datamodule: Any, label_type: str) -> list[float] | None:
-    """None, an explicit list, or "balanced": weights from the training split's label counts.
-
-    Multiclass: n / (k * count_c) per class (cross-entropy weights). Multilabel: negatives /
-    positives per label (BCE pos_weight), uncertain (NaN) labels left out of both counts.
-    """
-    if setting is None or isinstance(setting, list):
-        return setting
-    if setting != "balanced":
-        raise ConfigError(f"head.class_weights must be null, a list or 'balanced', got {setting!r}")
-    import torch
-
-    train = datamodule.get_dataset("train")
-    if label_type == "multilabel":
-        labels = torch.as_tensor(train.label_matrix, dtype=torch.float32)
-        positives = (labels == 1).sum(0).clamp(min=1)
-        negatives = (labels == 0).sum(0)
-        return (negatives / positives).tolist()
-    counts = torch.bincount(torch.as_tensor(train.targets), minlength=datamodule.num_classes).clamp(
-        min=1
-    )
-    return (counts.sum() / (len(counts) * counts.float())).tolist()
+    return TASKS[cfg.head.task].from_config(to_plain(cfg), datamodule)
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Any]:
     """The always-on CSV logger plus the chosen ones (W&B offline by default)."""
-    from pytorch_lightning.loggers import CSVLogger
-
-    loggers: list[Any] = [CSVLogger(save_dir=str(output_dir), name="csv", version="")]
+    # Continuing a run (ckpt_path) continues its CSV file and its W&B run.
+    resuming = bool(cfg.get("ckpt_path"))
+    loggers: list[Any] = [
+        ResumableCSVLogger(save_dir=str(output_dir), name="csv", version="", resume=resuming)
+    ]
     for name, logger_cfg in (cfg.get("logger") or {}).items():
         if logger_cfg is None or "_target_" not in logger_cfg:
             continue
+        extra: dict[str, Any] = {}
         if name == "wandb":
             default_wandb_offline()
-        loggers.append(hydra.utils.instantiate(logger_cfg, _convert_="all"))
+            if not logger_cfg.get("id") and not logger_cfg.get("version"):
+                extra["id"] = wandb_run_id(output_dir, resume=resuming)
+        loggers.append(hydra.utils.instantiate(logger_cfg, _convert_="all", **extra))
     return loggers
 
 
@@ -121,7 +98,7 @@ def build_callbacks(
             enable_version_counter=False,
         ),
         # Mid-epoch last.ckpt, so a killed run loses at most N steps.
-        ModelCheckpoint(
+        PeriodicLastCheckpoint(
             dirpath=ckpt_dir,
             save_top_k=0,
             save_last=True,
@@ -129,18 +106,8 @@ def build_callbacks(
             enable_version_counter=False,
         ),
     ]
-    if cfg.head.task == "classification":
-        from mnv3.tasks.callbacks import GradCamImages, OODCalibration
-
-        if cb.get("ood_quantile"):
-            callbacks.append(OODCalibration(quantile=float(cb.ood_quantile)))
-        if cb.get("gradcam_images"):
-            callbacks.append(
-                GradCamImages(
-                    num_images=int(cb.gradcam_images),
-                    every_n_epochs=int(cb.get("gradcam_every_n_epochs", 1)),
-                )
-            )
+    # Callbacks that only make sense for this task, as its head config asks (head.callbacks).
+    callbacks += task.callbacks(to_plain(cfg.head.get("callbacks")))
     if cb.get("lr_monitor", True):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cb.progress_bar == "rich":
@@ -161,7 +128,11 @@ def build_callbacks(
 @exit_on_user_error
 def train(cfg: DictConfig) -> float | None:
     """Fit, then test the best checkpoint; returns ``cfg.optimized_metric`` for sweepers."""
+    if cfg.get("resume"):
+        cfg = restore_run_config(cfg, _command_line_overrides())
+    check_train_config(cfg)  # values, backbone.weights, ckpt_path: one sentence before any data
     output_dir = Path(cfg.paths.output_dir)
+    check_output_dir(output_dir, "paths.output_dir")
     print_config_tree(cfg, save_to=output_dir / "config_resolved.yaml")
     check_head_and_data(cfg)
     check_channels(cfg)
@@ -169,16 +140,19 @@ def train(cfg: DictConfig) -> float | None:
 
     datamodule = build_datamodule(cfg.data)
     task = build_task(cfg, datamodule)
+    check_checkpoint_fits(cfg.ckpt_path, task)  # class count, EMA: not Lightning's ~150 lines
     loggers = build_loggers(cfg, output_dir)
     callbacks = build_callbacks(cfg, task, output_dir)
+    preemption = PreemptionCheckpoint(output_dir / "checkpoints" / "last.ckpt")
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         logger=loggers,
-        callbacks=callbacks,
+        callbacks=[*callbacks, preemption],
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=cfg.callbacks.progress_bar != "none",
     )
 
-    summary = task.model_summary(int(cfg.data.get("image_size", 224)))
+    summary = task.model_summary(datamodule.input_size)
     for logger in loggers:
         logger.log_hyperparams({**to_plain(cfg), **summary})
     log.info(
@@ -187,7 +161,12 @@ def train(cfg: DictConfig) -> float | None:
         summary["model/madds"] / 1e6,
     )
 
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    except SIGTERMException:  # Lightning stops the fit on SIGTERM (and on SIGUSR1, see runs.py)
+        signum = preemption.signum or int(signal.SIGTERM)
+        stopped = Preempted(signum, trainer.global_step, preemption.checkpoint_step, output_dir)
+        _exit_preempted(stopped, loggers)
     metrics = {k: v for k, v in trainer.callback_metrics.items()}
 
     fast = bool(cfg.trainer.get("fast_dev_run", False))
@@ -215,9 +194,44 @@ def train(cfg: DictConfig) -> float | None:
     return float(value) if value is not None else None
 
 
+def _command_line_overrides() -> list[str]:
+    """The overrides given on the command line (Hydra's record of them), for resume=<run>."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def _exit_preempted(preempted: Preempted, loggers: list[Any]) -> None:
+    """One sentence and exit 128 + signal (143 for SIGTERM): a preempted job is not a success."""
+    log.error("%s", preempted)
+    print(f"error: {preempted}", file=sys.stderr)
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish(exit_code=preempted.exit_code)
+    sys.exit(preempted.exit_code)
+
+
+def _resume_argv() -> None:
+    """``resume=<run>``: point Hydra's output folder at the run before Hydra picks one."""
+    try:
+        sys.argv[1:] = resume_argv(sys.argv[1:])
+    except ConfigError as exc:  # logging is not configured yet: the sentence goes to stderr only
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     return train(cfg)
+
+
+def main() -> float | None:
+    """``python -m mnv3.train [overrides]``; ``resume=<run>`` continues that run in its folder."""
+    _resume_argv()
+    return _hydra_main()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from mnv3.data import (
     CHEXPERT_OBSERVATIONS,
     ChestXray14Dataset,
     CheXpertDataset,
-    ClassificationDataModule,
+    DataModule,
     DatasetError,
     MissingImageWarning,
     PneumoniaDataset,
@@ -38,9 +38,9 @@ pytestmark = pytest.mark.filterwarnings(
 SIZE = (20, 16)
 
 
-def _module(root: Path, dataset: str, **kwargs) -> ClassificationDataModule:
+def _module(root: Path, dataset: str, **kwargs) -> DataModule:
     options = {"batch_size": 4, "num_workers": 0, "image_size": 24, "drop_last": False}
-    return ClassificationDataModule(str(root), dataset=dataset, **(options | kwargs))
+    return DataModule(str(root), dataset=dataset, **(options | kwargs))
 
 
 def _write_csv(path: Path, lines: list[str], newline: str = "\r\n") -> Path:
@@ -457,4 +457,4 @@ def test_data_configs_build_these_modules(tmp_path: Path, nih_root: Path) -> Non
         dm = build_datamodule(cfg.data)
         assert dm.hparams["dataset"] == name and dm.num_classes == num_classes
         assert dm.label_type == ("multiclass" if num_classes == 2 else "multilabel")
-    assert build_datamodule(cfg.data).spec.uncertain == "ones"
+    assert build_datamodule(cfg.data).spec.option("uncertain") == "ones"

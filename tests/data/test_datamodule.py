@@ -1,4 +1,4 @@
-"""ClassificationDataModule: classes before setup, loaders, errors, the dataset registry."""
+"""DataModule: classes before setup, loaders, errors, the dataset registry."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from mnv3.data import (
     DATASETS,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    ClassificationDataModule,
+    DataModule,
     DatasetError,
 )
 
@@ -36,9 +36,9 @@ def folder_root(tmp_path: Path, write_image) -> Path:
     return root
 
 
-def _module(root: Path, **kwargs) -> ClassificationDataModule:
+def _module(root: Path, **kwargs) -> DataModule:
     options = {"batch_size": 4, "num_workers": 0, "image_size": 24} | kwargs
-    return ClassificationDataModule(str(root), **options)
+    return DataModule(str(root), **options)
 
 
 def test_classes_before_setup(folder_root: Path, tmp_path: Path) -> None:
@@ -96,8 +96,8 @@ def test_missing_root_and_missing_split(tmp_path: Path, folder_root: Path) -> No
         dm.val_dataloader()
     with pytest.raises(DatasetError, match="no test split"):
         dm.test_dataloader()
-    with pytest.raises(DatasetError, match="unknown dataset 'coco'"):
-        _module(folder_root, dataset="coco")
+    with pytest.raises(DatasetError, match="unknown dataset 'no_such_dataset'"):
+        _module(folder_root, dataset="no_such_dataset")
 
 
 def test_imagenet_flat_val_through_the_module(tmp_path: Path, write_image) -> None:
@@ -135,7 +135,7 @@ def test_hparams_are_plain_values(folder_root: Path) -> None:
     dm = _module(
         folder_root, mean=FakeListConfig([0.5, 0.5, 0.5]), generate={"a": FakeListConfig([1])}
     )
-    assert type(dm.hparams["mean"]) is tuple
+    assert type(dm.hparams["mean"]) is list
     assert type(dm.hparams["generate"]["a"]) is list
     restored = pickle.loads(pickle.dumps(dict(dm.hparams)))
     assert restored["root"] == str(folder_root)

@@ -10,9 +10,9 @@ import torch
 from mnv3.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    ClassificationDataModule,
     ClassificationEvalPreset,
     ClassificationTrainPreset,
+    DataModule,
     DatasetError,
     RGBToLuma,
     channel_stats,
@@ -105,9 +105,9 @@ def gray_root(tmp_path: Path, write_image) -> Path:
     return root
 
 
-def _module(root: Path, **kwargs) -> ClassificationDataModule:
+def _module(root: Path, **kwargs) -> DataModule:
     options = {"batch_size": 4, "num_workers": 0, "image_size": 24} | kwargs
-    return ClassificationDataModule(str(root), **options)
+    return DataModule(str(root), **options)
 
 
 def test_gray_pngs_decode_as_replicated_rgb(gray_root: Path) -> None:

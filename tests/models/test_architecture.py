@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,6 +220,26 @@ def test_models_package_imports_no_hydra_lightning_or_wandb() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_models_modules_import_in_one_direction() -> None:
+    """The network class never imports the checkpoint code that needs it (no import cycle):
+    every models module imports first in a fresh interpreter."""
+    import ast
+
+    import mnv3.models.mobilenet as mobilenet_module
+
+    tree = ast.parse(Path(mobilenet_module.__file__).read_text())
+    imported = {
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module is not None
+    }
+    assert "mnv3.models.checkpoints" not in imported
+    for module in ("checkpoints", "mobilenet", "build", "detection", "segmentation"):
+        code = f"import mnv3.models.{module}"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

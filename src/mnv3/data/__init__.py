@@ -10,13 +10,26 @@ from mnv3.data.chest_xray import (
     CheXpertDataset,
     PneumoniaDataset,
 )
-from mnv3.data.collate import collate_classification
+from mnv3.data.cityscapes import (
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_LABELS,
+    CITYSCAPES_PALETTE,
+    CityscapesSegmentation,
+    label_ids_to_train_ids,
+    segmentation_palette,
+    train_ids_to_label_ids,
+)
+from mnv3.data.collate import collate_classification, collate_segmentation
 from mnv3.data.datamodule import (
     DATASETS,
-    ClassificationDataModule,
+    TASK_DATA,
+    DataModule,
     DatasetFamily,
     DatasetSpec,
+    TaskData,
+    classification_presets,
     register_dataset,
+    segmentation_presets,
 )
 from mnv3.data.errors import (
     DatasetError,
@@ -34,12 +47,15 @@ from mnv3.data.folder import (
 from mnv3.data.imagenet import IMAGENET_LAYOUT, imagenet_classes, imagenet_split, read_class_index
 from mnv3.data.io import load_rgb
 from mnv3.data.shapes import SHAPE_CLASSES, TEXTURE_CLASSES, generate_shapes, shapes_classes
+from mnv3.data.shapes_cityscapes import STREET_CLASSES, generate_shapes_cityscapes
 from mnv3.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ClassificationEvalPreset,
     ClassificationTrainPreset,
     RGBToLuma,
+    SegmentationEvalPreset,
+    SegmentationTrainPreset,
     channel_stats,
 )
 
@@ -47,6 +63,9 @@ __all__ = [
     "CHESTXRAY14_FINDINGS",
     "CHEXPERT_COMPETITION_LABELS",
     "CHEXPERT_OBSERVATIONS",
+    "CITYSCAPES_CLASSES",
+    "CITYSCAPES_LABELS",
+    "CITYSCAPES_PALETTE",
     "DATASETS",
     "IMAGENET_LAYOUT",
     "IMAGENET_MEAN",
@@ -54,13 +73,16 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "PNEUMONIA_CLASSES",
     "SHAPE_CLASSES",
+    "STREET_CLASSES",
+    "TASK_DATA",
     "TEXTURE_CLASSES",
     "UNCERTAIN_POLICIES",
     "CheXpertDataset",
     "ChestXray14Dataset",
-    "ClassificationDataModule",
+    "CityscapesSegmentation",
     "ClassificationEvalPreset",
     "ClassificationTrainPreset",
+    "DataModule",
     "DatasetError",
     "DatasetFamily",
     "DatasetSpec",
@@ -70,16 +92,26 @@ __all__ = [
     "MultiLabelImageDataset",
     "PneumoniaDataset",
     "RGBToLuma",
+    "SegmentationEvalPreset",
+    "SegmentationTrainPreset",
+    "TaskData",
     "UnreadableImageError",
     "UnreadableImageWarning",
     "channel_stats",
+    "classification_presets",
     "collate_classification",
+    "collate_segmentation",
     "generate_shapes",
+    "generate_shapes_cityscapes",
     "imagenet_classes",
     "imagenet_split",
     "known_labels",
+    "label_ids_to_train_ids",
     "load_rgb",
     "read_class_index",
     "register_dataset",
+    "segmentation_palette",
+    "segmentation_presets",
     "shapes_classes",
+    "train_ids_to_label_ids",
 ]

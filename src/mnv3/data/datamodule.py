@@ -1,10 +1,12 @@
-"""The classification LightningDataModule and the registry of dataset families it can read.
+"""One LightningDataModule for every task, and the registry of dataset families it can read.
 
-A dataset family says four things: which classes it has (cheaply, before any image is listed, so
-the model can be built first), whether a split exists, how to prepare it (download, generate) and
-how to build one split, and whether its labels are one class per image (``"multiclass"``) or a
-vector of independent findings (``"multilabel"``, the chest X-ray datasets). Adding a dataset is
-one more :data:`DATASETS` entry.
+A dataset family says what it provides (``task``: classification, detection, segmentation), which
+classes it has (cheaply, before any image is listed, so the model can be built first), whether a
+split exists, how to prepare it (download, generate) and how to build one split, and which options
+of its own it takes (the chest X-ray carve-outs, ImageNet's validation label file) with their
+defaults. The task decides the presets (augmentation and evaluation transforms) and the collate
+function (:data:`TASK_DATA`). Adding a dataset is one more :data:`DATASETS` entry; adding a task
+is one more :data:`TASK_DATA` entry.
 
 The module's constructor takes plain values only, so Hydra can instantiate it from ``_target_`` and
 ``save_hyperparameters`` stores nothing that needs OmegaConf to unpickle.
@@ -12,6 +14,7 @@ The module's constructor takes plain values only, so Hydra can instantiate it fr
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -21,7 +24,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from mnv3.data.chest_xray import (
     CHESTXRAY14_FINDINGS,
@@ -37,16 +40,34 @@ from mnv3.data.chest_xray import (
     chexpert_labels,
     pneumonia_has_split,
 )
-from mnv3.data.collate import collate_classification
+from mnv3.data.cityscapes import (
+    CITYSCAPES_LAYOUT,
+    CityscapesSegmentation,
+    cityscapes_classes,
+    cityscapes_has_split,
+    segmentation_palette,
+)
+from mnv3.data.coco import COCO_LAYOUT, CocoDetection, coco_classes, coco_has_split
+from mnv3.data.collate import collate_classification, collate_detection, collate_segmentation
 from mnv3.data.errors import DatasetError
 from mnv3.data.folder import ImageFolderDataset, LabeledImageDataset, Transform, list_class_folders
 from mnv3.data.imagenet import IMAGENET_LAYOUT, imagenet_classes, imagenet_has_split, imagenet_split
 from mnv3.data.shapes import SHAPES_LAYOUT, generate_shapes, shapes_manifest
+from mnv3.data.shapes_cityscapes import (
+    SHAPES_CITYSCAPES_LAYOUT,
+    generate_shapes_cityscapes,
+    shapes_cityscapes_manifest,
+)
+from mnv3.data.shapes_coco import SHAPES_COCO_LAYOUT, generate_shapes_coco
 from mnv3.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ClassificationEvalPreset,
     ClassificationTrainPreset,
+    DetectionEvalPreset,
+    DetectionTrainPreset,
+    SegmentationEvalPreset,
+    SegmentationTrainPreset,
 )
 
 SplitKind = Literal["train", "val", "test"]
@@ -56,19 +77,14 @@ TRAIN_SPLIT = "train"
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Where a dataset lives and which folders are its splits, as the datamodule was told."""
+    """Where a dataset lives, which folders are its splits, and its family's own options."""
 
     root: Path
     val_split: str = "val"
     test_split: str | None = "test"
-    val_label_file: str | None = None
     generate: Mapping[str, Any] = field(default_factory=dict)
-    # Options of the label-table datasets (chest X-rays); the other families ignore them.
-    val_fraction: float | None = None
-    split_seed: int = 0
-    uncertain: str = "ones"
-    labels: tuple[str, ...] | None = None
-    frontal_only: bool = False
+    # Options of one family (e.g. the chest X-ray carve-out), validated against its defaults.
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def folder(self, kind: SplitKind) -> str:
         """The split folder name for a split kind (``None`` test split: no folder)."""
@@ -77,10 +93,14 @@ class DatasetSpec:
             raise DatasetError(f"dataset root {self.root} has no {kind} split configured")
         return name
 
+    def option(self, name: str) -> Any:
+        """One family option (its default when the config did not set it)."""
+        return self.options[name]
+
 
 @dataclass(frozen=True)
 class DatasetFamily:
-    """How one kind of classification dataset is found, prepared and read.
+    """How one kind of dataset is found, prepared and read.
 
     Attributes:
         classes: ``spec -> (class ids, class names)`` in label order; cheap, no image listed.
@@ -90,14 +110,134 @@ class DatasetFamily:
         prepare: run once per node before ``setup`` (download, generate); None: nothing to do.
         label_type: ``"multiclass"`` (an int64 class index per image, softmax) or ``"multilabel"``
             (a float32 vector of K independent labels per image, sigmoid; NaN = unknown).
+        task: what its samples carry: ``"classification"`` ``{"image", "label"}``,
+            ``"detection"`` ``{"image", "boxes", "labels", ...}``, ``"segmentation"``
+            ``{"image", "mask"}``; picks the presets and collate function in :data:`TASK_DATA`.
+        options: the family's own data options and their defaults (``data.<name>=...``).
+        palette: class names -> an RGB colour per class, for pictures of masks (None: the task
+            picks colours).
     """
 
     classes: Callable[[DatasetSpec], tuple[list[str], list[str]]]
-    build: Callable[[DatasetSpec, SplitKind, Transform], LabeledImageDataset]
+    build: Callable[[DatasetSpec, SplitKind, Transform], Dataset]
     has_split: Callable[[DatasetSpec, str], bool]
     layout: str
     prepare: Callable[[DatasetSpec], None] | None = None
     label_type: LabelType = "multiclass"
+    task: str = "classification"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    palette: Callable[[Sequence[str]], list[tuple[int, int, int]]] | None = None
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """What a task's samples need from the data module: presets and batching.
+
+    Attributes:
+        presets: ``(**preset options) -> (train transform, eval transform)``; its keyword
+            arguments are the task's data options (``data.image_size``, ``data.hflip_prob``...).
+        collate: batches a list of samples (``None`` for an unreadable image) into one dict with
+            a ``"skipped"`` count.
+    """
+
+    presets: Callable[..., tuple[Transform, Transform]]
+    collate: Callable[[Sequence[Any]], dict[str, Any]]
+
+
+def classification_presets(
+    image_size: int = 224,
+    resize_size: int | None = None,
+    interpolation: str = "bilinear",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    hflip_prob: float = 0.5,
+    auto_augment: str | None = None,
+    random_erase_prob: float = 0.0,
+    min_scale: float = 0.08,
+    channels: int = 3,
+) -> tuple[ClassificationTrainPreset, ClassificationEvalPreset]:
+    """Inception-style training crop and resize + centre-crop evaluation (see transforms.py)."""
+    if channels not in (1, 3):
+        raise DatasetError(f"data.channels must be 1 (gray) or 3 (RGB), got {channels!r}")
+    mean = tuple(float(m) for m in mean)
+    std = tuple(float(s) for s in std)
+    train = ClassificationTrainPreset(
+        crop_size=image_size,
+        mean=mean,
+        std=std,
+        interpolation=interpolation,
+        hflip_prob=hflip_prob,
+        auto_augment=auto_augment,  # type: ignore[arg-type]  # validated by the preset
+        random_erase_prob=random_erase_prob,
+        scale=(min_scale, 1.0),
+        channels=channels,
+    )
+    evaluation = ClassificationEvalPreset(
+        crop_size=image_size,
+        resize_size=resize_size,
+        mean=mean,
+        std=std,
+        interpolation=interpolation,
+        channels=channels,
+    )
+    return train, evaluation
+
+
+def detection_presets(
+    image_size: int = 320,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+    hflip_prob: float = 0.5,
+    iou_crop: bool = True,
+    zoom_out: bool = False,
+    photometric: bool = False,
+) -> tuple[DetectionTrainPreset, DetectionEvalPreset]:
+    """SSD augmentation (torchvision's ``ssdlite``: IoU crop + flip) and a fixed square resize;
+    inputs scaled to [-1, 1] by default, as SSDLite was trained (FACTS: mean/std 0.5)."""
+    train = DetectionTrainPreset(
+        size=image_size,
+        mean=mean,
+        std=std,
+        hflip_prob=hflip_prob,
+        iou_crop=iou_crop,
+        zoom_out=zoom_out,
+        photometric=photometric,
+    )
+    return train, DetectionEvalPreset(size=image_size, mean=mean, std=std)
+
+
+def segmentation_presets(
+    crop_size: int | Sequence[int] = 769,
+    scale_range: Sequence[float] = (0.5, 2.0),
+    hflip_prob: float = 0.5,
+    photometric: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    eval_resize: int | Sequence[int] | None = None,
+    frame_size: int | Sequence[int] = (1024, 2048),
+) -> tuple[SegmentationTrainPreset, SegmentationEvalPreset]:
+    """DeepLab-style training (random scale 0.5-2.0, crop, flip, photometric) and evaluation on
+    the whole frame (``eval_resize`` for quick looks only); ``frame_size`` is the frames' size,
+    for model summaries. Crop 769x769 as the paper trained LR-ASPP (§6.4, FACTS)."""
+    train = SegmentationTrainPreset(
+        crop_size=crop_size,
+        scale_range=scale_range,
+        hflip_prob=hflip_prob,
+        photometric=photometric,
+        mean=mean,
+        std=std,
+    )
+    evaluation = SegmentationEvalPreset(
+        mean=mean, std=std, resize=eval_resize, frame_size=frame_size
+    )
+    return train, evaluation
+
+
+TASK_DATA: dict[str, TaskData] = {
+    "classification": TaskData(classification_presets, collate_classification),
+    "detection": TaskData(detection_presets, collate_detection),
+    "segmentation": TaskData(segmentation_presets, collate_segmentation),
+}
 
 
 # --- ImageFolder: root/{train,val,test}/<class>/<image> -------------------------------------------
@@ -140,12 +280,12 @@ def _imagenet_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
 def _imagenet_build(
     spec: DatasetSpec, kind: SplitKind, transform: Transform
 ) -> LabeledImageDataset:
-    label_file = spec.val_label_file if kind == "val" else None
+    label_file = spec.option("val_label_file") if kind == "val" else None
     return imagenet_split(spec.root, spec.folder(kind), transform, label_file)
 
 
 def _imagenet_has_split(spec: DatasetSpec, folder: str) -> bool:
-    label_file = spec.val_label_file if folder == spec.val_split else None
+    label_file = spec.option("val_label_file") if folder == spec.val_split else None
     return imagenet_has_split(spec.root, folder, label_file)
 
 
@@ -185,20 +325,25 @@ def _fixed_classes(names: Sequence[str]) -> Callable[[DatasetSpec], tuple[list[s
 
 def _carve_fraction(spec: DatasetSpec) -> float:
     """The patient carve-out of train_val / train.csv: None means the default 10 %."""
-    return DEFAULT_VAL_FRACTION if spec.val_fraction is None else spec.val_fraction
+    fraction = spec.option("val_fraction")
+    return DEFAULT_VAL_FRACTION if fraction is None else float(fraction)
 
 
 def _pneumonia_build(
     spec: DatasetSpec, kind: SplitKind, transform: Transform
 ) -> LabeledImageDataset:
     folder = spec.folder(kind)
-    return PneumoniaDataset(spec.root, folder, transform, spec.val_fraction, spec.split_seed)
+    fraction = spec.option("val_fraction")
+    fraction = float(fraction) if fraction is not None else None
+    return PneumoniaDataset(spec.root, folder, transform, fraction, int(spec.option("split_seed")))
 
 
 def _chestxray14_build(
     spec: DatasetSpec, kind: SplitKind, transform: Transform
 ) -> LabeledImageDataset:
-    return ChestXray14Dataset(spec.root, kind, transform, _carve_fraction(spec), spec.split_seed)
+    return ChestXray14Dataset(
+        spec.root, kind, transform, _carve_fraction(spec), int(spec.option("split_seed"))
+    )
 
 
 def _chestxray14_has_split(spec: DatasetSpec, folder: str) -> bool:
@@ -208,7 +353,7 @@ def _chestxray14_has_split(spec: DatasetSpec, folder: str) -> bool:
 
 
 def _chexpert_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
-    names = chexpert_labels(spec.labels)
+    names = chexpert_labels(spec.option("labels"))
     return names, list(names)
 
 
@@ -219,11 +364,11 @@ def _chexpert_build(
         spec.root,
         kind,
         transform,
-        labels=spec.labels,
-        uncertain=spec.uncertain,
-        frontal_only=spec.frontal_only,
+        labels=spec.option("labels"),
+        uncertain=str(spec.option("uncertain")),
+        frontal_only=bool(spec.option("frontal_only")),
         val_fraction=_carve_fraction(spec),
-        seed=spec.split_seed,
+        seed=int(spec.option("split_seed")),
     )
 
 
@@ -231,20 +376,159 @@ def _chexpert_has_split(spec: DatasetSpec, folder: str) -> bool:
     return chexpert_has_split(spec.root, "test" if folder == spec.test_split else "train")
 
 
+# --- COCO detection: annotations/instances_<split>2017.json + <split>2017/ ---------------------------
+
+# Training images without a (non-crowd) box: pure background examples, off as in torchvision.
+_DETECTION_OPTIONS: dict[str, Any] = {"keep_empty": False}
+
+
+def _coco_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
+    return coco_classes(spec.root, TRAIN_SPLIT)
+
+
+def _coco_build(spec: DatasetSpec, kind: SplitKind, transform: Transform) -> Dataset:
+    category_ids, _ = _coco_classes(spec)
+    return CocoDetection(
+        spec.root,
+        spec.folder(kind),
+        transform,
+        train=kind == "train",
+        keep_empty=bool(spec.option("keep_empty")),
+        category_ids=category_ids,
+    )
+
+
+def _coco_has_split(spec: DatasetSpec, folder: str) -> bool:
+    return coco_has_split(spec.root, folder)
+
+
+def _generated_coco_family() -> DatasetFamily:
+    """Shapes on textured backgrounds with their boxes, written in the COCO layout on first use."""
+
+    def prepare(spec: DatasetSpec) -> None:
+        generate_shapes_coco(spec.root, **spec.generate)
+
+    def classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
+        prepare(spec)  # idempotent: the classes come from the written annotation file
+        return _coco_classes(spec)
+
+    def build(spec: DatasetSpec, kind: SplitKind, transform: Transform) -> Dataset:
+        prepare(spec)
+        return _coco_build(spec, kind, transform)
+
+    return DatasetFamily(
+        classes,
+        build,
+        _coco_has_split,
+        SHAPES_COCO_LAYOUT,
+        prepare,
+        task="detection",
+        options=_DETECTION_OPTIONS,
+    )
+
+
+# --- Cityscapes segmentation: leftImg8bit/<split>/<city>/ + gtFine/<split>/<city>/ ---------------
+
+# train_classes: the Cityscapes classes to train on (None: the 19 evaluated ones).
+_SEGMENTATION_OPTIONS: dict[str, Any] = {"train_classes": None}
+
+
+def _cityscapes_palette(names: Sequence[str]) -> list[tuple[int, int, int]]:
+    rows = segmentation_palette(names)[: len(names)].tolist()
+    return [(int(r), int(g), int(b)) for r, g, b in rows]
+
+
+def _cityscapes_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
+    return cityscapes_classes(spec.option("train_classes"))
+
+
+def _cityscapes_build(spec: DatasetSpec, kind: SplitKind, transform: Transform) -> Dataset:
+    return CityscapesSegmentation(
+        spec.root, spec.folder(kind), transform, classes=_cityscapes_classes(spec)[1]
+    )
+
+
+def _cityscapes_has_split(spec: DatasetSpec, folder: str) -> bool:
+    return cityscapes_has_split(spec.root, folder)
+
+
+def _generated_cityscapes_family() -> DatasetFamily:
+    """Street scenes written in the Cityscapes layout on first use; its six classes by default."""
+
+    def prepare(spec: DatasetSpec) -> None:
+        generate_shapes_cityscapes(spec.root, **spec.generate)
+
+    def classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
+        # Only the classes the generator draws: absent classes would count as IoU 0 in the mean
+        # as soon as one pixel is predicted as one of them.
+        chosen = spec.option("train_classes")
+        if chosen is None:
+            chosen = shapes_cityscapes_manifest(**spec.generate)["classes"]
+        return cityscapes_classes(chosen)
+
+    def build(spec: DatasetSpec, kind: SplitKind, transform: Transform) -> Dataset:
+        prepare(spec)
+        return CityscapesSegmentation(
+            spec.root, spec.folder(kind), transform, classes=classes(spec)[1]
+        )
+
+    def has_split(spec: DatasetSpec, folder: str) -> bool:
+        return folder in shapes_cityscapes_manifest(**spec.generate)["images"]
+
+    return DatasetFamily(
+        classes,
+        build,
+        has_split,
+        SHAPES_CITYSCAPES_LAYOUT,
+        prepare,
+        task="segmentation",
+        options=_SEGMENTATION_OPTIONS,
+        palette=_cityscapes_palette,
+    )
+
+
+# The chest X-ray carve-out: val_fraction of the training patients, seeded by split_seed
+# (separate from the shuffle seed, so runs with different seeds validate on the same patients).
+_CARVE_OPTIONS: dict[str, Any] = {"val_fraction": None, "split_seed": 0}
+
 DATASETS: dict[str, DatasetFamily] = {
     "imagefolder": DatasetFamily(
         _folder_classes, _folder_build, _folder_has_split, IMAGEFOLDER_LAYOUT
     ),
     "imagenet": DatasetFamily(
-        _imagenet_classes, _imagenet_build, _imagenet_has_split, IMAGENET_LAYOUT
+        _imagenet_classes,
+        _imagenet_build,
+        _imagenet_has_split,
+        IMAGENET_LAYOUT,
+        options={"val_label_file": None},
     ),
     "shapes": _generated_family("shapes"),
     "textures": _generated_family("textures"),
+    "coco": DatasetFamily(
+        _coco_classes,
+        _coco_build,
+        _coco_has_split,
+        COCO_LAYOUT,
+        task="detection",
+        options=_DETECTION_OPTIONS,
+    ),
+    "shapes_coco": _generated_coco_family(),
+    "cityscapes": DatasetFamily(
+        _cityscapes_classes,
+        _cityscapes_build,
+        _cityscapes_has_split,
+        CITYSCAPES_LAYOUT,
+        task="segmentation",
+        options=_SEGMENTATION_OPTIONS,
+        palette=_cityscapes_palette,
+    ),
+    "shapes_cityscapes": _generated_cityscapes_family(),
     "chest_xray_pneumonia": DatasetFamily(
         _fixed_classes(PNEUMONIA_CLASSES),
         _pneumonia_build,
         lambda spec, folder: pneumonia_has_split(spec.root, folder),
         PNEUMONIA_LAYOUT,
+        options=_CARVE_OPTIONS,
     ),
     "chestxray14": DatasetFamily(
         _fixed_classes(CHESTXRAY14_FINDINGS),
@@ -252,6 +536,7 @@ DATASETS: dict[str, DatasetFamily] = {
         _chestxray14_has_split,
         CHESTXRAY14_LAYOUT,
         label_type="multilabel",
+        options=_CARVE_OPTIONS,
     ),
     "chexpert": DatasetFamily(
         _chexpert_classes,
@@ -259,12 +544,18 @@ DATASETS: dict[str, DatasetFamily] = {
         _chexpert_has_split,
         CHEXPERT_LAYOUT,
         label_type="multilabel",
+        options={
+            **_CARVE_OPTIONS,
+            "uncertain": "ones",
+            "labels": None,
+            "frontal_only": False,
+        },
     ),
 }
 
 
 def register_dataset(name: str, family: DatasetFamily) -> None:
-    """Make ``dataset=name`` available to :class:`ClassificationDataModule`."""
+    """Make ``dataset=name`` available to :class:`DataModule`."""
     if name in DATASETS:
         raise ValueError(f"dataset {name!r} is already registered")
     DATASETS[name] = family
@@ -284,55 +575,65 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class ClassificationDataModule(pl.LightningDataModule):
-    """Image classification data: a registered dataset family, the presets, and the loaders.
+def _split_options(
+    dataset: str, family: DatasetFamily, presets: Callable[..., Any], options: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``data.*`` options into the family's own and the task presets' ones.
 
-    Batches are ``{"image": float (N, C, S, S), "label": ..., "skipped": int}`` (C: ``channels``),
+    Raises:
+        DatasetError: an option neither takes, named with what both accept.
+    """
+    preset_names = [
+        name
+        for name, p in inspect.signature(presets).parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    family_options = {**family.options}
+    preset_options: dict[str, Any] = {}
+    for name, value in options.items():
+        if name in family.options:
+            family_options[name] = value
+        elif name in preset_names:
+            preset_options[name] = value
+        else:
+            known = sorted({*family.options, *preset_names})
+            raise DatasetError(
+                f"data.{name}={value!r} is not an option of dataset {dataset!r} "
+                f"({family.task}); expected one of {', '.join(known)}"
+            )
+    return family_options, preset_options
+
+
+class DataModule(pl.LightningDataModule):
+    """Data for any task: a registered dataset family, its task's presets, and the loaders.
+
+    Classification batches are ``{"image": float (N, C, S, S), "label": ..., "skipped": int}``,
     where ``label`` is int64 ``(N,)`` for a ``"multiclass"`` dataset and float32 ``(N, K)`` for a
     ``"multilabel"`` one (see :attr:`label_type`; NaN marks an unknown label to leave out of the
-    loss), and ``skipped`` counts unreadable images dropped from the batch (see
-    :func:`~mnv3.data.collate.collate_classification`).
+    loss); other tasks' batches are described by their collate function (:data:`TASK_DATA`).
+    ``skipped`` counts unreadable images dropped from the batch.
 
     Args:
-        root: dataset root folder (for ``"shapes"`` / ``"textures"``: where the data is generated).
-        dataset: a :data:`DATASETS` name: ``"imagefolder"``, ``"imagenet"``, ``"shapes"``,
-            ``"textures"``, ``"chest_xray_pneumonia"``, ``"chestxray14"``, ``"chexpert"``.
+        root: dataset root folder (for the generated datasets: where the data is written).
+        dataset: a :data:`DATASETS` name (``"imagefolder"``, ``"imagenet"``, ``"shapes"``,
+            ``"textures"``, ``"chest_xray_pneumonia"``, ``"chestxray14"``, ``"chexpert"``, ...).
         batch_size: images per batch, for every split.
         num_workers: DataLoader worker processes (0: load in the main process).
-        image_size: the square crop fed to the network, in training and evaluation.
-        resize_size: evaluation short-side resize; None: ``round(image_size / 0.875)``.
-        interpolation: ``"bilinear"``, ``"bicubic"`` or ``"nearest"``.
-        mean: per-channel normalisation mean (of images in [0, 1]): 3 values, or 1 for all.
-        std: per-channel normalisation standard deviation: 3 values, or 1 for all.
-        hflip_prob: probability of a horizontal flip in training.
-        auto_augment: None, ``"autoaugment"`` (ImageNet policy) or ``"trivialaugment"``.
-        random_erase_prob: probability of random erasing in training.
-        min_scale: smallest area fraction of the training random resized crop.
         pin_memory: pin batches in page-locked memory; None: when CUDA is available.
         persistent_workers: keep workers alive between epochs (only used with workers).
         drop_last: drop the last incomplete training batch.
         val_split: folder of the validation split.
         test_split: folder of the test split; None: there is no test split.
-        generate: keyword arguments of :func:`~mnv3.data.shapes.generate_shapes` for
-            ``dataset="shapes"`` or ``"textures"`` (its own ``seed``: the data does not change with ``seed`` below).
-        val_label_file: ImageNet flat-validation label file; None: ``root/val_labels.txt``.
+        generate: generator keyword arguments of a generated dataset (its own ``seed``: the data
+            does not change with ``seed`` below).
         seed: seed of the training shuffle (and of the workers' augmentation streams).
-        val_fraction: chest X-rays: the fraction of training patients carved out as validation.
-            ``chest_xray_pneumonia``: None or 0 reads the official val folder (16 images), a value
-            in (0, 1) takes a seeded, class-stratified sample of train instead. ``chestxray14`` /
-            ``chexpert``: in (0, 1), None means 0.1 (neither ships a validation split of its own).
-        split_seed: seed of that carve-out; separate from ``seed`` so that runs with different
-            training seeds are validated on the same patients.
-        uncertain: CheXpert's -1.0 labels: ``"ones"``, ``"zeros"`` or ``"ignore"`` (NaN labels).
-        labels: CheXpert observations to predict, in output order; None: all 14.
-        frontal_only: CheXpert: keep only frontal views.
-        channels: 3 (RGB; gray files come as three equal channels) or 1: every image is reduced
-            to ITU-R 601 luma after decoding (exactly the gray value for gray files) and
-            normalised with one mean/std, the averages of 3 given values. The network must read
-            1 channel too (``in_channels=1``; RGB-pretrained stems are summed to fit).
+        **options: the family's own options (:attr:`DatasetFamily.options`: e.g. ``val_fraction``,
+            ``split_seed``, ``uncertain``, ``labels``, ``frontal_only`` for the chest X-rays,
+            ``val_label_file`` for ImageNet) and the task presets' options (classification:
+            ``image_size``, ``resize_size``, ``interpolation``, ``mean``, ``std``,
+            ``hflip_prob``, ``auto_augment``, ``random_erase_prob``, ``min_scale``, ``channels``;
+            see :func:`classification_presets`). Anything else is an error naming the option.
     """
-
-    task = "classification"
 
     def __init__(
         self,
@@ -340,35 +641,16 @@ class ClassificationDataModule(pl.LightningDataModule):
         dataset: str = "imagefolder",
         batch_size: int = 64,
         num_workers: int = 2,
-        image_size: int = 224,
-        resize_size: int | None = None,
-        interpolation: str = "bilinear",
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        hflip_prob: float = 0.5,
-        auto_augment: str | None = None,
-        random_erase_prob: float = 0.0,
-        min_scale: float = 0.08,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         drop_last: bool = True,
         val_split: str = "val",
         test_split: str | None = "test",
         generate: Mapping[str, Any] | None = None,
-        val_label_file: str | None = None,
         seed: int = 0,
-        val_fraction: float | None = None,
-        split_seed: int = 0,
-        uncertain: str = "ones",
-        labels: Sequence[str] | None = None,
-        frontal_only: bool = False,
-        channels: int = 3,
+        **options: Any,
     ) -> None:
         super().__init__()
-        if channels not in (1, 3):
-            raise DatasetError(
-                f"channels must be 1 (gray) or 3 (RGB) for dataset root {root}, got {channels!r}"
-            )
         if dataset not in DATASETS:
             raise DatasetError(
                 f"unknown dataset {dataset!r} for root {root}; expected one of "
@@ -377,26 +659,21 @@ class ClassificationDataModule(pl.LightningDataModule):
         # Plain values before save_hyperparameters reads them from this frame: a checkpoint's
         # hparams must load with torch.load(weights_only=True), without OmegaConf.
         root = os.fspath(root)
-        mean = tuple(float(m) for m in mean)
-        std = tuple(float(s) for s in std)
         generate = _plain(generate) if generate is not None else None
-        val_label_file = os.fspath(val_label_file) if val_label_file is not None else None
-        val_fraction = float(val_fraction) if val_fraction is not None else None
-        labels = [str(label) for label in labels] if labels is not None else None
+        options = _plain(options)
         self.save_hyperparameters()
 
         self.family = DATASETS[dataset]
+        self.task_data = TASK_DATA[self.family.task]
+        family_options, preset_options = _split_options(
+            dataset, self.family, self.task_data.presets, options
+        )
         self.spec = DatasetSpec(
             root=Path(root).expanduser(),
             val_split=val_split,
             test_split=test_split,
-            val_label_file=val_label_file,
             generate=generate or {},
-            val_fraction=val_fraction,
-            split_seed=int(split_seed),
-            uncertain=str(uncertain),
-            labels=tuple(labels) if labels is not None else None,
-            frontal_only=bool(frontal_only),
+            options=family_options,
         )
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
@@ -404,27 +681,32 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.persistent_workers = bool(persistent_workers)
         self.drop_last = bool(drop_last)
         self.seed = int(seed)
-        self.train_transform = ClassificationTrainPreset(
-            crop_size=image_size,
-            mean=mean,
-            std=std,
-            interpolation=interpolation,
-            hflip_prob=hflip_prob,
-            auto_augment=auto_augment,  # type: ignore[arg-type]  # validated by the preset
-            random_erase_prob=random_erase_prob,
-            scale=(min_scale, 1.0),
-            channels=channels,
-        )
-        self.eval_transform = ClassificationEvalPreset(
-            crop_size=image_size,
-            resize_size=resize_size,
-            mean=mean,
-            std=std,
-            interpolation=interpolation,
-            channels=channels,
-        )
+        self.train_transform, self.eval_transform = self.task_data.presets(**preset_options)
         self._classes: tuple[list[str], list[str]] | None = None
-        self._datasets: dict[SplitKind, LabeledImageDataset] = {}
+        self._datasets: dict[SplitKind, Dataset] = {}
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the images the evaluation preset feeds the network (the model summary's)."""
+        size = None
+        # Full-resolution evaluation (segmentation) has no fixed size: the training crop then.
+        for transform in (self.eval_transform, self.train_transform):
+            for name in ("input_size", "crop_size", "size"):
+                size = getattr(transform, name, None) if size is None else size
+        size = 224 if size is None else size
+        return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    @property
+    def palette(self) -> list[tuple[int, int, int]] | None:
+        """The dataset's colour per class, if it has one (Cityscapes' official colours)."""
+        if self.family.palette is None:
+            return None
+        return self.family.palette(self.class_names)
+
+    @property
+    def task(self) -> str:
+        """What the samples carry: ``"classification"``, ``"detection"``, ``"segmentation"``."""
+        return self.family.task
 
     # --- what the model needs to know before any image is read ----------------------------------
 
@@ -456,7 +738,7 @@ class ClassificationDataModule(pl.LightningDataModule):
     @property
     def channels(self) -> int:
         """Channels of the batches' images: 3 (RGB) or 1 (gray)."""
-        return self.train_transform.channels
+        return int(getattr(self.train_transform, "channels", 3))
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -493,7 +775,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         for kind in kinds.get(stage, ()):
             self.get_dataset(kind)
 
-    def get_dataset(self, kind: SplitKind) -> LabeledImageDataset:
+    def get_dataset(self, kind: SplitKind) -> Any:
         """The dataset of one split, built on first use with the matching preset."""
         if kind not in self._datasets:
             if kind == "test" and not self.has_test:
@@ -531,7 +813,7 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def _loader(
         self,
-        dataset: LabeledImageDataset,
+        dataset: Dataset,
         shuffle: bool = False,
         drop_last: bool = False,
         generator: torch.Generator | None = None,
@@ -545,5 +827,5 @@ class ClassificationDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
-            collate_fn=collate_classification,
+            collate_fn=self.task_data.collate,
         )

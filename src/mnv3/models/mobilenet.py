@@ -13,13 +13,22 @@ Tap names:
   Large, block 9 of Small, block 14 of MobileNetV2), the feature SSDLite attaches to (paper §6.2);
 - ``C5``: the last 1x1 conv before pooling (960 / 576 / 1280 channels).
 
+Inner taps (``inner_taps``; reachable through ``tap`` and ``forward_taps`` like the levels above,
+but not pyramid levels, so ``feature_info`` keeps its one-tap-per-level shape):
+
+- ``C3_first``: the output of the first stride-8 block (block 4 of Large, 40 channels: the 1/8
+  feature torchvision's LR-ASPP reads, its ``features[4]``);
+- ``C3_depthwise``: the depthwise output (after its activation, before SE) of the last stride-8
+  block (Large block 6 = TF's ``layer_7/depthwise_output``, 120 channels; Small block 3 = TF's
+  ``layer_4/depthwise_output``, 88 channels): the 1/8 feature TF DeepLab's LR-ASPP reads.
+
 With ``output_stride`` 16 or 8 the later stages are dilated, so taps report their real stride.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -135,6 +144,45 @@ def feature_taps(arch: ArchSpec) -> list[FeatureInfo]:
     return [taps[name] for name in order]
 
 
+def inner_feature_taps(arch: ArchSpec) -> list[FeatureInfo]:
+    """Taps inside the stride-8 stage that segmentation heads read: C3_first and C3_depthwise.
+
+    Found from the nominal strides like :func:`feature_taps` (the first block that reaches
+    stride 8, the last block that stays there), so width, minimal and reduced-tail variants and
+    MobileNetV2 get theirs without per-model indices.
+    """
+    real = min(8, arch.output_stride)
+    nominal, stride8 = 2, []
+    for i, block in enumerate(arch.blocks):
+        nominal *= block.stride
+        if nominal == 8:
+            stride8.append(i)
+    first, last = stride8[0], stride8[-1]
+    return [
+        FeatureInfo("C3_first", arch.blocks[first].out_channels, real, f"blocks.{first}"),
+        FeatureInfo(
+            "C3_depthwise", arch.blocks[last].expanded_channels, real, f"blocks.{last}.depthwise"
+        ),
+    ]
+
+
+def _block_with_inner(
+    block: InvertedResidual, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run one block; return (output, expansion output, depthwise output after its activation).
+
+    The steps are InvertedResidual's own, called by their submodule names, so a fused block
+    (:func:`mnv3.models.optimize.fuse_conv_bn`) runs the same way.
+    """
+    expanded = block.expand(x) if block.expand is not None else x
+    depthwise = block.depthwise(expanded)
+    out = block.se(depthwise) if block.se is not None else depthwise
+    out = block.project(out)
+    if block.use_residual:
+        out = out + x
+    return out, expanded, depthwise
+
+
 class MobileNet(nn.Module):
     """A MobileNet (V2 or V3) built from an :class:`ArchSpec`.
 
@@ -182,11 +230,17 @@ class MobileNet(nn.Module):
                 dropout=dropout,
             )
         self.feature_info: list[FeatureInfo] = feature_taps(arch)
+        self.inner_taps: list[FeatureInfo] = inner_feature_taps(arch)
         self._init_weights()
 
     @property
     def num_classes(self) -> int:
         return self.classifier.num_classes if self.classifier is not None else 0
+
+    def backbone_modules(self) -> list[nn.Module]:
+        """The feature extractor (stem, blocks, last conv): what fine-tuning freezes or trains
+        at a lower lr, as opposed to the classification head."""
+        return [self.stem, self.blocks, self.last_conv]
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -202,10 +256,10 @@ class MobileNet(nn.Module):
 
     def tap(self, name: str) -> FeatureInfo:
         """The :class:`FeatureInfo` of tap ``name``; a clear error lists the valid names."""
-        for info in self.feature_info:
+        for info in (*self.feature_info, *self.inner_taps):
             if info.name == name:
                 return info
-        valid = ", ".join(i.name for i in self.feature_info)
+        valid = ", ".join(i.name for i in (*self.feature_info, *self.inner_taps))
         raise KeyError(f"{self.arch.name} has no feature tap {name!r}; available: {valid}")
 
     def reset_classifier(self, num_classes: int) -> None:
@@ -229,7 +283,13 @@ class MobileNet(nn.Module):
             if len(out) == len(wanted):
                 return out
             expansion_key = f"blocks.{i}.expand"
-            if expansion_key in wanted:
+            depthwise_key = f"blocks.{i}.depthwise"
+            if depthwise_key in wanted:
+                x, expanded, depthwise = _block_with_inner(block, x)
+                out[wanted[depthwise_key]] = depthwise
+                if expansion_key in wanted:
+                    out[wanted[expansion_key]] = expanded
+            elif expansion_key in wanted:
                 x, expanded = block.forward_with_expansion(x)
                 out[wanted[expansion_key]] = expanded
             else:
@@ -245,35 +305,3 @@ class MobileNet(nn.Module):
         if self.classifier is None:
             return features
         return self.classifier(features)
-
-
-def build_mobilenet(
-    arch: ArchSpec,
-    num_classes: int = 1000,
-    dropout: float = 0.2,
-    weights: str | None = None,
-    bn_momentum: float | None = None,
-    in_channels: int | None = None,
-) -> MobileNet:
-    """Build a :class:`MobileNet` from its spec, optionally with another BN momentum and weights.
-
-    ``bn_momentum`` None keeps the spec's (0.01 for V3: TF's decay 0.99, right for ImageNet-length
-    runs). Runs of a few hundred steps need ~0.1, or the running statistics lag the weights and
-    eval-mode accuracy collapses to chance.
-
-    ``in_channels`` None keeps the spec's (3). 1 builds a network for gray images; RGB-pretrained
-    ``weights`` still load: the stem's kernels are summed over R, G, B
-    (:func:`mnv3.models.checkpoints.load_weights`).
-    """
-    if bn_momentum is not None:
-        arch = replace(arch, bn_momentum=bn_momentum)
-    if in_channels is not None:
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be a positive channel count, got {in_channels}")
-        arch = replace(arch, in_channels=int(in_channels))
-    model = MobileNet(arch, num_classes=num_classes, dropout=dropout)
-    if weights is not None:
-        from mnv3.models.checkpoints import load_weights
-
-        load_weights(model, weights)
-    return model

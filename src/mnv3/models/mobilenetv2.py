@@ -7,8 +7,9 @@ channels), n (repeats) and s (stride of the first repeat). Blocks use ReLU6, no 
 
 from __future__ import annotations
 
+from mnv3.models.build import build_mobilenet
 from mnv3.models.layers import make_divisible
-from mnv3.models.mobilenet import ArchSpec, BlockSpec, MobileNet, build_mobilenet
+from mnv3.models.mobilenet import ArchSpec, BlockSpec, MobileNet
 
 # MobileNetV2 paper, Table 2. Stem: conv2d 3x3, 32, s2. Tail: conv2d 1x1 1280, pool, conv2d 1x1 k.
 V2_TABLE = (

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from mnv3.models.build import build_mobilenet
 from mnv3.models.layers import BN_EPS_V3, BN_MOMENTUM_V3, make_divisible
-from mnv3.models.mobilenet import ArchSpec, BlockSpec, MobileNet, build_mobilenet
+from mnv3.models.mobilenet import ArchSpec, BlockSpec, MobileNet
 
 WidthRounding = Literal["paper", "torchvision"]
 
@@ -188,10 +189,10 @@ def mobilenet_v3_large(
     known checkpoint (see ``mnv3.models.checkpoints.KNOWN_WEIGHTS``). A checkpoint with another
     class count loads the backbone and re-initialises the logits layer.
 
-    ``bn_momentum``: None keeps the paper's 0.01; see :func:`mnv3.models.mobilenet.build_mobilenet`.
+    ``bn_momentum``: None keeps the paper's 0.01; see :func:`mnv3.models.build.build_mobilenet`.
 
     ``in_channels``: None or 3 for RGB input; 1 for gray images (RGB weights are adapted by
-    summing the stem's kernels, see :func:`mnv3.models.mobilenet.build_mobilenet`).
+    summing the stem's kernels, see :func:`mnv3.models.build.build_mobilenet`).
     """
     arch = mobilenet_v3_arch(
         "large", width_mult, minimal, reduced_tail, output_stride, width_rounding

@@ -1,4 +1,5 @@
-"""Image classification as a LightningModule: loss, metrics, optimisation, EMA and logging.
+"""Image classification: softmax (or per-label sigmoid) loss, top-1/top-5, per-class accuracy,
+confusion matrix, binary and multi-label AUROC; everything else comes from :class:`BaseTask`.
 
 The network is built from plain keyword arguments (``model={"name": "mobilenet_v3_small", ...}``)
 so the hyperparameters Lightning saves in every checkpoint are plain Python types and the
@@ -8,6 +9,7 @@ checkpoint loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,36 +19,28 @@ import torchmetrics
 from torch import nn
 from torch.nn import functional as F
 
-from mnv3.models import build_model, count_madds, count_params
-from mnv3.tasks.common import NonFiniteLossError, check_plain, log_images, save_figure
-from mnv3.tasks.ema import ModelEma
-from mnv3.tasks.optim import build_optimizer, build_scheduler
+from mnv3.models import build_model
+from mnv3.tasks.base import BaseTask
+from mnv3.tasks.common import check_plain, log_images, save_figure
 
 log = logging.getLogger(__name__)
 
 
-class ClassificationTask(pl.LightningModule):
+class ClassificationTask(BaseTask):
     """Softmax classification with label smoothing, top-1/top-5, per-class accuracy, confusion matrix.
 
     Args:
         model: builder kwargs, ``name`` plus e.g. ``width_mult``, ``dropout``, ``weights``.
         num_classes: number of classes of the dataset.
-        optimizer: ``name`` (rmsprop_tf, sgd, adamw), ``lr``, ``weight_decay``... and optionally
-            ``reference_batch_size``: ``lr`` is then scaled linearly to the real global batch.
-        scheduler: ``name`` (exponential, cosine, constant), ``warmup_epochs`` and its knobs.
+        optimizer, scheduler, ema_decay, channels_last, compile, freeze_backbone_epochs,
+        backbone_lr_factor: see :class:`~mnv3.tasks.base.BaseTask`.
         label_smoothing: cross-entropy label smoothing.
-        ema_decay: keep an EMA of the weights (paper: 0.9999) and validate/test with it.
-        channels_last: run the network in NHWC memory format (faster convs on CPU and GPU).
-        compile: wrap the forward in ``torch.compile``.
         class_names: for per-class metrics and the confusion matrix.
         max_classes_for_plots: per-class logs and confusion images only up to this many classes.
         label_type: "multiclass" (softmax, one label per image) or "multilabel" (sigmoid and BCE
             per label, NaN labels ignored: CheXpert's uncertain labels under policy "ignore").
         class_weights: multiclass: cross-entropy weight per class; multilabel: BCE pos_weight per
             label (class imbalance).
-        freeze_backbone_epochs: fine-tuning: train only the classifier for this many epochs
-            (backbone weights and BatchNorm statistics frozen), then everything.
-        backbone_lr_factor: fine-tuning: the backbone's lr is this fraction of the head's.
 
     Binary problems (2 classes) and multi-label ones are judged by AUROC (``val/auroc``, the
     monitored metric); binary ones also by accuracy, F1, sensitivity and specificity at the
@@ -73,23 +67,20 @@ class ClassificationTask(pl.LightningModule):
         freeze_backbone_epochs: int = 0,
         backbone_lr_factor: float = 1.0,
     ) -> None:
-        super().__init__()
-        check_plain(
-            {
-                "model": model,
-                "optimizer": optimizer,
-                "scheduler": scheduler,
-                "class_names": class_names,
-                "class_weights": class_weights,
-            }
-        )
         if label_type not in ("multiclass", "multilabel"):
             raise ValueError(f"label_type must be multiclass or multilabel, got {label_type!r}")
+        super().__init__(
+            model={**model, "num_classes": num_classes},
+            optimizer=optimizer,
+            scheduler=scheduler,
+            ema_decay=ema_decay,
+            channels_last=channels_last,
+            compile=compile,
+            freeze_backbone_epochs=freeze_backbone_epochs,
+            backbone_lr_factor=backbone_lr_factor,
+        )
+        check_plain({"class_names": class_names, "class_weights": class_weights})
         self.save_hyperparameters()
-        self.model = build_model(**model, num_classes=num_classes)
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = ModelEma(self.model, ema_decay) if ema_decay else None
         self.num_classes = num_classes
         self.class_names = class_names or [str(i) for i in range(num_classes)]
         self.multilabel = label_type == "multilabel"
@@ -100,8 +91,6 @@ class ClassificationTask(pl.LightningModule):
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
         # Binary decision threshold on P(class 1), chosen on validation (Youden's J).
         self.register_buffer("decision_threshold", torch.tensor(0.5))
-        self._compiled: Any = None
-        self.skipped_images = 0
 
         if self.multilabel:
             ml = {"num_labels": num_classes, "ignore_index": -1}
@@ -126,44 +115,64 @@ class ClassificationTask(pl.LightningModule):
             self.val_metrics["targets"] = torchmetrics.CatMetric()
         self.test_metrics = nn.ModuleDict({k: m.clone() for k, m in self.val_metrics.items()})
 
-    # -- forward ---------------------------------------------------------------------------
-    def _net(self, evaluating: bool) -> nn.Module:
-        if evaluating and self.ema is not None:
-            return self.ema.module
-        if self.hparams.compile:
-            if self._compiled is None:
-                # Kept out of the module tree so state_dict keys stay those of ``self.model``.
-                self.__dict__["_compiled"] = torch.compile(self.model)
-            return self._compiled
-        return self.model
+    def build_network(self, model: dict[str, Any]) -> nn.Module:
+        return build_model(**model)
 
-    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        if self.hparams.channels_last:
-            return images.contiguous(memory_format=torch.channels_last)
-        return images
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], datamodule: Any) -> ClassificationTask:
+        """The task for ``head=classifier``: the backbone group plus the head's dropout, and the
+        class list, label type and class weights the data module reports."""
+        head = cfg["head"]
+        label_type = getattr(datamodule, "label_type", "multiclass")
+        return cls(
+            model={**cfg["backbone"], "dropout": head.get("dropout", 0.2)},
+            num_classes=datamodule.num_classes,
+            class_names=list(datamodule.class_names),
+            label_smoothing=float(head.get("label_smoothing", 0.0)),
+            label_type=label_type,
+            class_weights=class_weights(head.get("class_weights"), datamodule, label_type),
+            **cls.shared_kwargs(cfg),
+        )
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self._net(evaluating=not self.training)(self._prepare(images))
+    def callbacks(self, settings: Mapping[str, Any] | None) -> list[pl.Callback]:
+        """Out-of-distribution calibration and Grad-CAM overlays (``head.callbacks``)."""
+        from mnv3.tasks.callbacks import GradCamImages, OODCalibration
+
+        settings = settings or {}
+        found: list[pl.Callback] = []
+        if settings.get("ood_quantile"):
+            found.append(OODCalibration(quantile=float(settings["ood_quantile"])))
+        if settings.get("gradcam_images"):
+            found.append(
+                GradCamImages(
+                    num_images=int(settings["gradcam_images"]),
+                    every_n_epochs=int(settings.get("gradcam_every_n_epochs", 1)),
+                )
+            )
+        return found
+
+    @staticmethod
+    def restore_callbacks(checkpoint: Mapping[str, Any]) -> list[pl.Callback]:
+        """Callbacks whose state a checkpoint carries and evaluation reuses (the OOD threshold:
+        ``test/ood_flagged`` counts test images below the validation threshold)."""
+        from mnv3.tasks.callbacks import OODCalibration
+
+        state = OODCalibration.state_from_checkpoint(checkpoint)
+        if state is None:
+            return []
+        ood = OODCalibration(quantile=float(state.get("quantile", 0.05)))
+        ood.load_state_dict(state)
+        return [ood]
 
     # -- steps -----------------------------------------------------------------------------
-    def _count_skipped(self, batch: dict[str, Any]) -> None:
-        skipped = int(batch.get("skipped", 0))
-        if skipped:
-            self.skipped_images += skipped
-            log.warning("%d unreadable image(s) skipped so far", self.skipped_images)
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        self._count_skipped(batch)
+        self.count_skipped(batch)
         images, labels = batch["image"], batch["label"]
         if images.shape[0] == 0:  # every image of the batch was unreadable
             return None
-        logits = self._net(evaluating=False)(self._prepare(images))
+        logits = self.net(evaluating=False)(self.prepare_images(images))
         loss = self._loss(logits, labels)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
-                "stopping so the last good checkpoint is kept (lower optim.lr or check the data)"
-            )
+        self.check_finite(loss)
         bs = images.shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         if not self.multilabel:
@@ -176,14 +185,7 @@ class ClassificationTask(pl.LightningModule):
                 on_epoch=True,
                 batch_size=bs,
             )
-        self.log(
-            "data/skipped_images",
-            float(self.skipped_images),
-            on_step=False,
-            on_epoch=True,
-            reduce_fx="max",
-            batch_size=bs,
-        )
+        self.log_skipped(bs)
         return loss
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -198,25 +200,12 @@ class ClassificationTask(pl.LightningModule):
         )
         return (per_label * known).sum() / known.sum().clamp(min=1)
 
-    def on_train_epoch_start(self) -> None:
-        """Freeze the backbone (weights and BN statistics) for the first fine-tuning epochs."""
-        frozen = self.current_epoch < self.hparams.freeze_backbone_epochs
-        for module in (self.model.stem, self.model.blocks, self.model.last_conv):
-            for p in module.parameters():
-                p.requires_grad_(not frozen)
-            if frozen:
-                module.eval()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None and outputs is not None:
-            self.ema.update(self.model)
-
     def _eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor] | None:
-        self._count_skipped(batch)
+        self.count_skipped(batch)
         images, labels = batch["image"], batch["label"]
         if images.shape[0] == 0:
             return None
-        logits = self._net(evaluating=True)(self._prepare(images))
+        logits = self.net(evaluating=True)(self.prepare_images(images))
         out = {"logits": logits.detach()}  # callbacks (OOD calibration) reuse them
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         bs = images.shape[0]
@@ -364,62 +353,25 @@ class ClassificationTask(pl.LightningModule):
         root = Path(self.trainer.default_root_dir) / "plots"
         return save_figure(fig, root / f"{stage}_roc_epoch{self.current_epoch:03d}.png")
 
-    # -- optimisation ----------------------------------------------------------------------
-    def configure_optimizers(self) -> dict[str, Any]:
-        opt_cfg = dict(self.hparams.optimizer)
-        reference = opt_cfg.pop("reference_batch_size", None)
-        if reference:
-            opt_cfg["lr"] = opt_cfg["lr"] * self._global_batch_size() / reference
-        groups = self._param_groups(opt_cfg["lr"], opt_cfg.get("weight_decay", 0.0))
-        optimizer = build_optimizer(self.model, param_groups=groups, **opt_cfg)
-        sched_cfg = dict(self.hparams.scheduler or {"name": "constant"})
-        total = int(self.trainer.estimated_stepping_batches)
-        epochs = max(1, self.trainer.max_epochs or 1)
-        scheduler = build_scheduler(
-            optimizer, total_steps=total, steps_per_epoch=max(1, total // epochs), **sched_cfg
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
 
-    def _param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """Backbone and head groups (lr x backbone_lr_factor for the backbone), each split into
-        weights that decay and BatchNorm / bias parameters that do not."""
-        head = (
-            {id(p) for p in self.model.classifier.parameters()} if self.model.classifier else set()
-        )
-        groups = []
-        for is_head in (False, True):
-            factor = 1.0 if is_head else float(self.hparams.backbone_lr_factor)
-            params = [p for p in self.model.parameters() if (id(p) in head) == is_head]
-            groups.append(
-                {
-                    "params": [p for p in params if p.ndim > 1],
-                    "weight_decay": weight_decay,
-                    "lr": lr * factor,
-                }
-            )
-            groups.append(
-                {
-                    "params": [p for p in params if p.ndim <= 1],
-                    "weight_decay": 0.0,
-                    "lr": lr * factor,
-                }
-            )
-        return [g for g in groups if g["params"]]
+def class_weights(setting: Any, datamodule: Any, label_type: str) -> list[float] | None:
+    """None, an explicit list, or "balanced": weights from the training split's label counts.
 
-    def _global_batch_size(self) -> int:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        per_device = getattr(datamodule, "batch_size", None)
-        if per_device is None:
-            raise ValueError("optimizer.reference_batch_size needs a datamodule with a batch_size")
-        return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+    Multiclass: n / (k * count_c) per class (cross-entropy weights). Multilabel: negatives /
+    positives per label (BCE pos_weight), uncertain (NaN) labels left out of both counts.
+    """
+    from mnv3.cli import ConfigError
 
-    # -- reporting -------------------------------------------------------------------------
-    def model_summary(self, image_size: int = 224) -> dict[str, float]:
-        """Parameters and MAdds of the network at ``image_size`` (logged at the start of a run)."""
-        return {
-            "model/params": count_params(self.model),
-            "model/madds": count_madds(self.model, image_size),
-        }
+    if setting is None or isinstance(setting, list):
+        return setting
+    if setting != "balanced":
+        raise ConfigError(f"head.class_weights must be null, a list or 'balanced', got {setting!r}")
+    train = datamodule.get_dataset("train")
+    if label_type == "multilabel":
+        labels = torch.as_tensor(train.label_matrix, dtype=torch.float32)
+        positives = (labels == 1).sum(0).clamp(min=1)
+        negatives = (labels == 0).sum(0)
+        return (negatives / positives).tolist()
+    counts = torch.bincount(torch.as_tensor(train.targets), minlength=datamodule.num_classes)
+    counts = counts.clamp(min=1)
+    return (counts.sum() / (len(counts) * counts.float())).tolist()

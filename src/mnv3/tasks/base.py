@@ -1,0 +1,244 @@
+"""What every task shares: building the network, EMA, compile, channels-last, freezing,
+backbone/head parameter groups, batch-scaled lr, optimizer and schedule, the non-finite-loss stop,
+skipped-image counting and the model summary.
+
+A task subclass owns only its loss, metrics and pictures, plus :meth:`BaseTask.from_config` (how
+it builds itself from the plain config and the data module) and :meth:`BaseTask.callbacks` (the
+callbacks that only make sense for it). The entry points never branch on the task.
+
+Hyperparameters are plain Python types (:func:`~mnv3.tasks.common.check_plain`), so every
+checkpoint loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from mnv3.models import count_madds, count_params
+from mnv3.tasks.common import NonFiniteLossError, check_plain
+from mnv3.tasks.ema import ModelEma
+from mnv3.tasks.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+def backbone_modules(model: nn.Module) -> list[nn.Module]:
+    """The feature-extractor submodules of a network, found by submodule, not by index.
+
+    A detector or segmenter keeps its feature extractor in ``model.backbone``; a classifier
+    (:class:`~mnv3.models.MobileNet`) lists its own through ``backbone_modules()`` (stem, blocks
+    and last conv: everything but the classification head).
+    """
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, nn.Module):
+        return [backbone]
+    lister = getattr(model, "backbone_modules", None)
+    if callable(lister):
+        return list(lister())
+    raise TypeError(
+        f"{type(model).__name__} has neither a `backbone` submodule nor `backbone_modules()`"
+    )
+
+
+class BaseTask(pl.LightningModule):
+    """A LightningModule around one network built from plain keyword arguments.
+
+    Args:
+        model: the network's builder keyword arguments (its ``name`` plus plain values);
+            :meth:`build_network` turns them into a module.
+        optimizer: ``name`` (rmsprop_tf, sgd, adamw), ``lr``, ``weight_decay``... and optionally
+            ``reference_batch_size``: ``lr`` is then scaled linearly to the real global batch.
+        scheduler: ``name`` (exponential, cosine, constant), ``warmup_epochs`` and its knobs.
+        ema_decay: keep an EMA of the weights (paper: 0.9999) and validate/test with it.
+        channels_last: run the network in NHWC memory format (faster convs on CPU and GPU).
+        compile: wrap the network's forward in ``torch.compile``.
+        freeze_backbone_epochs: fine-tuning: train only the head for this many epochs (backbone
+            weights and BatchNorm statistics frozen), then everything.
+        backbone_lr_factor: fine-tuning: the backbone's lr is this fraction of the head's.
+    """
+
+    #: the metric that picks ``best.ckpt`` and early stopping, and whether higher is better
+    monitor = "val/loss"
+    monitor_mode = "min"
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any] | None = None,
+        ema_decay: float | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        freeze_backbone_epochs: int = 0,
+        backbone_lr_factor: float = 1.0,
+    ) -> None:
+        super().__init__()
+        check_plain({"model": model, "optimizer": optimizer, "scheduler": scheduler})
+        self.model = self.build_network(dict(model))
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = ModelEma(self.model, ema_decay) if ema_decay else None
+        self._optimizer_cfg = dict(optimizer)
+        self._scheduler_cfg = dict(scheduler) if scheduler else None
+        self._channels_last = bool(channels_last)
+        self._compile = bool(compile)
+        self._freeze_backbone_epochs = int(freeze_backbone_epochs)
+        self._backbone_lr_factor = float(backbone_lr_factor)
+        self._compiled: Any = None
+        self.skipped_images = 0
+        # Set by mnv3.eval (save_predictions=true): tasks that can write their predictions
+        # (COCO results json, label-map PNGs) write them into this folder.
+        self.predictions_dir: Path | None = None
+
+    # -- what a subclass provides ----------------------------------------------------------
+    def build_network(self, model: dict[str, Any]) -> nn.Module:
+        """The network from its plain builder arguments."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], datamodule: Any) -> BaseTask:
+        """Build the task from the plain (resolved) run config and the data module."""
+        raise NotImplementedError
+
+    def callbacks(self, settings: Mapping[str, Any] | None) -> list[pl.Callback]:
+        """Callbacks that only make sense for this task (none by default)."""
+        return []
+
+    @staticmethod
+    def restore_callbacks(checkpoint: Mapping[str, Any]) -> list[pl.Callback]:
+        """Callbacks whose saved state evaluation reuses (none by default)."""
+        return []
+
+    @staticmethod
+    def shared_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The constructor arguments every task reads from the run config the same way."""
+        return {
+            "optimizer": dict(cfg["optim"]),
+            "scheduler": dict(cfg["scheduler"]) if cfg.get("scheduler") else None,
+            "ema_decay": cfg.get("ema_decay"),
+            "channels_last": bool(cfg.get("channels_last", False)),
+            "compile": bool(cfg.get("compile", False)),
+            "freeze_backbone_epochs": int(cfg.get("freeze_backbone_epochs", 0)),
+            "backbone_lr_factor": float(cfg.get("backbone_lr_factor", 1.0)),
+        }
+
+    # -- the network, as training and evaluation see it ------------------------------------
+    def net(self, evaluating: bool) -> nn.Module:
+        """The EMA copy when evaluating with one; the compiled network when compiling."""
+        if evaluating and self.ema is not None:
+            return self.ema.module
+        if self._compile:
+            if self._compiled is None:
+                # Kept out of the module tree so state_dict keys stay those of ``self.model``.
+                self.__dict__["_compiled"] = torch.compile(self.model)
+            return self._compiled
+        return self.model
+
+    def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in the memory format the network runs in."""
+        if self._channels_last:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def forward(self, images: torch.Tensor) -> Any:
+        return self.net(evaluating=not self.training)(self.prepare_images(images))
+
+    # -- guards shared by every training step ----------------------------------------------
+    def count_skipped(self, batch: Mapping[str, Any]) -> None:
+        """Add the batch's unreadable images to the run's count (logged as data/skipped_images)."""
+        skipped = int(batch.get("skipped", 0))
+        if skipped:
+            self.skipped_images += skipped
+            log.warning("%d unreadable image(s) skipped so far", self.skipped_images)
+
+    def log_skipped(self, batch_size: int) -> None:
+        self.log(
+            "data/skipped_images",
+            float(self.skipped_images),
+            on_step=False,
+            on_epoch=True,
+            reduce_fx="max",
+            batch_size=batch_size,
+        )
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop the run on a NaN or infinite loss, keeping the last good checkpoint."""
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step} (epoch "
+                f"{self.current_epoch}); stopping so the last good checkpoint is kept (lower "
+                "optim.lr or check the data)"
+            )
+
+    # -- fine-tuning and EMA -----------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        """Freeze the backbone (weights and BN statistics) for the first fine-tuning epochs."""
+        frozen = self.current_epoch < self._freeze_backbone_epochs
+        for module in backbone_modules(self.model):
+            for p in module.parameters():
+                p.requires_grad_(not frozen)
+            if frozen:
+                module.eval()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None and outputs is not None:
+            self.ema.update(self.model)
+
+    # -- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt_cfg = dict(self._optimizer_cfg)
+        reference = opt_cfg.pop("reference_batch_size", None)
+        if reference:
+            opt_cfg["lr"] = opt_cfg["lr"] * self._global_batch_size() / reference
+        groups = self.param_groups(opt_cfg["lr"], opt_cfg.get("weight_decay", 0.0))
+        optimizer = build_optimizer(self.model, param_groups=groups, **opt_cfg)
+        sched_cfg = dict(self._scheduler_cfg or {"name": "constant"})
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = max(1, self.trainer.max_epochs or 1)
+        scheduler = build_scheduler(
+            optimizer, total_steps=total, steps_per_epoch=max(1, total // epochs), **sched_cfg
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Backbone and head groups (lr x backbone_lr_factor for the backbone), each split into
+        weights that decay and BatchNorm / bias parameters that do not."""
+        in_backbone = {id(p) for m in backbone_modules(self.model) for p in m.parameters()}
+        groups = []
+        for is_backbone in (True, False):
+            factor = self._backbone_lr_factor if is_backbone else 1.0
+            params = [p for p in self.model.parameters() if (id(p) in in_backbone) == is_backbone]
+            for decays in (True, False):
+                groups.append(
+                    {
+                        "params": [p for p in params if (p.ndim > 1) == decays],
+                        "weight_decay": weight_decay if decays else 0.0,
+                        "lr": lr * factor,
+                    }
+                )
+        return [g for g in groups if g["params"]]
+
+    def _global_batch_size(self) -> int:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        per_device = getattr(datamodule, "batch_size", None)
+        if per_device is None:
+            raise ValueError("optimizer.reference_batch_size needs a datamodule with a batch_size")
+        return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    # -- reporting -------------------------------------------------------------------------
+    def model_summary(self, input_size: int | tuple[int, int] = 224) -> dict[str, float]:
+        """Parameters and MAdds of the network at ``input_size`` (an int or (H, W))."""
+        return {
+            "model/params": count_params(self.model),
+            "model/madds": count_madds(self.model, input_size),
+        }
