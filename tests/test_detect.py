@@ -1,0 +1,152 @@
+"""Detection end to end: SSDLite trains on generated COCO-layout data, its logged mAP is COCO's
+own, eval writes a COCO results json, DDP gives the one-process mAP, bad pairs fail at start."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import QUIET, compose_train, run_cli
+from mnv3.cli import ConfigError, check_head_and_data
+from mnv3.train import train
+
+# 24 train / 8 val images (1 empty) of 96 px; SSDLite-Small at 96x96 input: seconds per epoch.
+TINY_DETECT = [
+    "experiment=shapes_detect_quick",
+    "data.generate.train_images=24",
+    "data.generate.val_images=8",
+    "data.generate.empty_val_images=1",
+    "data.generate.image_size=96",
+    "data.image_size=96",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "head.box_images=2",
+]
+
+
+def _rows(csv_path: Path) -> list[dict[str, str]]:
+    with csv_path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _last(rows: list[dict[str, str]], key: str) -> float:
+    return float([r for r in rows if r.get(key)][-1][key])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-epoch SSDLite run on the tiny generated set (shared by the tests below)."""
+    tmp = tmp_path_factory.mktemp("detect")
+    cfg = compose_train(tmp, [*TINY_DETECT, *QUIET, "trainer.max_epochs=3", "logger=csv"])
+    train(cfg)
+    return tmp
+
+
+def test_detector_trains_and_saves_plain_checkpoints(trained_run: Path) -> None:
+    run = trained_run / "run"
+    rows = _rows(run / "csv" / "metrics.csv")
+    losses = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    for key in ("val/map", "val/map_50", "val/map_75", "val/map_small", "val/mar_100"):
+        assert 0.0 <= _last(rows, key) <= 1.0 or _last(rows, key) == -1.0
+    ckpt = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    hparams = ckpt["hyper_parameters"]
+    assert hparams["num_classes"] == 6 and hparams["model"]["backbone"] == "mobilenet_v3_small"
+    # Sparse category ids of the generated set (1, 3, 5, ...) travel with the checkpoint.
+    assert hparams["label_to_category_id"] == [0, 1, 3, 5, 7, 9, 11]
+    assert sorted((run / "plots").glob("val_boxes_epoch*.png"))
+    assert (run / "val_per_class_ap.csv").is_file()
+
+
+def test_logged_map_equals_cocoeval_on_the_written_results(trained_run: Path) -> None:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ckpt = trained_run / "run" / "checkpoints" / "best.ckpt"
+    out = trained_run / "eval1"
+    result = run_cli(
+        "mnv3.eval", [f"ckpt_path={ckpt}", "split=val", f"hydra.run.dir={out}"], cwd=trained_run
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = _rows(out / "csv" / "metrics.csv")
+    detections = json.loads((out / "coco_results.json").read_text())
+    assert detections and {"image_id", "category_id", "bbox", "score"} <= set(detections[0])
+    assert {d["category_id"] for d in detections} <= {1, 3, 5, 7, 9, 11}
+
+    annotations = trained_run / "data" / "shapes_coco" / "annotations" / "instances_val2017.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(annotations))
+        evaluation = COCOeval(truth, truth.loadRes(detections), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    names = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
+    for name, expected in zip(names, evaluation.stats[:6], strict=True):
+        assert _last(logged, f"val/{name}") == pytest.approx(expected, abs=1e-6), name
+    assert _last(logged, "val/mar_100") == pytest.approx(evaluation.stats[8], abs=1e-6)
+
+
+def test_ddp_two_processes_give_the_one_process_map(trained_run: Path) -> None:
+    ckpt = trained_run / "run" / "checkpoints" / "best.ckpt"
+    maps = []
+    for name, trainer in (("one", []), ("ddp", ["trainer=ddp", "trainer.devices=2"])):
+        out = trained_run / f"eval_{name}"
+        args = [f"ckpt_path={ckpt}", "split=val", *trainer, f"hydra.run.dir={out}"]
+        result = run_cli("mnv3.eval", args, cwd=trained_run, timeout=400)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = _rows(out / "csv" / "metrics.csv")
+        maps.append((_last(rows, "val/map"), _last(rows, "val/map_50")))
+        detections = json.loads((out / "coco_results.json").read_text())
+        assert len({d["image_id"] for d in detections}) >= 7  # both ranks' images written
+    # Equal up to the order in which tied detections reach COCOeval (gathered across ranks).
+    assert maps[0] == pytest.approx(maps[1], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("head", "data"), [("ssdlite", "textures"), ("ssdlite", "imagenet"), ("classifier", "coco")]
+)
+def test_head_and_data_of_different_tasks_fail_before_reading_data(
+    tmp_path: Path, head: str, data: str
+) -> None:
+    cfg = compose_train(tmp_path, [f"head={head}", f"data={data}"])
+    with pytest.raises(ConfigError, match=f"head={head}.*data={data}"):
+        check_head_and_data(cfg)
+
+
+def test_unsupported_backbone_option_is_one_sentence(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, [*TINY_DETECT, *QUIET, "backbone=small_minimal"])
+    with pytest.raises(
+        ConfigError, match=r"backbone\.minimal=True is not supported by head=ssdlite"
+    ):
+        train.__wrapped__(cfg)
+
+
+def test_coco_recipes_hold_torchvisions_recipe_and_the_paper_numbers(tmp_path: Path) -> None:
+    paper = {  # Table 6 rows: mAP (test-dev), params (M), MAdds (B)
+        "ssdlite_mnv3l_320_coco": (0.220, 4.97, 0.62),
+        "ssdlite_mnv3l-reduced_320_coco": (0.220, 3.22, 0.51),
+        "ssdlite_mnv3s_320_coco": (0.160, 2.49, 0.21),
+        "ssdlite_mnv3s-reduced_320_coco": (0.161, 1.77, 0.16),
+        "ssdlite_mnv2_320_coco": (0.221, 4.3, 0.80),
+    }
+    for name, (map_, params, madds) in paper.items():
+        cfg = compose_train(tmp_path, [f"experiment={name}"])
+        assert cfg.head.name == "ssdlite" and cfg.data.name == "coco"
+        assert (cfg.paper.map, cfg.paper.params_m, cfg.paper.madds_b) == (map_, params, madds)
+        assert cfg.optim.name == "sgd" and not cfg.optim.nesterov and cfg.optim.momentum == 0.9
+        assert cfg.optim.lr == 0.15 and cfg.optim.reference_batch_size == 192
+        assert cfg.optim.weight_decay == 4e-5 and cfg.scheduler.name == "cosine"
+        assert cfg.trainer.max_epochs == 660
+        assert cfg.data.batch_size * cfg.trainer.devices == 192
+        assert cfg.backbone.get("reduced_tail", False) == ("reduced" in name)
+    tv = compose_train(tmp_path, ["experiment=ssdlite_mnv3l-reduced_320_coco"])
+    assert tv.expected.value == 0.213 and tv.expected.metric == "val/map"
+    focal = compose_train(tmp_path, ["experiment=ssdlite_mnv3l-reduced_320_coco_focal"])
+    assert focal.head.loss == "focal" and focal.optim.lr == 0.4
+    assert focal.data.batch_size * focal.trainer.devices == 512
