@@ -1,0 +1,315 @@
+"""Semantic segmentation: per-pixel cross-entropy, mIoU over the whole split (one confusion matrix,
+as Cityscapes' official evaluation), per-class IoU, pixel accuracy, colour-mask pictures and
+label-map predictions; everything else comes from :class:`~mnv3.tasks.base.BaseTask`.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import csv
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+from mnv3.models.registry import build_segmenter
+from mnv3.tasks.base import BaseTask
+from mnv3.tasks.common import check_plain, log_images, save_figure
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255
+# Backbone-group keys the segmenter builders have no use for, with the only value they support.
+_UNSUPPORTED_BACKBONE_KEYS = {"minimal": False, "in_channels": 3}
+
+
+def default_palette(num_classes: int) -> list[list[int]]:
+    """Distinct colours (evenly spaced hues) for datasets that bring no palette of their own."""
+    colours = []
+    for i in range(num_classes):
+        r, g, b = colorsys.hsv_to_rgb(i / max(1, num_classes), 0.75, 0.95)
+        colours.append([round(255 * r), round(255 * g), round(255 * b)])
+    return colours
+
+
+class SegmentationTask(BaseTask):
+    """LR-ASPP / R-ASPP trained with cross-entropy (255 ignored) and judged by mIoU.
+
+    ``val/miou`` is torchmetrics' :class:`MulticlassJaccardIndex` accumulated over the whole split
+    (a dataset-level confusion matrix, not a mean of per-image IoUs), averaged over the classes
+    that occur in the split's labels or predictions (a class absent from both is left out, as
+    the official script's NaN classes are). Also logged: per-class IoU and pixel accuracy.
+
+    Args:
+        model: segmenter builder kwargs: ``segmenter`` (a :data:`~mnv3.models.registry.SEGMENTERS`
+            name, default ``"lraspp"``), ``backbone``, ``pool``, ``inter_channels``...
+        num_classes: classes predicted (Cityscapes: 19 train ids).
+        class_names: the classes' names, in train-id order.
+        label_ids: each class's id in the dataset's own label files (Cityscapes labelIds), for
+            ``<name>_labelIds.png`` predictions; None: only train-id maps are written.
+        palette: an RGB colour per class for the pictures (the dataset's, else evenly spaced).
+        mask_images: validation images drawn with true and predicted masks each epoch (0: none).
+        Others: see :class:`~mnv3.tasks.base.BaseTask`.
+    """
+
+    monitor = "val/miou"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        num_classes: int,
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any] | None = None,
+        class_names: list[str] | None = None,
+        label_ids: list[int] | None = None,
+        palette: list[list[int]] | None = None,
+        ema_decay: float | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        freeze_backbone_epochs: int = 0,
+        backbone_lr_factor: float = 1.0,
+        mask_images: int = 4,
+    ) -> None:
+        super().__init__(
+            model={**model, "num_classes": num_classes},
+            optimizer=optimizer,
+            scheduler=scheduler,
+            ema_decay=ema_decay,
+            channels_last=channels_last,
+            compile=compile,
+            freeze_backbone_epochs=freeze_backbone_epochs,
+            backbone_lr_factor=backbone_lr_factor,
+        )
+        check_plain({"class_names": class_names, "label_ids": label_ids, "palette": palette})
+        self.save_hyperparameters()
+        self.num_classes = num_classes
+        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self.label_ids = label_ids
+        self.palette = palette or default_palette(num_classes)
+        self.mask_images = int(mask_images)
+        iou = {
+            "num_classes": num_classes,
+            "ignore_index": IGNORE_INDEX,
+            "average": None,
+            "zero_division": float("nan"),  # absent from labels and predictions: left out
+        }
+        accuracy = {"num_classes": num_classes, "ignore_index": IGNORE_INDEX, "average": "micro"}
+        self.val_iou = MulticlassJaccardIndex(**iou)
+        self.test_iou = MulticlassJaccardIndex(**iou)
+        self.val_accuracy = MulticlassAccuracy(**accuracy)
+        self.test_accuracy = MulticlassAccuracy(**accuracy)
+        self._pictures: dict[str, Any] | None = None
+
+    def build_network(self, model: dict[str, Any]) -> nn.Module:
+        return build_segmenter(model.pop("segmenter", "lraspp"), **model)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], datamodule: Any) -> SegmentationTask:
+        """The task for ``head=lraspp`` / ``head=raspp``: the backbone group gives the backbone
+        (``weights`` are ImageNet weights for it), the head group the segmenter's own settings."""
+        from mnv3.cli import ConfigError
+
+        backbone = dict(cfg["backbone"])
+        head = dict(cfg["head"])
+        for key, supported in _UNSUPPORTED_BACKBONE_KEYS.items():
+            if backbone.get(key, supported) not in (supported, None):
+                raise ConfigError(
+                    f"backbone.{key}={backbone[key]!r} is not supported by head={head['name']}; "
+                    f"expected {supported!r}"
+                )
+        if backbone.get("width_mult", 1.0) != 1.0:
+            raise ConfigError(
+                f"backbone.width_mult={backbone['width_mult']} is not supported by head="
+                f"{head['name']}; expected 1.0 (the paper's segmentation models)"
+            )
+        model: dict[str, Any] = {
+            "segmenter": head.get("segmenter", head["name"]),
+            "backbone": backbone["name"],
+            "reduced_tail": bool(backbone.get("reduced_tail", False)),
+            # The head's stride (Table 7: 16; Table 8 also 32), else the backbone group's.
+            "output_stride": int(head.get("output_stride") or backbone.get("output_stride", 16)),
+            "backbone_weights": backbone.get("weights"),
+            "weights": head.get("weights"),
+        }
+        if backbone.get("bn_momentum") is not None:
+            model["bn_momentum"] = float(backbone["bn_momentum"])
+        skip = {"name", "task", "segmenter", "weights", "mask_images", "output_stride"}
+        model.update({k: v for k, v in head.items() if k not in skip and v is not None})
+        # Class ids that are numbers (Cityscapes labelIds) are what predictions are written as.
+        ids = list(getattr(datamodule, "classes", []) or [])
+        label_ids = [int(i) for i in ids] if ids and all(str(i).isdigit() for i in ids) else None
+        palette = getattr(datamodule, "palette", None)
+        return cls(
+            model=model,
+            num_classes=datamodule.num_classes,
+            class_names=list(datamodule.class_names),
+            label_ids=label_ids,
+            palette=[[int(c) for c in rgb] for rgb in palette] if palette else None,
+            mask_images=int(head.get("mask_images", 4)),
+            **cls.shared_kwargs(cfg),
+        )
+
+    # -- steps -----------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self.count_skipped(batch)
+        images, masks = batch["image"], batch["mask"]
+        if images.shape[0] == 0:  # every image of the batch was unreadable
+            return None
+        logits = self.net(evaluating=False)(self.prepare_images(images))
+        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+        self.check_finite(loss)
+        bs = images.shape[0]
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
+        self.log_skipped(bs)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
+        self.count_skipped(batch)
+        images, masks = batch["image"], batch["mask"]
+        if images.shape[0] == 0:
+            return
+        logits = self.net(evaluating=True)(self.prepare_images(images))
+        if logits.shape[-2:] != masks.shape[-2:]:  # an eval preset that resized the images
+            logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear")
+        bs = images.shape[0]
+        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=bs)
+        predicted = logits.argmax(dim=1)
+        iou, accuracy = (
+            (self.val_iou, self.val_accuracy)
+            if stage == "val"
+            else (self.test_iou, self.test_accuracy)
+        )
+        iou.update(predicted, masks)
+        accuracy.update(predicted, masks)
+        if self.predictions_dir is not None:
+            self._write_predictions(logits, batch)
+        if batch_idx == 0 and stage == "val" and self.mask_images > 0:
+            n = min(self.mask_images, bs)
+            self._pictures = {
+                "images": images[:n].detach().float().cpu(),
+                "masks": masks[:n].cpu(),
+                "predicted": predicted[:n].cpu(),
+            }
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_of_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_of_eval("test")
+
+    def _end_of_eval(self, stage: str) -> None:
+        iou, accuracy = (
+            (self.val_iou, self.val_accuracy)
+            if stage == "val"
+            else (self.test_iou, self.test_accuracy)
+        )
+        per_class = iou.compute().float()
+        pixel_accuracy = accuracy.compute().float()
+        iou.reset()
+        accuracy.reset()
+        present = ~torch.isnan(per_class)
+        miou = per_class[present].mean() if present.any() else torch.tensor(0.0)
+        self.log(f"{stage}/miou", miou, prog_bar=True)
+        self.log(f"{stage}/pixel_accuracy", pixel_accuracy)
+        for name, value, seen in zip(
+            self.class_names, per_class.tolist(), present.tolist(), strict=True
+        ):
+            if seen:
+                self.log(f"{stage}/iou_class/{name}", value)
+        if self.trainer.sanity_checking or self.global_rank != 0:
+            return
+        if stage == "test" or self.current_epoch + 1 == self.trainer.max_epochs:
+            self._write_per_class(per_class, stage)
+        if self._pictures is not None and stage == "val":
+            path = self._draw_pictures(stage)
+            log_images(self.loggers, f"{stage}/masks", [path], step=self.global_step)
+            self._pictures = None
+
+    def _write_per_class(self, per_class: torch.Tensor, stage: str) -> None:
+        """The per-class IoU table, as text in the log and ``<run>/<stage>_per_class_iou.csv``."""
+        path = Path(self.trainer.default_root_dir) / f"{stage}_per_class_iou.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [
+            (name, value)
+            for name, value in zip(self.class_names, per_class.tolist(), strict=True)
+            if value == value  # NaN: absent from the split
+        ]
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["class", "IoU"])
+            writer.writerows((name, f"{value:.4f}") for name, value in rows)
+        log.info(
+            "%s per-class IoU: %s (%s)", stage, ", ".join(f"{n} {v:.3f}" for n, v in rows), path
+        )
+
+    # -- predictions as label maps -----------------------------------------------------------
+    def _write_predictions(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> None:
+        """``<name>_trainIds.png`` and ``<name>_labelIds.png`` at each image's full size."""
+        from PIL import Image
+
+        assert self.predictions_dir is not None
+        out = self.predictions_dir / "predictions"
+        out.mkdir(parents=True, exist_ok=True)
+        table = torch.tensor(self.label_ids, dtype=torch.uint8) if self.label_ids else None
+        for i, (name, size) in enumerate(zip(batch["name"], batch["orig_size"], strict=True)):
+            size = (int(size[0]), int(size[1]))
+            scores = logits[i : i + 1]
+            if tuple(scores.shape[-2:]) != size:
+                scores = F.interpolate(scores, size=size, mode="bilinear")
+            train_ids = scores.argmax(dim=1)[0].to(torch.uint8).cpu()
+            _save_png(train_ids, out / f"{name}_trainIds.png", Image)
+            if table is not None:
+                _save_png(table[train_ids.long()], out / f"{name}_labelIds.png", Image)
+
+    # -- pictures ----------------------------------------------------------------------------
+    def _draw_pictures(self, stage: str) -> Path:
+        """Image, true mask and predicted mask in the dataset's colours, one row per image."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        assert self._pictures is not None
+        datamodule = getattr(self.trainer, "datamodule", None)
+        mean = torch.tensor(getattr(datamodule, "mean", (0.485, 0.456, 0.406))).view(-1, 1, 1)
+        std = torch.tensor(getattr(datamodule, "std", (0.229, 0.224, 0.225))).view(-1, 1, 1)
+        colours = torch.tensor([*self.palette, [0, 0, 0]], dtype=torch.uint8)  # last: ignored
+        pics = self._pictures
+        n = len(pics["images"])
+        fig, axes = plt.subplots(n, 3, figsize=(9, 1.6 + 2.2 * n), squeeze=False)
+        for i in range(n):
+            image = (pics["images"][i] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+            masks = [pics["masks"][i], pics["predicted"][i]]
+            panels = [image] + [
+                colours[m.long().clamp(max=self.num_classes)].numpy() for m in masks
+            ]
+            for ax, panel, title in zip(
+                axes[i], panels, ("image", "true", "predicted"), strict=True
+            ):
+                ax.imshow(panel)
+                ax.set_title(title, fontsize=9)
+                ax.axis("off")
+        fig.suptitle(f"{stage} epoch {self.current_epoch}")
+        fig.tight_layout()
+        root = Path(self.trainer.default_root_dir) / "plots"
+        return save_figure(fig, root / f"{stage}_masks_epoch{self.current_epoch:03d}.png")
+
+
+def _save_png(array: torch.Tensor, path: Path, image_module: Any) -> None:
+    """A uint8 (H, W) label map as an 8-bit PNG, written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    image_module.fromarray(array.numpy(), mode="L").save(tmp, format="PNG")
+    tmp.replace(path)

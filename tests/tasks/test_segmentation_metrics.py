@@ -1,0 +1,98 @@
+"""SegmentationTask's mIoU is one confusion matrix over the whole split (Cityscapes' definition),
+checked against an IoU computed by hand; a mean of per-image IoUs would give another number."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mnv3.tasks.segmentation import IGNORE_INDEX, SegmentationTask
+
+NUM_CLASSES = 4
+
+
+class PredictionInChannelZero(nn.Module):
+    """A stand-in network whose prediction is written in the image: class = channel 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Conv2d(1, 1, 1)  # an optimizer needs one parameter
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        predicted = images[:, 0].long()
+        return nn.functional.one_hot(predicted, NUM_CLASSES).permute(0, 3, 1, 2).float()
+
+
+def _split(seed: int = 0) -> list[dict[str, object]]:
+    """Six 8x8 images, each less right than the one before, some pixels ignored, class 3 absent."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(6):
+        predicted = torch.randint(0, 3, (8, 8), generator=g)
+        right = 0.95 - 0.15 * i  # images from nearly right to mostly wrong
+        label = torch.where(torch.rand(8, 8, generator=g) < right, predicted, (predicted + 1) % 3)
+        label[torch.rand(8, 8, generator=g) < 0.1] = IGNORE_INDEX
+        image = predicted[None].float().expand(3, -1, -1).contiguous()
+        samples.append({"image": image, "mask": label, "name": f"img{i}", "orig_size": (8, 8)})
+    return samples
+
+
+def _collate(samples: list[dict[str, object]]) -> dict[str, object]:
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "mask": torch.stack([s["mask"] for s in samples]),
+        "name": [s["name"] for s in samples],
+        "orig_size": [s["orig_size"] for s in samples],
+        "skipped": 0,
+    }
+
+
+def _hand_iou(samples: list[dict[str, object]]) -> tuple[np.ndarray, float]:
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    for s in samples:
+        label = s["mask"].numpy().ravel()
+        predicted = s["image"][0].long().numpy().ravel()
+        keep = label != IGNORE_INDEX
+        np.add.at(confusion, (label[keep], predicted[keep]), 1)
+    tp = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    return iou, float(tp.sum() / confusion.sum())
+
+
+def test_miou_is_the_whole_split_confusion_matrix_iou(tmp_path) -> None:
+    task = SegmentationTask(
+        model={"backbone": "mobilenet_v3_small", "reduced_tail": True},
+        num_classes=NUM_CLASSES,
+        optimizer={"name": "adamw", "lr": 1e-3},
+        class_names=["a", "b", "c", "d"],
+        mask_images=0,
+    )
+    task.model = PredictionInChannelZero()
+    samples = _split()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    loader = DataLoader(samples, batch_size=4, collate_fn=_collate)
+    (logged,) = trainer.validate(task, dataloaders=loader, verbose=False)
+
+    iou, accuracy = _hand_iou(samples)
+    assert np.isnan(iou[3])  # class "d" is in no label and no prediction: left out of the mean
+    assert logged["val/miou"] == pytest.approx(np.nanmean(iou), abs=1e-6)
+    assert logged["val/pixel_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    for name, value in zip("abc", iou[:3], strict=True):
+        assert logged[f"val/iou_class/{name}"] == pytest.approx(value, abs=1e-6)
+    assert "val/iou_class/d" not in logged
+    per_image = []
+    for s in samples:
+        one, _ = _hand_iou([s])
+        per_image.append(np.nanmean(one))
+    assert abs(np.mean(per_image) - logged["val/miou"]) > 1e-2  # not a mean of per-image IoUs
