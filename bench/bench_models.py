@@ -33,23 +33,30 @@ faulted back in on every call, which made eager latencies depend on heap history
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as dt
-import gc
-import os
-import platform
-import random
 import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torchvision
-from common import write_results
+from common import (
+    BUSY_CORES,
+    OtherLoad,
+    add_timing_args,
+    fmt_ms,
+    fmt_ratio,
+    load_average,
+    machine_info,
+    pin_malloc,
+    ratio_interval,
+    resolve_timing_args,
+    time_interleaved,
+    write_results,
+)
 from torch import nn
 from torchvision.models import mobilenetv3 as tv_mnv3
 
@@ -75,8 +82,6 @@ QUICK_WARMUP = 3
 # machine the rounds finish well inside it; when other processes compete for the cores
 # (all-threads runs then slow down 10-50x from OpenMP waits) it bounds the run instead.
 DEFAULT_ROW_BUDGET = 50.0
-MIN_ROUNDS = 10
-BUSY_CORES = 0.1  # other processes above this many cores while a row is timed: flagged noisy
 EAGER_RATIO_GOAL = 1.02  # ours / torchvision eager, 1 thread, every row
 OPT_RATIO_GOAL = 0.6  # optimised path / torchvision eager, Large 1.0, 1 thread
 OPT_GOAL_ROW = "large-1.0"
@@ -225,119 +230,6 @@ class Result:
         return self.ours_nt / self.ref_nt
 
 
-# --------------------------------------------------------------------------- timing
-
-
-def pin_malloc() -> str:
-    """Keep glibc malloc from handing big activation buffers back to the OS after every call.
-
-    By default glibc serves large blocks with mmap and trims freed heap memory, so a
-    MobileNetV2 forward at 224 page-faults ~3000 times (its 4.8 MB expansion maps are
-    re-faulted and re-zeroed on every call): ~25% of its eager latency, and a heap-state
-    lottery that moved ours/torchvision by +-8% between runs. Fixed thresholds (what jemalloc
-    or tcmalloc do anyway) remove that noise for both sides alike.
-    """
-    if not sys.platform.startswith("linux"):
-        return "platform default"
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1
-        ok = libc.mallopt(m_trim_threshold, 1 << 30) == 1 and ok
-    except (OSError, AttributeError):
-        return "platform default (no glibc mallopt)"
-    if not ok:
-        return "glibc default (mallopt refused)"
-    return "glibc, mallopt M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=1 GiB (--default-malloc: off)"
-
-
-class OtherLoad:
-    """Average number of cores that *other* processes kept busy between start() and stop().
-
-    System-wide busy time from /proc/stat minus this process's own CPU time: it tells whether
-    a latency was measured on a quiet machine. None where /proc/stat is unavailable.
-    """
-
-    def __init__(self) -> None:
-        self._start: tuple[float, float, float] | None = None
-
-    @staticmethod
-    def _system_busy() -> float | None:
-        try:
-            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        except OSError:
-            return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own() -> float:
-        t = os.times()
-        return t.user + t.system
-
-    def start(self) -> None:
-        busy = self._system_busy()
-        self._start = None if busy is None else (busy, self._own(), time.perf_counter())
-
-    def stop(self) -> float | None:
-        busy = self._system_busy()
-        if self._start is None or busy is None:
-            return None
-        busy0, own0, t0 = self._start
-        wall = time.perf_counter() - t0
-        return max(0.0, (busy - busy0) - (self._own() - own0)) / wall if wall > 0 else None
-
-
-def time_interleaved(
-    candidates: dict[str, Callable[[], object]], rounds: int, warmup: int, budget_s: float
-) -> dict[str, list[float]]:
-    """Per-call wall times (s) of each candidate, run in rounds of alternating order.
-
-    Stops early once ``budget_s`` seconds are spent (after at least MIN_ROUNDS rounds).
-    """
-    names = list(candidates)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for name in names:
-                candidates[name]()
-        gc.collect()
-        gc_was_enabled = gc.isenabled()
-        gc.disable()  # a collection inside a timed call would land on one candidate only
-        try:
-            deadline = time.perf_counter() + budget_s
-            for r in range(rounds):
-                if r >= MIN_ROUNDS and time.perf_counter() > deadline:
-                    break
-                for name in names if r % 2 == 0 else reversed(names):
-                    fn = candidates[name]
-                    start = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - start)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-    return times
-
-
-def ratio_interval(
-    num: Sequence[float], den: Sequence[float], resamples: int = 1000, seed: int = 0
-) -> tuple[float, float]:
-    """95% bootstrap interval of median(num) / median(den), resampling whole rounds."""
-    rng = random.Random(seed)
-    n = len(num)
-    if n < 2:
-        return (float("nan"), float("nan"))
-    ratios = []
-    for _ in range(resamples):
-        idx = [rng.randrange(n) for _ in range(n)]
-        ratios.append(
-            statistics.median(num[i] for i in idx) / statistics.median(den[i] for i in idx)
-        )
-    ratios.sort()
-    return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
-
-
 # --------------------------------------------------------------------------- one row
 
 
@@ -417,43 +309,6 @@ def bench_row(
 
 
 # --------------------------------------------------------------------------- reporting
-
-
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    info: dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    name = info.get("model name", platform.machine())
-    if "cpu family" in info and "model" in info:
-        name += f" (family {info['cpu family']}, model {info['model']})"
-    return name
-
-
-def machine_info(threads_all: int) -> list[tuple[str, str]]:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return [
-        ("CPU", cpu_model()),
-        ("cores (os.cpu_count)", str(os.cpu_count())),
-        ("torch threads by default (used for the all-threads columns)", str(threads_all)),
-        ("torch CPU capability", torch.backends.cpu.get_cpu_capability()),
-        ("torch / torchvision", f"{torch.__version__} / {torchvision.__version__}"),
-        ("python", f"{platform.python_version()} ({platform.platform()})"),
-        ("load average at start (1/5/15 min)", " / ".join(f"{v:.2f}" for v in load)),
-    ]
-
-
-def fmt_ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.2f}"
-
-
-def fmt_ratio(ratio: float, ci: tuple[float, float] | None = None) -> str:
-    text = f"{ratio:.3f}"
-    return f"{text} [{ci[0]:.2f}-{ci[1]:.2f}]" if ci is not None else text
 
 
 def markdown_table(results: Sequence[Result]) -> str:
@@ -609,31 +464,12 @@ def csv_record(r: Result) -> dict[str, object]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="output folder")
-    parser.add_argument("--quick", action="store_true", help="smoke run: a few iterations only")
-    parser.add_argument(
-        "--models",
-        nargs="+",
-        default=None,
-        metavar="ROW",
-        help=f"rows to run (default all): {', '.join(ROWS_BY_KEY)}",
-    )
-    parser.add_argument(
-        "--rounds", type=int, default=None, help=f"timed rounds (default {DEFAULT_ROUNDS})"
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=None, help=f"warm-up calls (default {DEFAULT_WARMUP})"
-    )
+    add_timing_args(parser, list(ROWS_BY_KEY), "--models", DEFAULT_ROUNDS, DEFAULT_WARMUP)
     parser.add_argument(
         "--budget",
         type=float,
         default=DEFAULT_ROW_BUDGET,
         help=f"time cap per row in seconds (default {DEFAULT_ROW_BUDGET:.0f})",
-    )
-    parser.add_argument(
-        "--default-malloc",
-        action="store_true",
-        help="leave glibc malloc's mmap / trim thresholds at their defaults (see pin_malloc)",
     )
     parser.add_argument(
         "--opt-mode",
@@ -642,14 +478,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="optimize_for_inference mode for the optimised column (default freeze)",
     )
     args = parser.parse_args(argv)
-    keys = [k for item in args.models or ROWS_BY_KEY for k in item.split(",") if k]
-    unknown = [k for k in keys if k not in ROWS_BY_KEY]
-    if unknown:
-        parser.error(f"unknown row(s) {unknown}; choose from {', '.join(ROWS_BY_KEY)}")
-    args.rows = [ROWS_BY_KEY[k] for k in keys]
-    args.rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
-    args.warmup = (
-        args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else DEFAULT_WARMUP)
+    args.rows = resolve_timing_args(
+        parser,
+        args,
+        args.models,
+        ROWS_BY_KEY,
+        (DEFAULT_ROUNDS, QUICK_ROUNDS),
+        (DEFAULT_WARMUP, QUICK_WARMUP),
     )
     return args
 
@@ -670,8 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     torch.set_num_threads(threads_all)
     elapsed = time.perf_counter() - start
-    if hasattr(os, "getloadavg"):
-        info.append(("load average at end", " / ".join(f"{v:.2f}" for v in os.getloadavg())))
+    info.append(("load average at end", load_average()))
 
     busy = any(r.other_load is not None and r.other_load > BUSY_CORES for r in results)
     report = markdown_report(
