@@ -48,22 +48,34 @@ def compose_train(tmp: Path, overrides: list[str], data_dir: Path | None = None)
     return cfg
 
 
-def run_cli(
-    module: str, args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300
-) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m <module> args`` as a user would, capturing its output."""
+def train_for_epochs(tmp: Path, overrides: list[str], epochs: int = 3) -> Path:
+    """Train quietly for ``epochs`` epochs, logging to CSV, into ``tmp/run``; returns ``tmp``."""
+    from mnv3.train import train
+
+    train(compose_train(tmp, [*overrides, *QUIET, f"trainer.max_epochs={epochs}", "logger=csv"]))
+    return tmp
+
+
+def _cli_env(env: dict[str, str] | None) -> dict[str, str]:
+    """The environment of a CLI run: offline W&B, unbuffered output, ``env`` on top."""
     # HYDRA_FULL_ERROR=0: a user's one-sentence errors (conftest turns tracebacks on in-process).
-    full_env = {
+    return {
         **os.environ,
         "WANDB_MODE": "disabled",
         "PYTHONUNBUFFERED": "1",
         "HYDRA_FULL_ERROR": "0",
         **(env or {}),
     }
+
+
+def run_cli(
+    module: str, args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m <module> args`` as a user would, capturing its output."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
-        env=full_env,
+        env=_cli_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -74,18 +86,10 @@ def start_cli(
     module: str, args: list[str], cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
     """Start ``python -m <module> args`` in the background (to signal it), output captured."""
-    # HYDRA_FULL_ERROR=0: a user's one-sentence errors (conftest turns tracebacks on in-process).
-    full_env = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "PYTHONUNBUFFERED": "1",
-        "HYDRA_FULL_ERROR": "0",
-        **(env or {}),
-    }
     return subprocess.Popen(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
-        env=full_env,
+        env=_cli_env(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -107,3 +111,28 @@ def metrics_rows(run: Path) -> list[dict[str, str]]:
 
     with open(run / "csv" / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
+
+
+def last_metric(rows: list[dict[str, str]], key: str) -> float:
+    """The last logged value of ``key`` in :func:`metrics_rows` (rows without it are skipped)."""
+    return float([r for r in rows if r.get(key)][-1][key])
+
+
+def epoch_losses(rows: list[dict[str, str]]) -> list[float]:
+    """The logged ``train/loss_epoch`` values of :func:`metrics_rows`, epoch by epoch."""
+    return [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+
+
+def eval_one_process_and_ddp(ckpt: Path, cwd: Path) -> list[Path]:
+    """Evaluate ``ckpt`` on val with one process, then with DDP over 2 CPU processes.
+
+    Returns the two run folders (``cwd/eval_one``, ``cwd/eval_ddp``), each with its metrics CSV.
+    """
+    outs = []
+    for name, trainer in (("one", []), ("ddp", ["trainer=ddp", "trainer.devices=2"])):
+        out = cwd / f"eval_{name}"
+        args = [f"ckpt_path={ckpt}", "split=val", *trainer, f"hydra.run.dir={out}"]
+        result = run_cli("mnv3.eval", args, cwd=cwd, timeout=400)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outs.append(out)
+    return outs

@@ -4,7 +4,6 @@ own, eval writes a COCO results json, DDP gives the one-process mAP, bad pairs f
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 from pathlib import Path
@@ -12,7 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import QUIET, compose_train, run_cli
+from helpers import (
+    QUIET,
+    compose_train,
+    epoch_losses,
+    eval_one_process_and_ddp,
+    last_metric,
+    metrics_rows,
+    run_cli,
+    train_for_epochs,
+)
 from mnv3.cli import ConfigError, check_head_and_data
 from mnv3.train import train
 
@@ -30,31 +38,19 @@ TINY_DETECT = [
 ]
 
 
-def _rows(csv_path: Path) -> list[dict[str, str]]:
-    with csv_path.open() as handle:
-        return list(csv.DictReader(handle))
-
-
-def _last(rows: list[dict[str, str]], key: str) -> float:
-    return float([r for r in rows if r.get(key)][-1][key])
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-epoch SSDLite run on the tiny generated set (shared by the tests below)."""
-    tmp = tmp_path_factory.mktemp("detect")
-    cfg = compose_train(tmp, [*TINY_DETECT, *QUIET, "trainer.max_epochs=3", "logger=csv"])
-    train(cfg)
-    return tmp
+    return train_for_epochs(tmp_path_factory.mktemp("detect"), TINY_DETECT)
 
 
 def test_detector_trains_and_saves_plain_checkpoints(trained_run: Path) -> None:
     run = trained_run / "run"
-    rows = _rows(run / "csv" / "metrics.csv")
-    losses = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    rows = metrics_rows(run)
+    losses = epoch_losses(rows)
     assert len(losses) == 3 and losses[-1] < losses[0]
     for key in ("val/map", "val/map_50", "val/map_75", "val/map_small", "val/mar_100"):
-        assert 0.0 <= _last(rows, key) <= 1.0 or _last(rows, key) == -1.0
+        assert 0.0 <= last_metric(rows, key) <= 1.0 or last_metric(rows, key) == -1.0
     ckpt = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     hparams = ckpt["hyper_parameters"]
     assert hparams["num_classes"] == 6 and hparams["model"]["backbone"] == "mobilenet_v3_small"
@@ -74,7 +70,7 @@ def test_logged_map_equals_cocoeval_on_the_written_results(trained_run: Path) ->
         "mnv3.eval", [f"ckpt_path={ckpt}", "split=val", f"hydra.run.dir={out}"], cwd=trained_run
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    logged = _rows(out / "csv" / "metrics.csv")
+    logged = metrics_rows(out)
     detections = json.loads((out / "coco_results.json").read_text())
     assert detections and {"image_id", "category_id", "bbox", "score"} <= set(detections[0])
     assert {d["category_id"] for d in detections} <= {1, 3, 5, 7, 9, 11}
@@ -88,20 +84,16 @@ def test_logged_map_equals_cocoeval_on_the_written_results(trained_run: Path) ->
         evaluation.summarize()
     names = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
     for name, expected in zip(names, evaluation.stats[:6], strict=True):
-        assert _last(logged, f"val/{name}") == pytest.approx(expected, abs=1e-6), name
-    assert _last(logged, "val/mar_100") == pytest.approx(evaluation.stats[8], abs=1e-6)
+        assert last_metric(logged, f"val/{name}") == pytest.approx(expected, abs=1e-6), name
+    assert last_metric(logged, "val/mar_100") == pytest.approx(evaluation.stats[8], abs=1e-6)
 
 
 def test_ddp_two_processes_give_the_one_process_map(trained_run: Path) -> None:
     ckpt = trained_run / "run" / "checkpoints" / "best.ckpt"
     maps = []
-    for name, trainer in (("one", []), ("ddp", ["trainer=ddp", "trainer.devices=2"])):
-        out = trained_run / f"eval_{name}"
-        args = [f"ckpt_path={ckpt}", "split=val", *trainer, f"hydra.run.dir={out}"]
-        result = run_cli("mnv3.eval", args, cwd=trained_run, timeout=400)
-        assert result.returncode == 0, result.stderr[-3000:]
-        rows = _rows(out / "csv" / "metrics.csv")
-        maps.append((_last(rows, "val/map"), _last(rows, "val/map_50")))
+    for out in eval_one_process_and_ddp(ckpt, trained_run):
+        rows = metrics_rows(out)
+        maps.append((last_metric(rows, "val/map"), last_metric(rows, "val/map_50")))
         detections = json.loads((out / "coco_results.json").read_text())
         assert len({d["image_id"] for d in detections}) >= 7  # both ranks' images written
     # Equal up to the order in which tied detections reach COCOeval (gathered across ranks).

@@ -3,7 +3,6 @@ full-size label maps named as Cityscapes' server wants them, DDP gives the one-p
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import QUIET, compose_train, run_cli
+from helpers import (
+    compose_train,
+    epoch_losses,
+    eval_one_process_and_ddp,
+    last_metric,
+    metrics_rows,
+    run_cli,
+    train_for_epochs,
+)
 from mnv3.cli import ConfigError, check_head_and_data
-from mnv3.train import train
 
 # 12 train / 4 val frames of 64x128; LR-ASPP-Small: a second or two per epoch.
 TINY_SEGMENT = [
@@ -30,31 +36,19 @@ TINY_SEGMENT = [
 ]
 
 
-def _rows(csv_path: Path) -> list[dict[str, str]]:
-    with csv_path.open() as handle:
-        return list(csv.DictReader(handle))
-
-
-def _last(rows: list[dict[str, str]], key: str) -> float:
-    return float([r for r in rows if r.get(key)][-1][key])
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-epoch LR-ASPP run on the tiny generated set (shared by the tests below)."""
-    tmp = tmp_path_factory.mktemp("segment")
-    cfg = compose_train(tmp, [*TINY_SEGMENT, *QUIET, "trainer.max_epochs=3", "logger=csv"])
-    train(cfg)
-    return tmp
+    return train_for_epochs(tmp_path_factory.mktemp("segment"), TINY_SEGMENT)
 
 
 def test_segmenter_trains_and_saves_plain_checkpoints(trained_run: Path) -> None:
     run = trained_run / "run"
-    rows = _rows(run / "csv" / "metrics.csv")
-    losses = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    rows = metrics_rows(run)
+    losses = epoch_losses(rows)
     assert len(losses) == 3 and losses[-1] < losses[0]
-    assert 0.0 <= _last(rows, "val/miou") <= 1.0
-    assert 0.0 <= _last(rows, "val/pixel_accuracy") <= 1.0
+    assert 0.0 <= last_metric(rows, "val/miou") <= 1.0
+    assert 0.0 <= last_metric(rows, "val/pixel_accuracy") <= 1.0
     assert any(k.startswith("val/iou_class/") for k in rows[-1])
     ckpt = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     hparams = ckpt["hyper_parameters"]
@@ -91,13 +85,9 @@ def test_eval_writes_full_size_label_maps_named_after_their_images(trained_run: 
 def test_ddp_two_processes_give_the_one_process_miou(trained_run: Path) -> None:
     ckpt = trained_run / "run" / "checkpoints" / "best.ckpt"
     values = []
-    for name, trainer in (("one", []), ("ddp", ["trainer=ddp", "trainer.devices=2"])):
-        out = trained_run / f"eval_{name}"
-        args = [f"ckpt_path={ckpt}", "split=val", *trainer, f"hydra.run.dir={out}"]
-        result = run_cli("mnv3.eval", args, cwd=trained_run, timeout=400)
-        assert result.returncode == 0, result.stderr[-3000:]
-        rows = _rows(out / "csv" / "metrics.csv")
-        values.append((_last(rows, "val/miou"), _last(rows, "val/pixel_accuracy")))
+    for out in eval_one_process_and_ddp(ckpt, trained_run):
+        rows = metrics_rows(out)
+        values.append((last_metric(rows, "val/miou"), last_metric(rows, "val/pixel_accuracy")))
     assert values[0] == pytest.approx(values[1], abs=1e-6)
 
 

@@ -27,6 +27,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from mnv3.data.coco import (
     COCO_IOU_THRESHOLDS,
     COCO_RECALL_THRESHOLDS,
+    COCO_SUMMARY_KEYS,
     CocoDetection,
     coco_annotation_file,
     coco_results,
@@ -37,21 +38,6 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
 )
 
-# COCOeval.stats order, and torchmetrics' names for the same numbers.
-SUMMARY_KEYS = (
-    "map",
-    "map_50",
-    "map_75",
-    "map_small",
-    "map_medium",
-    "map_large",
-    "mar_1",
-    "mar_10",
-    "mar_100",
-    "mar_small",
-    "mar_medium",
-    "mar_large",
-)
 CATEGORY_IDS = (2, 7, 11)
 OBJECTS_PER_CATEGORY = (20, 30, 40)
 CROWD_REGIONS = 7
@@ -178,7 +164,7 @@ def evaluation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {
         "predictions": predictions,
         "targets": targets,
-        "reference": dict(zip(SUMMARY_KEYS, coco_eval.stats.tolist(), strict=True)),
+        "reference": dict(zip(COCO_SUMMARY_KEYS, coco_eval.stats.tolist(), strict=True)),
         "crowd": sum(a["iscrowd"] for a in annotations),
         "detections": sum(len(d) for d in detections.values()),
     }
@@ -202,7 +188,7 @@ def _torchmetrics(
     metric.warn_on_many_detections = False  # the crowded image is there on purpose
     metric.update(evaluation["predictions"], targets or evaluation["targets"])
     result = metric.compute()
-    return {key: float(result[key]) for key in SUMMARY_KEYS}
+    return {key: float(result[key]) for key in COCO_SUMMARY_KEYS}
 
 
 def test_the_generated_set_exercises_every_coco_summary_number(evaluation: dict[str, Any]) -> None:
@@ -227,7 +213,7 @@ def test_without_crowd_and_area_the_numbers_are_not_cocos(evaluation: dict[str, 
     stripped = [{"boxes": t["boxes"], "labels": t["labels"]} for t in evaluation["targets"]]
     plain = _torchmetrics(evaluation, "pycocotools", stripped)
     reference = evaluation["reference"]
-    differing = [k for k in SUMMARY_KEYS if abs(plain[k] - reference[k]) > 1e-3]
+    differing = [k for k in COCO_SUMMARY_KEYS if abs(plain[k] - reference[k]) > 1e-3]
     assert {"map", "map_small", "map_medium"} <= set(differing), differing
 
 
@@ -241,4 +227,4 @@ def test_torchmetrics_default_thresholds_are_not_cocoeval(evaluation: dict[str, 
     """Why the thresholds are passed: torchmetrics' float32 defaults shift AP on this set."""
     default = _torchmetrics(evaluation, "pycocotools", coco_thresholds=False)
     reference = evaluation["reference"]
-    assert max(abs(default[k] - reference[k]) for k in SUMMARY_KEYS) > 1e-4
+    assert max(abs(default[k] - reference[k]) for k in COCO_SUMMARY_KEYS) > 1e-4

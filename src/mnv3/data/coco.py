@@ -66,6 +66,21 @@ _STANDARD_SPLITS = ("train", "val", "test")
 # threshold: measured 6e-4 mAP away from COCOeval on 80 real COCO images.
 COCO_IOU_THRESHOLDS: tuple[float, ...] = tuple(np.linspace(0.5, 0.95, 10).tolist())
 COCO_RECALL_THRESHOLDS: tuple[float, ...] = tuple(np.linspace(0.0, 1.0, 101).tolist())
+# COCO's twelve summary numbers in ``COCOeval.stats`` order, as torchmetrics names them.
+COCO_SUMMARY_KEYS: tuple[str, ...] = (
+    "map",
+    "map_50",
+    "map_75",
+    "map_small",
+    "map_medium",
+    "map_large",
+    "mar_1",
+    "mar_10",
+    "mar_100",
+    "mar_small",
+    "mar_medium",
+    "mar_large",
+)
 _MISSING_NAMES_SHOWN = 5
 
 Sample = dict[str, Any]

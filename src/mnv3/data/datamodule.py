@@ -18,7 +18,8 @@ import inspect
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -270,6 +271,9 @@ def _folder_has_split(spec: DatasetSpec, folder: str) -> bool:
     return (spec.root / folder).is_dir()
 
 
+_IMAGEFOLDER = DatasetFamily(_folder_classes, _folder_build, _folder_has_split, IMAGEFOLDER_LAYOUT)
+
+
 # --- ImageNet: ImageFolder train, ImageFolder or flat+label-file val --------------------------------
 
 
@@ -289,11 +293,47 @@ def _imagenet_has_split(spec: DatasetSpec, folder: str) -> bool:
     return imagenet_has_split(spec.root, folder, label_file)
 
 
-# --- Shapes: generated into root, then read as an ImageFolder ---------------------------------------
+# --- Generated data: written into root on first use, then read as the real layout ------------------
 
 
-def _generated_family(kind: str) -> DatasetFamily:
-    """A generated dataset (shapes or textures): written into root on first use, then an ImageFolder."""
+def _generated(
+    reader: DatasetFamily,
+    generate: Callable[[DatasetSpec], object],
+    layout: str,
+    classes: Callable[[DatasetSpec], tuple[list[str], list[str]]] | None = None,
+    has_split: Callable[[DatasetSpec, str], bool] | None = None,
+) -> DatasetFamily:
+    """``reader``'s family over data that ``generate(spec)`` writes into ``spec.root``.
+
+    ``generate`` is idempotent and atomic (:func:`mnv3.data.generated.write_once`), so it is both
+    the family's ``prepare`` and called again before every build: the module works without a
+    Trainer. ``classes`` and ``has_split`` answer from the generator's parameters, writing
+    nothing; None: generate first and ask ``reader`` (the classes are in the written data).
+    """
+
+    def prepare(spec: DatasetSpec) -> None:
+        generate(spec)
+
+    def read_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
+        prepare(spec)
+        return reader.classes(spec)
+
+    def build(spec: DatasetSpec, kind: SplitKind, transform: Transform) -> Dataset:
+        prepare(spec)
+        return reader.build(spec, kind, transform)
+
+    return replace(
+        reader,
+        classes=classes or read_classes,
+        build=build,
+        has_split=has_split or reader.has_split,
+        layout=layout,
+        prepare=prepare,
+    )
+
+
+def _shapes_family(kind: str) -> DatasetFamily:
+    """Shapes or textures, generated into root on first use, then read as an ImageFolder."""
 
     def params(spec: DatasetSpec) -> dict[str, Any]:
         return {**spec.generate, "kind": kind}
@@ -302,18 +342,16 @@ def _generated_family(kind: str) -> DatasetFamily:
         names = shapes_manifest(**params(spec))["classes"]
         return names, list(names)
 
-    def prepare(spec: DatasetSpec) -> None:
-        generate_shapes(spec.root, **params(spec))
-
-    def build(spec: DatasetSpec, kind_: SplitKind, transform: Transform) -> LabeledImageDataset:
-        # Idempotent and atomic, so calling it here too makes the module usable without a Trainer.
-        prepare(spec)
-        return _folder_build(spec, kind_, transform)
-
     def has_split(spec: DatasetSpec, folder: str) -> bool:
         return shapes_manifest(**params(spec))["per_class"].get(folder, 0) > 0
 
-    return DatasetFamily(classes, build, has_split, SHAPES_LAYOUT, prepare)
+    return _generated(
+        _IMAGEFOLDER,
+        lambda spec: generate_shapes(spec.root, **params(spec)),
+        SHAPES_LAYOUT,
+        classes,
+        has_split,
+    )
 
 
 # --- Chest X-rays (issue 4): Kaggle pneumonia folders, NIH ChestX-ray14, CheXpert -----------------
@@ -383,6 +421,10 @@ _DETECTION_OPTIONS: dict[str, Any] = {"keep_empty": False}
 
 
 def _coco_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
+    # COCO lists the same 80 categories in every split's json: with val2017 alone on disk
+    # (evaluating released weights), the val json gives the labels training would have used.
+    if not coco_has_split(spec.root, TRAIN_SPLIT) and coco_has_split(spec.root, spec.val_split):
+        return coco_classes(spec.root, spec.val_split)
     return coco_classes(spec.root, TRAIN_SPLIT)
 
 
@@ -402,29 +444,14 @@ def _coco_has_split(spec: DatasetSpec, folder: str) -> bool:
     return coco_has_split(spec.root, folder)
 
 
-def _generated_coco_family() -> DatasetFamily:
-    """Shapes on textured backgrounds with their boxes, written in the COCO layout on first use."""
-
-    def prepare(spec: DatasetSpec) -> None:
-        generate_shapes_coco(spec.root, **spec.generate)
-
-    def classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
-        prepare(spec)  # idempotent: the classes come from the written annotation file
-        return _coco_classes(spec)
-
-    def build(spec: DatasetSpec, kind: SplitKind, transform: Transform) -> Dataset:
-        prepare(spec)
-        return _coco_build(spec, kind, transform)
-
-    return DatasetFamily(
-        classes,
-        build,
-        _coco_has_split,
-        SHAPES_COCO_LAYOUT,
-        prepare,
-        task="detection",
-        options=_DETECTION_OPTIONS,
-    )
+_COCO = DatasetFamily(
+    _coco_classes,
+    _coco_build,
+    _coco_has_split,
+    COCO_LAYOUT,
+    task="detection",
+    options=_DETECTION_OPTIONS,
+)
 
 
 # --- Cityscapes segmentation: leftImg8bit/<split>/<city>/ + gtFine/<split>/<city>/ ---------------
@@ -442,49 +469,37 @@ def _cityscapes_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
     return cityscapes_classes(spec.option("train_classes"))
 
 
-def _cityscapes_build(spec: DatasetSpec, kind: SplitKind, transform: Transform) -> Dataset:
-    return CityscapesSegmentation(
-        spec.root, spec.folder(kind), transform, classes=_cityscapes_classes(spec)[1]
-    )
+def _cityscapes_build(
+    spec: DatasetSpec,
+    kind: SplitKind,
+    transform: Transform,
+    classes: Callable[[DatasetSpec], tuple[list[str], list[str]]] = _cityscapes_classes,
+) -> Dataset:
+    return CityscapesSegmentation(spec.root, spec.folder(kind), transform, classes=classes(spec)[1])
 
 
 def _cityscapes_has_split(spec: DatasetSpec, folder: str) -> bool:
     return cityscapes_has_split(spec.root, folder)
 
 
-def _generated_cityscapes_family() -> DatasetFamily:
-    """Street scenes written in the Cityscapes layout on first use; its six classes by default."""
+_CITYSCAPES = DatasetFamily(
+    _cityscapes_classes,
+    _cityscapes_build,
+    _cityscapes_has_split,
+    CITYSCAPES_LAYOUT,
+    task="segmentation",
+    options=_SEGMENTATION_OPTIONS,
+    palette=_cityscapes_palette,
+)
 
-    def prepare(spec: DatasetSpec) -> None:
-        generate_shapes_cityscapes(spec.root, **spec.generate)
 
-    def classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
-        # Only the classes the generator draws: absent classes would count as IoU 0 in the mean
-        # as soon as one pixel is predicted as one of them.
-        chosen = spec.option("train_classes")
-        if chosen is None:
-            chosen = shapes_cityscapes_manifest(**spec.generate)["classes"]
-        return cityscapes_classes(chosen)
-
-    def build(spec: DatasetSpec, kind: SplitKind, transform: Transform) -> Dataset:
-        prepare(spec)
-        return CityscapesSegmentation(
-            spec.root, spec.folder(kind), transform, classes=classes(spec)[1]
-        )
-
-    def has_split(spec: DatasetSpec, folder: str) -> bool:
-        return folder in shapes_cityscapes_manifest(**spec.generate)["images"]
-
-    return DatasetFamily(
-        classes,
-        build,
-        has_split,
-        SHAPES_CITYSCAPES_LAYOUT,
-        prepare,
-        task="segmentation",
-        options=_SEGMENTATION_OPTIONS,
-        palette=_cityscapes_palette,
-    )
+def _street_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
+    # Only the classes the generator draws: absent classes would count as IoU 0 in the mean
+    # as soon as one pixel is predicted as one of them.
+    chosen = spec.option("train_classes")
+    if chosen is None:
+        chosen = shapes_cityscapes_manifest(**spec.generate)["classes"]
+    return cityscapes_classes(chosen)
 
 
 # The chest X-ray carve-out: val_fraction of the training patients, seeded by split_seed
@@ -492,9 +507,7 @@ def _generated_cityscapes_family() -> DatasetFamily:
 _CARVE_OPTIONS: dict[str, Any] = {"val_fraction": None, "split_seed": 0}
 
 DATASETS: dict[str, DatasetFamily] = {
-    "imagefolder": DatasetFamily(
-        _folder_classes, _folder_build, _folder_has_split, IMAGEFOLDER_LAYOUT
-    ),
+    "imagefolder": _IMAGEFOLDER,
     "imagenet": DatasetFamily(
         _imagenet_classes,
         _imagenet_build,
@@ -502,27 +515,21 @@ DATASETS: dict[str, DatasetFamily] = {
         IMAGENET_LAYOUT,
         options={"val_label_file": None},
     ),
-    "shapes": _generated_family("shapes"),
-    "textures": _generated_family("textures"),
-    "coco": DatasetFamily(
-        _coco_classes,
-        _coco_build,
-        _coco_has_split,
-        COCO_LAYOUT,
-        task="detection",
-        options=_DETECTION_OPTIONS,
+    "shapes": _shapes_family("shapes"),
+    "textures": _shapes_family("textures"),
+    "coco": _COCO,
+    # The classes come from the written annotation file: generated first.
+    "shapes_coco": _generated(
+        _COCO, lambda spec: generate_shapes_coco(spec.root, **spec.generate), SHAPES_COCO_LAYOUT
     ),
-    "shapes_coco": _generated_coco_family(),
-    "cityscapes": DatasetFamily(
-        _cityscapes_classes,
-        _cityscapes_build,
-        _cityscapes_has_split,
-        CITYSCAPES_LAYOUT,
-        task="segmentation",
-        options=_SEGMENTATION_OPTIONS,
-        palette=_cityscapes_palette,
+    "cityscapes": _CITYSCAPES,
+    "shapes_cityscapes": _generated(
+        replace(_CITYSCAPES, build=partial(_cityscapes_build, classes=_street_classes)),
+        lambda spec: generate_shapes_cityscapes(spec.root, **spec.generate),
+        SHAPES_CITYSCAPES_LAYOUT,
+        _street_classes,
+        lambda spec, folder: folder in shapes_cityscapes_manifest(**spec.generate)["images"],
     ),
-    "shapes_cityscapes": _generated_cityscapes_family(),
     "chest_xray_pneumonia": DatasetFamily(
         _fixed_classes(PNEUMONIA_CLASSES),
         _pneumonia_build,

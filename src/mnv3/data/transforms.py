@@ -13,7 +13,7 @@ one mean/std (the average of three given values).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
 from torchvision import tv_tensors
@@ -111,7 +111,27 @@ def _input_steps(channels: int) -> list[Callable[[torch.Tensor], torch.Tensor]]:
     return [RGBToLuma()] if channels == 1 else []
 
 
-class ClassificationTrainPreset:
+_Input = TypeVar("_Input")
+
+
+class _ComposedPreset(Generic[_Input]):
+    """A preset is the ``v2.Compose`` its ``__init__`` builds as ``transform``, applied on call.
+
+    Input: a uint8 CHW image (classification) or a sample dict (detection, segmentation);
+    output: the same, augmented or resized and normalised to float32 as the subclass says.
+    """
+
+    transform: v2.Compose
+
+    def __call__(self, sample: _Input) -> _Input:
+        """Apply the preset to one image or sample."""
+        return self.transform(sample)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform})"
+
+
+class ClassificationTrainPreset(_ComposedPreset[torch.Tensor]):
     """Training augmentation: Inception-style random resized crop, flip, optional auto-augment.
 
     Input: a uint8 ``(3, H, W)`` tensor. Output: a float32 ``(channels, crop_size, crop_size)``
@@ -174,15 +194,8 @@ class ClassificationTrainPreset:
             steps.append(v2.RandomErasing(self.random_erase_prob))
         self.transform = v2.Compose(steps)
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        """Augment one uint8 CHW image into a normalised float32 crop."""
-        return self.transform(image)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.transform})"
-
-
-class ClassificationEvalPreset:
+class ClassificationEvalPreset(_ComposedPreset[torch.Tensor]):
     """Evaluation preprocessing: resize the short side, centre crop, normalise.
 
     ``resize_size=None`` means ``round(crop_size / 0.875)`` (256 for a 224 crop), the ratio of the
@@ -220,13 +233,6 @@ class ClassificationEvalPreset:
             ]
         )
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        """Preprocess one uint8 CHW image into a normalised float32 centre crop."""
-        return self.transform(image)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.transform})"
-
 
 # --- Detection presets: whole sample dicts of tv_tensors (image, boxes, labels, eval_target) ---
 
@@ -259,7 +265,7 @@ class RandomIoUCropWithBoxes(v2.RandomIoUCrop):
         return super().make_params(flat_inputs)
 
 
-class DetectionTrainPreset:
+class DetectionTrainPreset(_ComposedPreset[DetectionSample]):
     """SSD training augmentation on a detection sample, then a fixed ``size`` x ``size`` resize.
 
     The defaults are torchvision's ``--data-augmentation ssdlite`` (random IoU crop and horizontal
@@ -309,15 +315,8 @@ class DetectionTrainPreset:
         ]
         self.transform = v2.Compose(steps)
 
-    def __call__(self, sample: DetectionSample) -> DetectionSample:
-        """Augment, resize and normalise one detection sample."""
-        return self.transform(sample)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.transform})"
-
-
-class DetectionEvalPreset:
+class DetectionEvalPreset(_ComposedPreset[DetectionSample]):
     """Evaluation preprocessing of a detection sample: resize to ``size`` x ``size``, normalise.
 
     ``boxes`` are resized with the image; ``eval_target`` stays in original pixels, and
@@ -340,13 +339,6 @@ class DetectionEvalPreset:
                 v2.Normalize(self.mean, self.std),
             ]
         )
-
-    def __call__(self, sample: DetectionSample) -> DetectionSample:
-        """Resize and normalise one detection sample."""
-        return self.transform(sample)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.transform})"
 
 
 # --- Segmentation presets: sample dicts of tv_tensors (image, mask, name, orig_size) -----------
@@ -448,7 +440,7 @@ class RandomScaleCrop(v2.Transform):
         return f"size={self.size}, scale_range={self.scale_range}"
 
 
-class SegmentationTrainPreset:
+class SegmentationTrainPreset(_ComposedPreset[SegmentationSample]):
     """Training augmentation of a segmentation sample: random scale, crop, flip, photometric.
 
     DeepLab's recipe (and the paper's LR-ASPP training, §6.4): rescale by a random factor in
@@ -492,15 +484,8 @@ class SegmentationTrainPreset:
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
         self.transform = v2.Compose(steps)
 
-    def __call__(self, sample: SegmentationSample) -> SegmentationSample:
-        """Augment and normalise one segmentation sample."""
-        return self.transform(sample)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.transform})"
-
-
-class SegmentationEvalPreset:
+class SegmentationEvalPreset(_ComposedPreset[SegmentationSample]):
     """Evaluation preprocessing of a segmentation sample: the whole image, normalised.
 
     Cityscapes is evaluated on the full 1024x2048 frame, so nothing is resized by default.
@@ -526,13 +511,6 @@ class SegmentationEvalPreset:
             steps.append(_ResizeImageAndMask(self.resize))
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
         self.transform = v2.Compose(steps)
-
-    def __call__(self, sample: SegmentationSample) -> SegmentationSample:
-        """Normalise (and optionally resize) one segmentation sample."""
-        return self.transform(sample)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.transform})"
 
 
 class _ResizeImageAndMask(v2.Transform):

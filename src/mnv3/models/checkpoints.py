@@ -21,7 +21,7 @@ import pickle
 import re
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,14 +251,18 @@ def _download(url: str, name: str, check_hash: bool, progress: bool) -> Path:
 
 
 def read_checkpoint(
-    source: str | os.PathLike[str], progress: bool = True
+    source: str | os.PathLike[str], progress: bool = True, arch: str | None = None
 ) -> dict[str, torch.Tensor]:
     """Read a state dict from a known weights name, a URL (torch.hub cache) or a local file.
 
     Lightning checkpoints are unwrapped to the network's own state dict. Every failure (missing,
-    empty, truncated or unsafe file; no network for a known name) is one :class:`CheckpointError`.
+    empty, truncated or unsafe file; no network for a known name; a known name whose
+    architecture is not ``arch``, when given) is one :class:`CheckpointError`.
     """
     name = source = str(source)
+    known = KNOWN_WEIGHTS.get(source)
+    if arch is not None and known is not None and known.arch != arch:
+        raise CheckpointError(f"weights {source} are for {known.arch}, not {arch}")
     check_hash = False
     if source in KNOWN_WEIGHTS:
         source, check_hash = KNOWN_WEIGHTS[source].url, True
@@ -326,12 +330,7 @@ def from_torchvision(
     state_dict: Mapping[str, torch.Tensor], model: MobileNet
 ) -> dict[str, torch.Tensor]:
     """Rename a torchvision state dict to this project's names (unknown keys kept as they are)."""
-    modules = torchvision_module_map(model)
-    out = {}
-    for key, value in state_dict.items():
-        module, _, param = key.rpartition(".")
-        out[f"{modules[module]}.{param}" if module in modules else key] = value
-    return out
+    return rename_modules(state_dict, torchvision_module_map(model))
 
 
 def load_weights(
@@ -347,10 +346,7 @@ def load_weights(
     checkpoint into an RGB model, say) is a :class:`CheckpointError` naming ``stem.conv.weight``.
     """
     source = str(source)
-    known = KNOWN_WEIGHTS.get(source)
-    if known is not None and known.arch != model.arch.name:
-        raise CheckpointError(f"weights {source} are for {known.arch}, not {model.arch.name}")
-    state = read_checkpoint(source, progress=progress)
+    state = read_checkpoint(source, progress=progress, arch=model.arch.name)
     fmt = "mnv3"
     if is_torchvision_state_dict(state):
         state, fmt = from_torchvision(state, model), "torchvision"
@@ -371,6 +367,45 @@ def load_weights(
         if not any(k.startswith("classifier.") for k in state):  # a backbone-only checkpoint
             report.reinitialized = [k for k in expected if k.startswith("classifier.")]
 
+    def reset_classifier() -> None:
+        if any(k.startswith("classifier.pre_logits") for k in report.reinitialized):
+            model.classifier.reset_parameters()
+        else:
+            model.reset_classifier(model.num_classes)
+
+    return load_mapped_state_dict(model, state, report, model.arch.name, reset_classifier)
+
+
+def rename_modules(
+    state: Mapping[str, torch.Tensor], modules: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
+    """Rename each ``<module>.<param>`` key whose module ``modules`` maps to one of ours.
+
+    Keys of unmapped modules are kept as they are, so that the load's error can name them.
+    """
+    out = {}
+    for key, value in state.items():
+        module, _, param = key.rpartition(".")
+        out[f"{modules[module]}.{param}" if module in modules else key] = value
+    return out
+
+
+def load_mapped_state_dict(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    report: LoadReport,
+    describe: str,
+    reinit: Callable[[], None] | None = None,
+) -> LoadReport:
+    """Load ``state`` (already in our names) into ``model`` in place, or fail in one sentence.
+
+    Every key of the model must be in ``state`` with its shape, except those the caller listed
+    in ``report.reinitialized`` (dropped from ``state`` before), and ``state`` must hold no
+    other key; otherwise a :class:`CheckpointError` names ``report.source``, its format, the
+    model (``describe``) and the first missing, unexpected and mis-shaped keys. After loading,
+    ``reinit()`` re-initialises the layers listed in ``report.reinitialized``, if any.
+    """
+    expected = model.state_dict()
     missing = [k for k in expected if k not in state and k not in report.reinitialized]
     unexpected = [k for k in state if k not in expected]
     mis_shaped = [k for k in state if k in expected and state[k].shape != expected[k].shape]
@@ -386,15 +421,12 @@ def load_weights(
                 f"{tuple(state[k].shape)} in the checkpoint vs {tuple(expected[k].shape)} in the model"
             )
         raise CheckpointError(
-            f"checkpoint {source} ({fmt} format) does not fit {model.arch.name}: "
+            f"checkpoint {report.source} ({report.format} format) does not fit {describe}: "
             + "; ".join(parts)
         )
     model.load_state_dict(state, strict=False)
-    if report.reinitialized:
-        if any(k.startswith("classifier.pre_logits") for k in report.reinitialized):
-            model.classifier.reset_parameters()
-        else:
-            model.reset_classifier(model.num_classes)
+    if report.reinitialized and reinit is not None:
+        reinit()
     return report
 
 

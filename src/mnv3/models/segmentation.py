@@ -28,7 +28,9 @@ from mnv3.models.build import build_mobilenet
 from mnv3.models.checkpoints import (
     CheckpointError,
     LoadReport,
+    load_mapped_state_dict,
     read_checkpoint,
+    rename_modules,
     torchvision_module_map,
     unwrap_state_dict,
 )
@@ -334,12 +336,7 @@ def from_torchvision_segmentation(
     state: Mapping[str, torch.Tensor], model: Segmenter
 ) -> dict[str, torch.Tensor]:
     """Rename a torchvision LRASPP state dict to our names (unknown keys kept as they are)."""
-    modules = torchvision_segmentation_map(model)
-    out = {}
-    for key, value in state.items():
-        module, _, param = key.rpartition(".")
-        out[f"{modules[module]}.{param}" if module in modules else key] = value
-    return out
+    return rename_modules(state, torchvision_segmentation_map(model))
 
 
 def _read(source: str, progress: bool) -> dict[str, torch.Tensor]:
@@ -391,25 +388,8 @@ def load_segmentation_weights(
         report.reinitialized = sorted(logits_keys)
         state = {k: v for k, v in state.items() if k not in logits_keys}
 
-    missing = [k for k in expected if k not in state and k not in report.reinitialized]
-    unexpected = [k for k in state if k not in expected]
-    mis_shaped = [k for k in state if k in expected and state[k].shape != expected[k].shape]
-    if missing or unexpected or mis_shaped:
-        parts = [f"{len(missing)} missing key(s)" + (f", first {missing[0]!r}" if missing else "")]
-        parts.append(
-            f"{len(unexpected)} unexpected" + (f", first {unexpected[0]!r}" if unexpected else "")
-        )
-        if mis_shaped:
-            k = mis_shaped[0]
-            parts.append(
-                f"{len(mis_shaped)} of another shape, first {k!r}: {tuple(state[k].shape)} in "
-                f"the checkpoint vs {tuple(expected[k].shape)} in the model"
-            )
-        raise CheckpointError(
-            f"checkpoint {source} ({fmt} format) does not fit {_describe(model)}: "
-            + "; ".join(parts)
-        )
-    model.load_state_dict(state, strict=False)
-    for layer in model.logits_layers() if report.reinitialized else ():
-        layer.reset_parameters()
-    return report
+    def reset_logits() -> None:
+        for layer in model.logits_layers():
+            layer.reset_parameters()
+
+    return load_mapped_state_dict(model, state, report, _describe(model), reset_logits)

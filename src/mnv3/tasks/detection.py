@@ -19,27 +19,13 @@ import torch
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
+from mnv3.data.coco import COCO_SUMMARY_KEYS
 from mnv3.models.registry import build_detector
 from mnv3.tasks.base import BaseTask
 from mnv3.tasks.common import check_plain, log_images, save_figure
 
 log = logging.getLogger(__name__)
 
-# COCO's twelve summary numbers, as torchmetrics names them.
-MAP_KEYS = (
-    "map",
-    "map_50",
-    "map_75",
-    "map_small",
-    "map_medium",
-    "map_large",
-    "mar_1",
-    "mar_10",
-    "mar_100",
-    "mar_small",
-    "mar_medium",
-    "mar_large",
-)
 # Backbone-group keys the detector builder has no use for, with the only value it supports.
 _UNSUPPORTED_BACKBONE_KEYS = {"minimal": False, "output_stride": 32, "in_channels": 3}
 
@@ -221,7 +207,9 @@ class DetectionTask(BaseTask):
         results = metric.compute()
         metric.reset()
         # compute() also returns per-class tensors: only scalars go to log_dict.
-        self.log_dict({f"{stage}/{k}": results[k].float() for k in MAP_KEYS}, sync_dist=False)
+        self.log_dict(
+            {f"{stage}/{k}": results[k].float() for k in COCO_SUMMARY_KEYS}, sync_dist=False
+        )
         per_class = self._per_class_ap(results)
         for name, ap in per_class.items():
             self.log(f"{stage}/ap_class/{name}", ap)
