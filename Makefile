@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 # Quiet pip: the local index mirrors print a warning per package they do not hold.
 PIP_FLAGS := --quiet --disable-pip-version-check --constraint constraints.txt
 
-.PHONY: install test lint format bench train clean help
+.PHONY: install test lint format bench train train-detect train-segment clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -16,7 +16,7 @@ $(BIN)/python:
 
 install: $(BIN)/python  ## create .venv and install mnv3 with its dev tools (pinned torch 2.14.1 / torchvision 0.29.1)
 	@echo "installing mnv3 and its pinned dependencies into $(VENV) (log: $(VENV)/pip-install.log)"
-	@$(PIP) install $(PIP_FLAGS) -e ".[dev]" > $(VENV)/pip-install.log 2>&1 \
+	@$(PIP) install $(PIP_FLAGS) -e ".[dev,slurm]" > $(VENV)/pip-install.log 2>&1 \
 		|| { grep -v "^WARNING: Location" $(VENV)/pip-install.log; echo "pip install failed"; exit 1; }
 	$(BIN)/python -c "import torch, torchvision, mnv3; print('mnv3 ready: torch', torch.__version__, 'torchvision', torchvision.__version__)"
 
@@ -34,8 +34,15 @@ format:  ## apply ruff fixes and formatting
 train:  ## the default experiment: MobileNetV3-Small on generated textures, CPU, a few minutes
 	$(BIN)/python -m mnv3.train experiment=textures_quick $(ARGS)
 
-bench:  ## benchmarks vs torchvision: models (params, MAdds, latency), training step, data loading (bench/results/)
+train-detect:  ## SSDLite (MobileNetV3-Small, reduced tail) on generated COCO-layout shapes, CPU, a few minutes
+	$(BIN)/python -m mnv3.train experiment=shapes_detect_quick $(ARGS)
+
+train-segment:  ## LR-ASPP (MobileNetV3-Small, reduced tail) on generated Cityscapes-layout streets, CPU, a few minutes
+	$(BIN)/python -m mnv3.train experiment=shapes_segment_quick $(ARGS)
+
+bench:  ## benchmarks vs torchvision: models, SSDLite / LR-ASPP (params, MAdds, latency), training step, data loading (bench/results/)
 	$(BIN)/python bench/bench_models.py --out bench/results
+	$(BIN)/python bench/bench_dense.py --out bench/results
 	$(BIN)/python bench/bench_train.py --out bench/results
 	$(BIN)/python bench/bench_data.py --out bench/results
 

@@ -109,6 +109,24 @@ def test_sigkill_then_resume_ends_like_the_uninterrupted_run(
     assert "train_per_class: 16" in (run / "config_resolved.yaml").read_text()
 
 
+def test_a_slurm_requeued_job_continues_from_its_last_checkpoint(
+    workdir: Path, uninterrupted: Path
+) -> None:
+    """SLURM reruns the same command in the same folder: it must continue, not start over."""
+    _, _ = _start_and_signal(workdir, "requeued", signal.SIGKILL)
+    run = workdir / "requeued"
+    assert 0 < _global_step(run / "checkpoints" / "last.ckpt") < STEPS
+    again = run_cli(
+        "mnv3.train",
+        [*RUN_ARGS, f"paths.data_dir={workdir}/data", f"hydra.run.dir={run}"],
+        cwd=workdir,
+        env={**ONE_THREAD, "SLURM_RESTART_COUNT": "1"},
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _global_step(run / "checkpoints" / "last.ckpt") == STEPS
+    assert _signature(metrics_rows(run)) == _signature(metrics_rows(uninterrupted))
+
+
 def test_sigterm_saves_last_ckpt_exits_143_and_resume_keeps_the_wandb_run(
     workdir: Path, uninterrupted: Path
 ) -> None:

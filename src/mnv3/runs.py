@@ -76,6 +76,20 @@ def resume_argv(argv: Sequence[str]) -> list[str]:
     return args
 
 
+def requeued_checkpoint(output_dir: Path) -> Path | None:
+    """``<run>/checkpoints/last.ckpt`` when SLURM requeued this job (``SLURM_RESTART_COUNT`` > 0).
+
+    A requeued job runs the same command again, in the same run folder; without this it would
+    start from scratch and its CSV log would be rewritten. None for a first start.
+    """
+    try:
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return None
+    last = output_dir / LAST_CKPT
+    return last if restarts > 0 and last.is_file() else None
+
+
 def _override_value(value: str) -> str:
     """A value quoted for Hydra's override grammar when it holds characters the grammar parses."""
     if _PLAIN_OVERRIDE_VALUE.match(value):

@@ -14,7 +14,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from mnv3.cli import (
@@ -36,6 +36,7 @@ from mnv3.runs import (
     PreemptionCheckpoint,
     ResumableCSVLogger,
     check_output_dir,
+    requeued_checkpoint,
     restore_run_config,
     resume_argv,
     wandb_run_id,
@@ -130,6 +131,10 @@ def train(cfg: DictConfig) -> float | None:
     """Fit, then test the best checkpoint; returns ``cfg.optimized_metric`` for sweepers."""
     if cfg.get("resume"):
         cfg = restore_run_config(cfg, _command_line_overrides())
+    requeued = requeued_checkpoint(Path(cfg.paths.output_dir))
+    if requeued is not None and not cfg.get("ckpt_path"):
+        with open_dict(cfg):
+            cfg.ckpt_path = str(requeued)  # SLURM requeued this job: continue, don't restart
     check_train_config(cfg)  # values, backbone.weights, ckpt_path: one sentence before any data
     output_dir = Path(cfg.paths.output_dir)
     check_output_dir(output_dir, "paths.output_dir")

@@ -249,3 +249,11 @@ def test_every_variant_trains_one_step(variant: str) -> None:
     loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.tensor([0, 2]))
     loss.backward()  # in-place ops in the head or blocks would fail here
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_count_madds_restores_each_modules_own_mode() -> None:
+    model = mobilenet_v3_small(num_classes=3).train()
+    model.blocks[0].eval()  # e.g. a frozen part during fine-tuning
+    count_madds(model, 64)
+    assert model.training and model.classifier.training
+    assert not any(m.training for m in model.blocks[0].modules())

@@ -54,7 +54,8 @@ def count_madds(
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
-    was_training = model.training
+    # Each module's own mode: a parent in training mode may hold children kept in eval mode.
+    modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         param = next(model.parameters(), None)
@@ -63,7 +64,8 @@ def count_madds(
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     return int(total)
 
 

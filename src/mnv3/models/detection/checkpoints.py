@@ -17,15 +17,15 @@ mis-shaped keys.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from mnv3.models.checkpoints import (
-    KNOWN_WEIGHTS,
-    CheckpointError,
     LoadReport,
+    load_mapped_state_dict,
     read_checkpoint,
+    rename_modules,
     torchvision_module_map,
 )
 from mnv3.models.detection.ssdlite import INIT_STD, SSDLite
@@ -82,12 +82,7 @@ def from_torchvision_ssdlite(
     state: Mapping[str, torch.Tensor], model: SSDLite
 ) -> dict[str, torch.Tensor]:
     """Rename a torchvision SSDLite state dict to ours (unknown keys kept, for the report)."""
-    modules = torchvision_ssdlite_module_map(model)
-    out = {}
-    for key, value in state.items():
-        module, _, param = key.rpartition(".")
-        out[f"{modules[module]}.{param}" if module in modules else key] = value
-    return out
+    return rename_modules(state, torchvision_ssdlite_module_map(model))
 
 
 def _class_predictors(model: SSDLite) -> list[str]:
@@ -98,19 +93,66 @@ def _class_predictors(model: SSDLite) -> list[str]:
     ]
 
 
+def select_category_predictors(
+    state: Mapping[str, torch.Tensor], model: SSDLite, category_ids: Sequence[int]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Keep, of a checkpoint indexed by category id, the class scores of ``model``'s labels.
+
+    torchvision's COCO detectors predict one score per COCO category id (91 outputs: 0 is the
+    background, ids 1-90 with gaps), while this project's COCO data numbers its 80 categories
+    1..80. Each class predictor's 1x1 conv has ``anchors x classes`` output channels ordered
+    anchor-major (channel ``a * classes + k``, as both heads reshape them), so label ``k`` of
+    ``model`` takes channel ``a * 91 + category_ids[k]`` for every anchor ``a``. The logits of
+    the kept classes are then exactly the checkpoint's; only the softmax no longer spreads mass
+    over the 10 unused ids, which the checkpoint trained as background-only.
+
+    ``category_ids``: label -> category id, entry 0 the background's 0 (the detection task's
+    ``label_to_category_id``). Returns the state dict (other tensors shared) and the notes of
+    what was selected; a checkpoint that already fits, or whose class count cannot hold those
+    ids, is returned unchanged.
+    """
+    if len(category_ids) != model.num_classes or category_ids[0] != 0:
+        raise ValueError(
+            f"category_ids must list {model.num_classes} ids, background 0 first; got "
+            f"{len(category_ids)} starting with {category_ids[0] if category_ids else None}"
+        )
+    out, notes = dict(state), []
+    for k, predictor in enumerate(model.head.classification):
+        weight_key = f"head.classification.{k}.project.weight"
+        bias_key = f"head.classification.{k}.project.bias"
+        weight, bias = state.get(weight_key), state.get(bias_key)
+        anchors = predictor.project.weight.shape[0] // model.num_classes
+        if weight is None or bias is None or weight.shape[0] % anchors:
+            return dict(state), []
+        theirs = weight.shape[0] // anchors
+        if theirs == model.num_classes or max(category_ids) >= theirs:
+            return dict(state), []
+        rows = torch.tensor([a * theirs + c for a in range(anchors) for c in category_ids])
+        out[weight_key], out[bias_key] = weight[rows], bias[rows]
+        notes.append(f"{weight_key}: {theirs} category-id scores -> {model.num_classes} labels")
+    return out, notes
+
+
 def load_ssdlite_weights(
-    model: SSDLite, source: str | os.PathLike[str], progress: bool = True
+    model: SSDLite,
+    source: str | os.PathLike[str],
+    progress: bool = True,
+    category_ids: Sequence[int] | None = None,
 ) -> LoadReport:
-    """Load a detector checkpoint into ``model`` in place; see the module docstring for rules."""
+    """Load a detector checkpoint into ``model`` in place; see the module docstring for rules.
+
+    ``category_ids`` (label -> dataset category id, background 0 first): a torchvision
+    checkpoint indexed by category id (its COCO weights) keeps the scores of these categories
+    (:func:`select_category_predictors`) instead of re-initialising the class predictors.
+    """
     source = str(source)
-    known = KNOWN_WEIGHTS.get(source)
-    if known is not None and known.arch != model.name:
-        raise CheckpointError(f"weights {source} are for {known.arch}, not {model.name}")
-    state = read_checkpoint(source, progress=progress)
+    state = read_checkpoint(source, progress=progress, arch=model.name)
     fmt = "mnv3"
     if is_torchvision_ssd_state_dict(state):
         state, fmt = from_torchvision_ssdlite(state, model), "torchvision"
     report = LoadReport(source=source, format=fmt)
+    if category_ids is not None and fmt == "torchvision":
+        state, report.adapted = select_category_predictors(state, model, category_ids)
     expected = model.state_dict()
 
     predictors = _class_predictors(model)
@@ -121,27 +163,10 @@ def load_ssdlite_weights(
         report.reinitialized = predictors
         state = {k: v for k, v in state.items() if k not in predictors}
 
-    missing = [k for k in expected if k not in state and k not in report.reinitialized]
-    unexpected = [k for k in state if k not in expected]
-    mis_shaped = [k for k in state if k in expected and state[k].shape != expected[k].shape]
-    if missing or unexpected or mis_shaped:
-        parts = [f"{len(missing)} missing key(s)" + (f", first {missing[0]!r}" if missing else "")]
-        parts.append(
-            f"{len(unexpected)} unexpected" + (f", first {unexpected[0]!r}" if unexpected else "")
-        )
-        if mis_shaped:
-            k = mis_shaped[0]
-            parts.append(
-                f"{len(mis_shaped)} of another shape, first {k!r}: "
-                f"{tuple(state[k].shape)} in the checkpoint vs {tuple(expected[k].shape)} in the model"
-            )
-        raise CheckpointError(
-            f"checkpoint {source} ({fmt} format) does not fit {model.name} "
-            f"({model.num_classes} classes): " + "; ".join(parts)
-        )
-    model.load_state_dict(state, strict=False)
-    if report.reinitialized:
+    def reset_predictors() -> None:
         for predictor in model.head.classification:
             torch.nn.init.normal_(predictor.project.weight, std=INIT_STD)
             torch.nn.init.zeros_(predictor.project.bias)
-    return report
+
+    describe = f"{model.name} ({model.num_classes} classes)"
+    return load_mapped_state_dict(model, state, report, describe, reset_predictors)
