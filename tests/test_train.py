@@ -52,8 +52,10 @@ def test_every_group_option_composes(tmp_path: Path) -> None:
 
 
 def test_paper_recipe_experiments_hold_the_paper_numbers(tmp_path: Path) -> None:
+    paper = {"imagenet_large": (0.752, 5.4, 219), "imagenet_small": (0.674, 2.5, 56)}  # Table 3
     for name in ("imagenet_large", "imagenet_small"):
         cfg = compose_train(tmp_path, [f"experiment={name}"])
+        assert (cfg.paper.acc1, cfg.paper.params_m, cfg.paper.madds_m) == paper[name]
         assert (
             cfg.optim.name == "rmsprop_tf" and cfg.optim.momentum == 0.9 and cfg.optim.decay == 0.9
         )
