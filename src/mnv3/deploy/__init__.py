@@ -1,0 +1,56 @@
+"""Deployment: ONNX and ExecuTorch export, int8 (torchao PT2E, onnxruntime QDQ), runners.
+
+Pure torch plus the ``deploy`` extra (onnx, onnxscript, onnxruntime, torchao, executorch); the
+heavy libraries are imported by the functions that need them. ``mnv3.export`` is the command
+line; ``make bench`` times the files these functions write.
+"""
+
+from mnv3.deploy.common import (
+    ExportError,
+    calibration_batches,
+    example_input,
+    read_sidecar,
+    sidecar_path,
+    write_sidecar,
+)
+from mnv3.deploy.onnx_export import (
+    DetectorForExport,
+    export_onnx,
+    onnx_op_types,
+    onnx_session,
+    quantize_onnx,
+    run_onnx,
+    run_onnx_detector,
+)
+from mnv3.deploy.pte import export_pte, load_pte, run_pte
+from mnv3.deploy.quantize import (
+    compile_int8,
+    prepare_qat,
+    qat_finetune,
+    quantize_ptq,
+    top1_agreement,
+)
+
+__all__ = [
+    "DetectorForExport",
+    "ExportError",
+    "calibration_batches",
+    "compile_int8",
+    "example_input",
+    "export_onnx",
+    "export_pte",
+    "load_pte",
+    "onnx_op_types",
+    "onnx_session",
+    "prepare_qat",
+    "qat_finetune",
+    "quantize_onnx",
+    "quantize_ptq",
+    "read_sidecar",
+    "run_onnx",
+    "run_onnx_detector",
+    "run_pte",
+    "sidecar_path",
+    "top1_agreement",
+    "write_sidecar",
+]

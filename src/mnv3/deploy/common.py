@@ -1,0 +1,120 @@
+"""What every exporter shares: the error type, atomic file writes and the preprocessing sidecar.
+
+An exported file is useless without the preprocessing it was trained with, so each one gets a
+``<file>.json`` beside it. Both are written to a temporary file in the same folder and renamed,
+so a failed export never leaves a half-written file where a user or a phone build looks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The network's output stride: a smaller input leaves no pixel for the last stage.
+MIN_INPUT_SIZE = 32
+
+
+class ExportError(ValueError):
+    """A model, input size, calibration set or output path that cannot be exported (one sentence)."""
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    """Where the preprocessing json of an exported file lives: ``<file>.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def check_input_size(input_size: tuple[int, int]) -> tuple[int, int]:
+    """``(H, W)`` as ints, refused when smaller than the network's stride of 32."""
+    h, w = (int(v) for v in input_size)
+    if min(h, w) < MIN_INPUT_SIZE:
+        raise ExportError(
+            f"input size {h}x{w} is smaller than the network's output stride "
+            f"{MIN_INPUT_SIZE}; expected at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}"
+        )
+    return h, w
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    Missing parent folders are created. A folder that cannot hold the file (a file in the way,
+    no permission, read-only disk) is one :class:`ExportError`; the temporary file is removed on
+    any failure.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise ExportError(
+            f"output path {path} cannot be written ({exc.strerror or exc}); "
+            "expected a writable folder"
+        ) from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_sidecar(path: str | os.PathLike[str], metadata: Mapping[str, Any]) -> Path:
+    """Write ``metadata`` (plain JSON values) atomically as ``<path>.json``; return its path."""
+    target = sidecar_path(path)
+    text = json.dumps(dict(metadata), indent=2, sort_keys=True) + "\n"
+    with atomic_output(target) as tmp:
+        tmp.write_text(text)
+    return target
+
+
+def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The preprocessing json written beside an exported file."""
+    return json.loads(sidecar_path(path).read_text())
+
+
+def example_input(
+    input_size: tuple[int, int], batch: int = 1, channels: int = 3, seed: int = 0
+) -> torch.Tensor:
+    """A fixed random ``(batch, channels, H, W)`` input for tracing and parity checks."""
+    h, w = check_input_size(input_size)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, channels, h, w, generator=generator)
+
+
+def calibration_batches(
+    datamodule: Any, num_images: int, split: str = "val", batch_size: int = 8
+) -> list[torch.Tensor]:
+    """The first ``num_images`` images of a data module's split through its eval transform.
+
+    ``datamodule``: an :class:`mnv3.data.DataModule` (any object with ``prepare_data`` and
+    ``get_dataset(split)`` returning ``{"image": ...}`` samples, ``None`` for unreadable ones).
+    Returns batches of at most ``batch_size`` preprocessed ``(B, C, H, W)`` images; an empty or
+    missing split is one :class:`ExportError`.
+    """
+    if int(num_images) < 1:
+        raise ExportError(f"calibration_images={num_images}; expected at least 1 image")
+    datamodule.prepare_data()
+    dataset = datamodule.get_dataset(split)
+    images: list[torch.Tensor] = []
+    for index in range(len(dataset)):
+        if len(images) >= num_images:
+            break
+        sample = dataset[index]
+        if sample is not None:
+            images.append(sample["image"])
+    if not images:
+        root = getattr(getattr(datamodule, "spec", None), "root", "the data root")
+        raise ExportError(
+            f"the calibration set ({split} split of {root}) is empty; expected at least one image"
+        )
+    return [torch.stack(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]

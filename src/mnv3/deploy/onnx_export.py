@@ -1,0 +1,239 @@
+"""ONNX export of the three heads, an onnxruntime runner for SSDLite, and static int8 (QDQ).
+
+The classifier exports its logits and LR-ASPP its logits at the input size. SSDLite exports
+decoded boxes (xyxy in input pixels, clipped) and class scores; the anchors are constants of
+the graph, so its input size is fixed (the batch stays dynamic). Score threshold, top-k and
+per-class NMS stay outside the graph (FACTS: they lower badly to mobile runtimes):
+:func:`run_onnx_detector` applies them exactly as ``SSDLite.postprocess`` does.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.ops import batched_nms
+
+from mnv3.deploy.common import ExportError, atomic_output, check_input_size, write_sidecar
+from mnv3.models.detection.ssdlite import SSDLite, scale_boxes
+
+DEFAULT_OPSET = 20
+
+
+class DetectorForExport(nn.Module):
+    """SSDLite with box decoding and scores in the graph: ``images -> (boxes, scores)``.
+
+    ``boxes`` (N, A, 4) xyxy in the input's pixels, clipped to it; ``scores`` (N, A, C - 1)
+    class probabilities without the background, as ``SSDLite.postprocess`` sees them.
+    """
+
+    def __init__(self, detector: SSDLite, input_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.detector = detector
+        self.input_size = check_input_size(input_size)
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, *self.input_size)
+            anchors = detector.forward_batch(probe)["anchors"].detach().clone()
+        self.register_buffer("anchors", anchors, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cls_logits, bbox_regression = self.detector.head(self.detector.features(images))
+        boxes = self.detector.box_coder.decode(bbox_regression, self.anchors)
+        h, w = self.input_size
+        x = boxes[..., 0::2].clamp(0, w)
+        y = boxes[..., 1::2].clamp(0, h)
+        boxes = torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
+        return boxes, self.detector.scores(cls_logits)[..., 1:]
+
+
+def export_module(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module, list[str]]:
+    """The module to export for ``model`` and its output names (detectors get their decoder)."""
+    if isinstance(model, SSDLite):
+        return DetectorForExport(model, input_size).eval(), ["boxes", "scores"]
+    return model, ["logits"]
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    example_input: torch.Tensor,
+    dynamic_batch: bool = True,
+    opset: int = DEFAULT_OPSET,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Export ``model`` (in eval mode) to ONNX at ``path`` with torch's dynamo exporter.
+
+    Args:
+        model: a classifier, an ``SSDLite`` (exported with :class:`DetectorForExport`) or a
+            segmenter.
+        path: the ``.onnx`` file; written atomically, with ``metadata`` as ``<path>.json``.
+        example_input: a ``(N, C, H, W)`` batch that fixes the input size (and the batch when
+            ``dynamic_batch`` is false).
+        dynamic_batch: leave the batch dimension free (a symbolic ``batch`` axis).
+        opset: the ONNX opset (20: HardSwish and HardSigmoid are native ops since opset 14).
+        metadata: preprocessing and labels for the sidecar json (plain JSON values).
+
+    Returns the path of the written model.
+    """
+    if example_input.dim() != 4:
+        raise ExportError(
+            f"example input has shape {tuple(example_input.shape)}; expected (N, C, H, W)"
+        )
+    check_input_size(tuple(example_input.shape[-2:]))
+    module, output_names = export_module(model.eval(), tuple(example_input.shape[-2:]))
+    # A batch of one would be specialised by torch.export; trace with two when it must stay free.
+    if dynamic_batch and example_input.shape[0] == 1:
+        example_input = example_input.expand(2, -1, -1, -1).contiguous()
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None
+    path = Path(path)
+    with atomic_output(path) as tmp, warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example_input,),
+            str(tmp),
+            dynamo=True,
+            opset_version=opset,
+            input_names=["images"],
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            external_data=False,
+            verbose=False,
+        )
+        if metadata is not None:
+            write_sidecar(path, {**metadata, "format": "onnx", "outputs": output_names})
+    return path
+
+
+def onnx_op_types(path: str | os.PathLike[str]) -> set[str]:
+    """The operator types of an ONNX graph (its top level and every function it defines)."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    ops = {node.op_type for node in graph.graph.node}
+    for function in graph.functions:
+        ops |= {node.op_type for node in function.node}
+    return ops
+
+
+def onnx_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+    """An onnxruntime CPU ``InferenceSession`` (``threads``: intra-op threads; None: ORT's)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session: Any, images: torch.Tensor | np.ndarray) -> list[np.ndarray]:
+    """All outputs of ``session`` on one ``(N, C, H, W)`` float batch."""
+    array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else images
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: np.ascontiguousarray(array, dtype=np.float32)})
+
+
+def run_onnx_detector(
+    session: Any,
+    images: torch.Tensor | np.ndarray,
+    image_sizes: Sequence[tuple[int, int]] | None = None,
+    score_thresh: float = 0.001,
+    nms_thresh: float = 0.55,
+    topk_candidates: int = 300,
+    detections_per_img: int = 300,
+) -> list[dict[str, torch.Tensor]]:
+    """Detections from an exported SSDLite, post-processed as ``SSDLite.postprocess`` does.
+
+    ``images``: the resized, normalised ``(N, 3, H, W)`` batch; ``image_sizes``: each image's
+    original (h, w) to scale the boxes into (default: the input size). Per class the
+    ``topk_candidates`` best scores above ``score_thresh``, per-class NMS at ``nms_thresh``,
+    then the ``detections_per_img`` best. Returns per image ``{boxes, scores, labels}``
+    (labels count the background as 0, as the model's).
+    """
+    boxes_np, scores_np = run_onnx(session, images)
+    boxes, scores = torch.from_numpy(boxes_np), torch.from_numpy(scores_np)
+    input_size = (int(images.shape[-2]), int(images.shape[-1]))
+    sizes = list(image_sizes) if image_sizes is not None else [input_size] * scores.shape[0]
+    if len(sizes) != scores.shape[0]:
+        raise ValueError(f"got {len(sizes)} image sizes for {scores.shape[0]} images")
+    k = min(int(topk_candidates), scores.shape[1])
+    top_scores, top_idx = scores.topk(k, dim=1)
+    top_scores, top_idx = top_scores.transpose(1, 2), top_idx.transpose(1, 2)
+    labels = torch.arange(1, scores.shape[2] + 1)[:, None].expand(-1, k)
+    detections = []
+    for i, size in enumerate(sizes):
+        keep = top_scores[i] > score_thresh
+        cand_scores, cand_labels = top_scores[i][keep], labels[keep]
+        cand_boxes = boxes[i][top_idx[i][keep]]
+        kept = batched_nms(cand_boxes, cand_scores, cand_labels, nms_thresh)[:detections_per_img]
+        detections.append(
+            {
+                "boxes": scale_boxes(cand_boxes[kept], input_size, tuple(size)),
+                "scores": cand_scores[kept],
+                "labels": cand_labels[kept],
+            }
+        )
+    return detections
+
+
+class _BatchReader:
+    """onnxruntime's ``CalibrationDataReader`` protocol over a list of batches."""
+
+    def __init__(self, input_name: str, batches: Iterable[torch.Tensor]) -> None:
+        self._feeds = iter(
+            [{input_name: b.detach().cpu().numpy().astype(np.float32)} for b in batches]
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def quantize_onnx(
+    fp32_path: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    calibration: Sequence[torch.Tensor],
+    per_channel: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Static int8 QDQ model at ``path`` from the fp32 ONNX model and calibration batches.
+
+    onnxruntime's recipe for CNNs: ``quant_pre_process`` (shape inference, graph optimisation),
+    then ``quantize_static`` in QDQ format with uint8 activations and int8 weights, MinMax
+    calibration; ``per_channel`` chooses per-output-channel weight scales (FACTS: reported
+    worse on MobileNetV3's depthwise blocks, onnxruntime#11415; measured in the README).
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not calibration or sum(int(b.shape[0]) for b in calibration) == 0:
+        raise ExportError("the calibration set is empty; expected at least one image")
+    path = Path(path)
+    with atomic_output(path) as tmp, tempfile.TemporaryDirectory() as scratch:
+        pre = Path(scratch) / "preprocessed.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        input_name = onnx_session(pre).get_inputs()[0].name
+        quantize_static(
+            str(pre),
+            str(tmp),
+            _BatchReader(input_name, calibration),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+        )
+        if metadata is not None:
+            write_sidecar(
+                path,
+                {**metadata, "format": "onnx", "quantize": "int8", "per_channel": per_channel},
+            )
+    return path

@@ -1,0 +1,115 @@
+"""``python -m mnv3.export`` on a tiny trained run, and its bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from helpers import QUIET, TINY_DATA, compose_train, run_cli
+from mnv3.cli import CONFIG_DIR
+from mnv3.deploy import (
+    onnx_op_types,
+    onnx_session,
+    run_onnx,
+)
+
+# -- the command line on a tiny trained run --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mnv3.train import train
+
+    tmp = tmp_path_factory.mktemp("export_run")
+    size = ["data.image_size=64", "data.resize_size=64", "data.generate.image_size=64"]
+    cfg = compose_train(tmp, [*TINY_DATA, *QUIET, *size, "trainer.max_epochs=1"])
+    train(cfg)
+    return tmp
+
+
+def _compose_export(tmp: Path, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            "export",
+            overrides=[f"paths.root_dir={tmp}", f"paths.output_dir={tmp}/export_out", *overrides],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def test_cli_exports_onnx_int8_with_sidecar(tiny_run: Path) -> None:
+    ckpt = tiny_run / "run" / "checkpoints" / "best.ckpt"
+    out = tiny_run / "deploy" / "model_int8.onnx"
+    result = run_cli(
+        "mnv3.export",
+        [f"ckpt_path={ckpt}", "quantize=int8", "calibration_images=8", f"out={out}"],
+        cwd=tiny_run,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sidecar = json.loads((out.parent / "model_int8.onnx.json").read_text())
+    assert sidecar["task"] == "classification" and len(sidecar["class_names"]) == 6
+    assert sidecar["preprocessing"]["input_size"] == [64, 64]
+    assert sidecar["preprocessing"]["resize"]["center_crop"] == 64
+    assert "QuantizeLinear" in onnx_op_types(out)
+    (logits,) = run_onnx(onnx_session(out), torch.zeros(2, 3, 64, 64))
+    assert logits.shape == (2, 6)
+
+
+def test_cli_bad_input_is_one_sentence(tiny_run: Path) -> None:
+    ckpt = tiny_run / "run" / "checkpoints" / "best.ckpt"
+    result = run_cli("mnv3.export", [f"ckpt_path={ckpt}", "input_size=[16,16]"], cwd=tiny_run)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: input size 16x16 is smaller than the network's output stride 32; "
+        "expected at least 32x32"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "sentence"),
+    [
+        (["format=tflite"], "format='tflite' is unknown; expected one of onnx, pte"),
+        (["quantize=int4"], "quantize='int4' is unknown; expected null or int8"),
+        (["quantize=int8", "calibration_images=0"], "calibration_images=0; expected at least 1"),
+        (["quantize=int8", "calibration_split=test", "+data.test_split=null"], "no test split"),
+        (["out={blocker}/model.onnx"], "cannot be written"),
+    ],
+)
+def test_export_bad_input_exits_1_without_leftovers(
+    tiny_run: Path,
+    overrides: list[str],
+    sentence: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mnv3.export import export
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    blocker = tiny_run / "a_file"
+    blocker.write_text("not a folder")
+    ckpt = tiny_run / "run" / "checkpoints" / "best.ckpt"
+    args = [o.format(blocker=blocker) for o in overrides]
+    before = set((tiny_run / "run").rglob("*"))
+    cfg = _compose_export(tiny_run, [f"ckpt_path={ckpt}", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        export(cfg)
+    assert exit_info.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1, err
+    if sentence is not None:
+        assert sentence in err[0]
+    assert set((tiny_run / "run").rglob("*")) == before
+    assert not list(tiny_run.rglob("*.tmp"))
