@@ -40,11 +40,12 @@ train-detect:  ## SSDLite (MobileNetV3-Small, reduced tail) on generated COCO-la
 train-segment:  ## LR-ASPP (MobileNetV3-Small, reduced tail) on generated Cityscapes-layout streets, CPU, a few minutes
 	$(BIN)/python -m mnv3.train experiment=shapes_segment_quick $(ARGS)
 
-bench:  ## benchmarks vs torchvision: models, SSDLite / LR-ASPP (params, MAdds, latency), training step, data loading (bench/results/)
+bench:  ## benchmarks vs torchvision: models, SSDLite / LR-ASPP (params, MAdds, latency), training step, data loading, deployment paths (bench/results/)
 	$(BIN)/python bench/bench_models.py --out bench/results
 	$(BIN)/python bench/bench_dense.py --out bench/results
 	$(BIN)/python bench/bench_train.py --out bench/results
 	$(BIN)/python bench/bench_data.py --out bench/results
+	$(BIN)/python bench/bench_deploy.py --out bench/results $(DEPLOY_ARGS)
 
 clean:  ## remove caches and build leftovers (keeps .venv and data/)
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import bench_dense
+import bench_deploy
 import bench_train
 from common import ratio_interval, time_interleaved
 
@@ -92,3 +93,29 @@ def test_every_plain_loop_trains_on_its_workloads_batches(key: str) -> None:
     for build in workload.plain.values():
         loss = build()(batch)  # a finite, positive loss: the batch is a valid training input
         assert torch.isfinite(loss) and loss > 0
+
+
+def test_quick_deploy_run_writes_markdown_csv_and_plot(tmp_path: Path) -> None:
+    argv = ["--quick", "--rows", "small-minimal", "--paths", "eager", "optimised"]
+    assert bench_deploy.main([*argv, "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "bench_deploy.md").read_text()
+    assert "Small minimal" in text and "## Physical limit" in text
+    assert "not selected (--paths)" not in text  # only the selected paths are listed
+    assert (tmp_path / "bench_deploy.png").read_bytes()[:4] == b"\x89PNG"
+    with (tmp_path / "bench_deploy.csv").open() as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["eager", "torchvision", "optimised"]  # torchvision always joins
+    assert float(rows["torchvision"]["ratio_1t_tv"]) == 1.0
+    assert float(rows["optimised"]["t1_ms"]) > 0 and int(rows["eager"]["file_bytes"]) > 0
+    assert rows["eager"]["params"] == rows["torchvision"]["params"]
+    with pytest.raises(SystemExit):
+        bench_deploy.parse_args(["--rows", "tiny"])
+
+
+def test_reduced_tail_rows_pair_ours_with_torchvisions_same_network() -> None:
+    ours, ref, reference = bench_deploy.ROWS_BY_KEY["small-reduced"].build()
+    assert ref is not None and "reduced_tail=True" in reference
+    assert count_params(ours) == count_params(ref)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert (ours(x) - ref(x)).abs().max().item() < 1e-4
