@@ -187,9 +187,17 @@ def run_onnx_detector(
 
 
 class _BatchReader:
-    """onnxruntime's ``CalibrationDataReader`` protocol over a list of batches."""
+    """onnxruntime's ``CalibrationDataReader`` protocol over a list of batches.
 
-    def __init__(self, input_name: str, batches: Iterable[torch.Tensor]) -> None:
+    ``batch_size`` 1 feeds the images one by one: a model exported with a fixed batch of 1 takes
+    no other shape (calibration statistics are the same either way).
+    """
+
+    def __init__(
+        self, input_name: str, batches: Iterable[torch.Tensor], batch_size: int | None = None
+    ) -> None:
+        if batch_size is not None:
+            batches = [one for b in batches for one in b.split(batch_size)]
         self._feeds = iter(
             [{input_name: b.detach().cpu().numpy().astype(np.float32)} for b in batches]
         )
@@ -221,11 +229,12 @@ def quantize_onnx(
     with atomic_output(path) as tmp, tempfile.TemporaryDirectory() as scratch:
         pre = Path(scratch) / "preprocessed.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        input_name = onnx_session(pre).get_inputs()[0].name
+        graph_input = onnx_session(pre).get_inputs()[0]
+        fixed = graph_input.shape[0] if isinstance(graph_input.shape[0], int) else None
         quantize_static(
             str(pre),
             str(tmp),
-            _BatchReader(input_name, calibration),
+            _BatchReader(graph_input.name, calibration, batch_size=fixed),
             quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
