@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from mnv3.errors import ConfigError
+
 log = logging.getLogger("mnv3")
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -24,10 +26,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 DATA_META_KEYS = ("_target_", "name", "provides")
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work (e.g. a head with a dataset of the wrong kind)."""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

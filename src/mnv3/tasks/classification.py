@@ -19,6 +19,7 @@ import torchmetrics
 from torch import nn
 from torch.nn import functional as F
 
+from mnv3.errors import ConfigError
 from mnv3.models import build_model
 from mnv3.tasks.base import BaseTask
 from mnv3.tasks.common import check_plain, log_images, save_figure
@@ -360,8 +361,6 @@ def class_weights(setting: Any, datamodule: Any, label_type: str) -> list[float]
     Multiclass: n / (k * count_c) per class (cross-entropy weights). Multilabel: negatives /
     positives per label (BCE pos_weight), uncertain (NaN) labels left out of both counts.
     """
-    from mnv3.cli import ConfigError
-
     if setting is None or isinstance(setting, list):
         return setting
     if setting != "balanced":

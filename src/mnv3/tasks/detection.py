@@ -20,6 +20,7 @@ from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
 from mnv3.data.coco import COCO_SUMMARY_KEYS
+from mnv3.errors import ConfigError
 from mnv3.models.registry import build_detector
 from mnv3.tasks.base import BaseTask
 from mnv3.tasks.common import check_plain, log_images, save_figure
@@ -111,8 +112,6 @@ class DetectionTask(BaseTask):
         """The task for ``head=ssdlite``: the backbone group becomes the detector's backbone
         arguments (its ``weights`` are ImageNet weights for the backbone only), the head group
         the detector's own (loss, thresholds, whole-detector ``weights``)."""
-        from mnv3.cli import ConfigError
-
         backbone = dict(cfg["backbone"])
         for key, supported in _UNSUPPORTED_BACKBONE_KEYS.items():
             if backbone.get(key, supported) not in (supported, None):

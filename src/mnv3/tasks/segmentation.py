@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
+from mnv3.errors import ConfigError
 from mnv3.models.registry import build_segmenter
 from mnv3.tasks.base import BaseTask
 from mnv3.tasks.common import check_plain, log_images, save_figure
@@ -113,8 +114,6 @@ class SegmentationTask(BaseTask):
     def from_config(cls, cfg: Mapping[str, Any], datamodule: Any) -> SegmentationTask:
         """The task for ``head=lraspp`` / ``head=raspp``: the backbone group gives the backbone
         (``weights`` are ImageNet weights for it), the head group the segmenter's own settings."""
-        from mnv3.cli import ConfigError
-
         backbone = dict(cfg["backbone"])
         head = dict(cfg["head"])
         for key, supported in _UNSUPPORTED_BACKBONE_KEYS.items():

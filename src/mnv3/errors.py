@@ -1,0 +1,11 @@
+"""User errors that any layer may raise; the entry points turn them into one sentence and exit 1.
+
+Kept in a module of its own so tasks and data code can raise them without importing the
+Hydra-facing ``mnv3.cli``.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work (e.g. a head with a dataset of the wrong kind)."""
