@@ -1,0 +1,118 @@
+"""int8 accuracy of a trained detector or segmenter: eager vs ONNX fp32 vs onnxruntime QDQ int8.
+
+``python bench/bench_int8_dense.py <run>/checkpoints/best.ckpt [--calibration-batches 4]``
+
+The run's own config rebuilds its validation split; the network is exported with
+:func:`mnv3.deploy.export_onnx` and quantized with :func:`mnv3.deploy.quantize_onnx` (per-tensor
+and per-channel weights), calibrated on the first validation batches. Detection is scored with
+COCO mAP (COCOeval's thresholds) after :func:`mnv3.deploy.run_onnx_detector`'s post-processing,
+segmentation with mIoU over the whole split; the table prints each path's drop from eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torchmetrics import Metric
+
+from mnv3.cli import build_datamodule
+from mnv3.data.coco import COCO_IOU_THRESHOLDS, COCO_RECALL_THRESHOLDS
+from mnv3.deploy import (
+    DetectorForExport,
+    export_onnx,
+    onnx_session,
+    quantize_onnx,
+    run_onnx,
+    run_onnx_detector,
+)
+from mnv3.tasks import TASKS
+
+
+def metric(task: str, num_classes: int) -> Metric:
+    """COCO mAP for detection, whole-split per-class IoU (NaN = absent) for segmentation."""
+    if task == "detection":
+        from torchmetrics.detection import MeanAveragePrecision
+
+        return MeanAveragePrecision(
+            box_format="xyxy",
+            iou_type="bbox",
+            iou_thresholds=list(COCO_IOU_THRESHOLDS),
+            rec_thresholds=list(COCO_RECALL_THRESHOLDS),
+        )
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    return MulticlassJaccardIndex(
+        num_classes=num_classes, ignore_index=255, average=None, zero_division=float("nan")
+    )
+
+
+def score(task: str, result: object) -> dict[str, float]:
+    if task == "detection":
+        return {"mAP": float(result["map"]), "mAP@0.5": float(result["map_50"])}
+    return {"mIoU": float(result[~torch.isnan(result)].mean())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("ckpt", type=Path, help="a detection or segmentation best.ckpt")
+    parser.add_argument("--calibration-batches", type=int, default=4)
+    args = parser.parse_args()
+    run = args.ckpt.parent.parent
+    cfg = OmegaConf.load(run / "config_resolved.yaml")
+    cfg.data.num_workers = 0
+    task_name = str(cfg.head.task)
+    hparams = torch.load(args.ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
+    model = {**hparams["model"], "weights": None, "backbone_weights": None}  # nothing downloaded
+    task = TASKS[task_name].load_from_checkpoint(
+        args.ckpt, map_location="cpu", weights_only=True, model=model
+    )
+    net = task.model.eval()
+    datamodule = build_datamodule(cfg.data)
+    datamodule.setup("validate")
+    loader = datamodule.val_dataloader()
+    batches = list(loader)
+    first = batches[0]["image"]
+    detection = task_name == "detection"
+    exportable = DetectorForExport(net, tuple(first.shape[-2:])) if detection else net
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(exportable, Path(tmp) / "fp32.onnx", first[:1])
+        calibration = [b["image"] for b in batches[: args.calibration_batches]]
+        sessions = {"onnxruntime fp32": onnx_session(fp32)}
+        for per_channel, name in ((False, "per-tensor"), (True, "per-channel")):
+            path = quantize_onnx(fp32, Path(tmp) / f"{name}.onnx", calibration, per_channel)
+            sessions[f"onnxruntime int8 QDQ, {name}"] = onnx_session(path)
+        metrics = {"eager": metric(task_name, hparams["num_classes"])}
+        metrics.update({k: metric(task_name, hparams["num_classes"]) for k in sessions})
+        for batch in batches:
+            images = batch["image"]
+            if detection:
+                sizes = [(int(h), int(w)) for h, w in batch["orig_size"]]
+                with torch.no_grad():
+                    outputs = net(images)
+                found = {"eager": net.postprocess(outputs, sizes, tuple(images.shape[-2:]))}
+                found |= {k: run_onnx_detector(s, images, sizes) for k, s in sessions.items()}
+                for k, detections in found.items():
+                    metrics[k].update(detections, list(batch["eval_target"]))
+            else:
+                with torch.no_grad():
+                    found = {"eager": net(images).argmax(1)}
+                for k, s in sessions.items():
+                    found[k] = torch.from_numpy(run_onnx(s, images)[0]).argmax(1)
+                for k, predicted in found.items():
+                    metrics[k].update(predicted, batch["mask"])
+    results = {k: score(task_name, m.compute()) for k, m in metrics.items()}
+    names = list(results["eager"])
+    print(f"| path | {' | '.join(names)} | drop from eager |")
+    print(f"|---|{'---|' * len(names)}---|")
+    for path, values in results.items():
+        drop = values[names[0]] - results["eager"][names[0]]
+        cells = " | ".join(f"{values[n]:.4f}" for n in names)
+        print(f"| {path} | {cells} | {drop * 100:+.2f} pt |")
+
+
+if __name__ == "__main__":
+    main()
