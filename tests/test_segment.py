@@ -130,3 +130,36 @@ def test_cityscapes_recipes_hold_the_paper_numbers(tmp_path: Path) -> None:
         assert cfg.backbone.name == backbone and cfg.backbone.reduced_tail
         assert cfg.data.name == "cityscapes" and cfg.data.crop_size == 769
         assert cfg.data.batch_size * cfg.trainer.devices == cfg.optim.reference_batch_size == 16
+
+
+def test_int8_benchmark_scores_eager_fp32_and_int8_on_the_validation_split(
+    trained_run: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    ckpt = trained_run / "run" / "checkpoints" / "best.ckpt"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_int8_dense.py"), str(ckpt)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=trained_run,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2].strip()
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| path")
+    }
+    assert set(rows) == {
+        "eager",
+        "onnxruntime fp32",
+        "onnxruntime int8 QDQ, per-tensor",
+        "onnxruntime int8 QDQ, per-channel",
+    }
+    # The export changes no prediction beyond a near-tied pixel or two.
+    assert abs(float(rows["onnxruntime fp32"]) - float(rows["eager"])) <= 2e-3
+    assert all(0.0 <= float(v) <= 1.0 for v in rows.values())
