@@ -786,6 +786,11 @@ class DataModule(pl.LightningDataModule):
         """The dataset of one split, built on first use with the matching preset."""
         if kind not in self._datasets:
             if kind == "test" and not self.has_test:
+                if self.spec.test_split is None:  # COCO, Cityscapes: test labels are withheld
+                    raise DatasetError(
+                        f"dataset {self.hparams['dataset']} at {self.spec.root} has no test split "
+                        "(data.test_split=null); evaluate the validation split with split=val"
+                    )
                 raise DatasetError(
                     f"dataset root {self.spec.root} has no test split "
                     f"{self.spec.test_split!r}; expected {self.family.layout} plus a test folder"
