@@ -63,17 +63,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     data_cfg = OmegaConf.merge(run_cfg.data, cfg.get("data") or {})
     check_values(OmegaConf.create({"data": data_cfg}))
     task_cls = TASKS[run_cfg.head.task]
-    # The checkpoint holds the trained weights; the pretrained ones the run started from are not
-    # needed, and re-reading them would download them again (or fail offline).
-    model_hparams = checkpoint["hyper_parameters"].get("model")
-    overrides = (
-        {"model": {**model_hparams, "weights": None}}
-        if isinstance(model_hparams, Mapping) and model_hparams.get("weights")
-        else {}
-    )
-    task = task_cls.load_from_checkpoint(
-        ckpt_path, map_location="cpu", weights_only=True, **overrides
-    )
+    task = task_cls.load_trained(ckpt_path, checkpoint)
     datamodule = build_datamodule(data_cfg)
     output_dir = Path(cfg.paths.output_dir)
     # Stateful callbacks the checkpoint carries (e.g. the OOD threshold behind test/ood_flagged).
@@ -99,12 +89,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 PUBLISHED_AS = {"acc1": "acc1", "acc5": "acc5", "box_map": "map", "miou": "miou"}
 # What evaluation of weights without a run puts in the task's optimizer slot: never stepped.
 _NO_OPTIMIZER = {"name": "sgd", "lr": 1.0}
-
-
-def weights_key(task: str) -> str:
-    """The config key naming the weights to evaluate: the classifier is the backbone group's
-    network; detectors and segmenters are whole networks named by their head group."""
-    return "backbone.weights" if task == "classification" else "head.weights"
 
 
 def user_set_keys(overrides: list[str]) -> set[str]:
@@ -186,7 +170,7 @@ def evaluate_weights(cfg: DictConfig, overrides: list[str] | None = None) -> dic
             "the weights (backbone.weights for head=classifier, head.weights otherwise)"
         )
     task_name = str(cfg.head.task)
-    key = weights_key(task_name)
+    key = TASKS[task_name].weights_key
     weights = OmegaConf.select(cfg, key)
     if not weights:
         raise ConfigError(
@@ -207,8 +191,7 @@ def evaluate_weights(cfg: DictConfig, overrides: list[str] | None = None) -> dic
     check_values(checked)
     check_head_and_data(checked)
     check_channels(checked)
-    if task_name == "classification":
-        check_backbone_keys(checked)
+    check_backbone_keys(checked)
 
     datamodule = build_datamodule(plain["data"])
     # The task is built without weights and loaded here, so that a checkpoint that does not fit
@@ -218,7 +201,7 @@ def evaluate_weights(cfg: DictConfig, overrides: list[str] | None = None) -> dic
     plain.setdefault("optim", dict(_NO_OPTIMIZER))
     plain.setdefault("scheduler", None)
     task = TASKS[task_name].from_config(plain, datamodule)
-    report = _load_into(task, task_name, weights)
+    report = task.load_weights(weights)
     if report is not None and report.reinitialized:
         raise ConfigError(
             f"{key}={weights} has no {task_name} layer for the {datamodule.num_classes} classes of "
@@ -241,22 +224,6 @@ def evaluate_weights(cfg: DictConfig, overrides: list[str] | None = None) -> dic
         rows = published_rows(metrics, known.metrics, str(cfg.split))
         print_published_table(f"{weights}: measured vs published", rows)
     return metrics
-
-
-def _load_into(task: Any, task_name: str, weights: str) -> Any:
-    """Load ``weights`` into the task's network in place and return the loader's report."""
-    if task_name == "classification":
-        from mnv3.models.checkpoints import load_weights
-
-        return load_weights(task.model, weights)
-    if task_name == "detection":
-        from mnv3.models.detection.checkpoints import load_ssdlite_weights
-
-        # torchvision's COCO weights score by COCO category id: keep the data's categories.
-        return load_ssdlite_weights(task.model, weights, category_ids=task.label_to_category_id)
-    from mnv3.models.segmentation import load_segmentation_weights
-
-    return load_segmentation_weights(task.model, weights)
 
 
 def _command_line_overrides() -> list[str]:

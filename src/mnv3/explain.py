@@ -43,9 +43,7 @@ def _load_network(ckpt_path: Path, task_kind: str) -> tuple[Any, torch.nn.Module
         )
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        task = ClassificationTask.load_from_checkpoint(
-            ckpt_path, map_location="cpu", weights_only=True
-        )
+        task = ClassificationTask.load_trained(ckpt_path, checkpoint)
     except Exception as exc:  # corrupt zips, unpickling refusals, missing keys
         message = f"could not read checkpoint {ckpt_path}: {type(exc).__name__}: {exc}"
         raise CheckpointError(message.split("\n")[0]) from exc

@@ -11,7 +11,6 @@ the run kept one (the weights it was validated with).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,6 @@ def check_export_config(cfg: DictConfig) -> None:
 
 def _preprocessing(datamodule: Any, input_size: tuple[int, int]) -> dict[str, Any]:
     """What a deployment must do to an image before the network: the eval transform's recipe."""
-    transform = datamodule.eval_transform
     recipe: dict[str, Any] = {
         "input_size": list(input_size),
         "channels": int(datamodule.channels),
@@ -58,14 +56,7 @@ def _preprocessing(datamodule: Any, input_size: tuple[int, int]) -> dict[str, An
         "scale": "pixels / 255, then (x - mean) / std per channel",
         "layout": "NCHW float32",
     }
-    if datamodule.task == "classification":
-        recipe["resize"] = {
-            "shorter_side": getattr(transform, "resize_size", None),
-            "center_crop": getattr(transform, "crop_size", None),
-            "interpolation": getattr(transform, "interpolation", "bilinear"),
-        }
-    else:
-        recipe["resize"] = {"to": list(input_size), "interpolation": "bilinear", "crop": None}
+    recipe["resize"] = datamodule.eval_transform.resize_recipe(input_size)
     return recipe
 
 
@@ -81,7 +72,7 @@ def _network(task: Any) -> Any:
 def export(cfg: DictConfig) -> Path:
     """Export the checkpoint ``cfg.ckpt_path`` as ``cfg.format``; return the written file."""
     from mnv3.deploy import ExportError, calibration_batches, example_input, export_onnx
-    from mnv3.deploy.onnx_export import quantize_onnx
+    from mnv3.deploy.onnx_export import postprocess_metadata, quantize_onnx
     from mnv3.tasks import TASKS
 
     check_export_config(cfg)
@@ -90,20 +81,7 @@ def export(cfg: DictConfig) -> Path:
     run_cfg = find_run_config(ckpt_path)
     task_name = run_cfg.head.task
     fmt, quantize = str(cfg.format), cfg.get("quantize")
-    if fmt == "pte" and task_name != "classification":
-        raise ConfigError(
-            f"format=pte supports the classifier only, but {ckpt_path.name} is a {task_name} "
-            "model; use format=onnx"
-        )
-    # Only the trained weights are needed: the pretrained ones would be downloaded again.
-    model_hparams = checkpoint["hyper_parameters"].get("model")
-    overrides = {}
-    if isinstance(model_hparams, Mapping):
-        pretrained = {k: None for k in ("weights", "backbone_weights") if model_hparams.get(k)}
-        overrides = {"model": {**model_hparams, **pretrained}} if pretrained else {}
-    task = TASKS[task_name].load_from_checkpoint(
-        ckpt_path, map_location="cpu", weights_only=True, **overrides
-    )
+    task = TASKS[task_name].load_trained(ckpt_path, checkpoint)
     data_cfg = OmegaConf.merge(run_cfg.data, cfg.get("data") or {})
     datamodule = build_datamodule(data_cfg)
     size = to_plain(cfg.get("input_size")) or datamodule.input_size
@@ -123,16 +101,9 @@ def export(cfg: DictConfig) -> Path:
         "preprocessing": _preprocessing(datamodule, input_size),
         "quantize": quantize,
     }
-    if task_name == "detection":
-        metadata["postprocess"] = {
-            "outputs": "boxes (N, A, 4) xyxy in input pixels; scores (N, A, C-1) without background",
-            "score_thresh": float(network.score_thresh),
-            "nms_thresh": float(network.nms_thresh),
-            "topk_candidates": int(network.topk_candidates),
-            "detections_per_img": int(network.detections_per_img),
-            "labels": "index into scores + 1 (0 is the background)",
-            "runner": "mnv3.deploy.run_onnx_detector",
-        }
+    postprocess = postprocess_metadata(network)
+    if postprocess is not None:
+        metadata["postprocess"] = postprocess
     try:
         channels = int(datamodule.channels)
         calibration = (

@@ -327,18 +327,10 @@ def load_network(ckpt: str | Path, task: str) -> Any:
     As ``mnv3.eval`` does: the pretrained weights the run started from are nulled (the checkpoint
     holds the trained ones, and re-reading them would download them or fail offline).
     """
-    import torch
 
     from mnv3.tasks import TASKS
 
-    hparams = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
-    model = dict(hparams.get("model") or {})
-    for key in ("weights", "backbone_weights"):
-        if model.get(key):
-            model[key] = None
-    task_module = TASKS[task].load_from_checkpoint(
-        ckpt, map_location="cpu", weights_only=True, model=model
-    )
+    task_module = TASKS[task].load_trained(ckpt)
     return task_module.model.eval()
 
 

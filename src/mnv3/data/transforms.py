@@ -130,6 +130,11 @@ class _ComposedPreset(Generic[_Input]):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.transform})"
 
+    def resize_recipe(self, input_size: tuple[int, int]) -> dict[str, Any]:
+        """How a deployment resizes an image before the network (written beside exports):
+        straight to ``input_size`` here; presets that crop say so themselves."""
+        return {"to": list(input_size), "interpolation": "bilinear", "crop": None}
+
 
 class ClassificationTrainPreset(_ComposedPreset[torch.Tensor]):
     """Training augmentation: Inception-style random resized crop, flip, optional auto-augment.
@@ -232,6 +237,14 @@ class ClassificationEvalPreset(_ComposedPreset[torch.Tensor]):
                 v2.Normalize(self.mean, self.std),
             ]
         )
+
+    def resize_recipe(self, input_size: tuple[int, int]) -> dict[str, Any]:
+        """Shorter side to ``resize_size``, then a ``crop_size`` centre crop."""
+        return {
+            "shorter_side": self.resize_size,
+            "center_crop": self.crop_size,
+            "interpolation": self.interpolation,
+        }
 
 
 # --- Detection presets: whole sample dicts of tv_tensors (image, boxes, labels, eval_target) ---

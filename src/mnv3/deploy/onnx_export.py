@@ -186,6 +186,22 @@ def run_onnx_detector(
     return detections
 
 
+def postprocess_metadata(network: nn.Module) -> dict[str, Any] | None:
+    """What a runtime must do after an exported detector (NMS stays outside the graph), for the
+    sidecar json; None for networks whose outputs are final (classifier, segmenter)."""
+    if not isinstance(network, SSDLite):
+        return None
+    return {
+        "outputs": "boxes (N, A, 4) xyxy in input pixels; scores (N, A, C-1) without background",
+        "score_thresh": float(network.score_thresh),
+        "nms_thresh": float(network.nms_thresh),
+        "topk_candidates": int(network.topk_candidates),
+        "detections_per_img": int(network.detections_per_img),
+        "labels": "index into scores + 1 (0 is the background)",
+        "runner": "mnv3.deploy.run_onnx_detector",
+    }
+
+
 class _BatchReader:
     """onnxruntime's ``CalibrationDataReader`` protocol over a list of batches.
 

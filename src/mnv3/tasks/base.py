@@ -67,6 +67,8 @@ class BaseTask(pl.LightningModule):
     #: the metric that picks ``best.ckpt`` and early stopping, and whether higher is better
     monitor = "val/loss"
     monitor_mode = "min"
+    #: the config key naming published weights of the whole network (``mnv3.eval`` without a run)
+    weights_key = "head.weights"
 
     def __init__(
         self,
@@ -110,6 +112,34 @@ class BaseTask(pl.LightningModule):
     def callbacks(self, settings: Mapping[str, Any] | None) -> list[pl.Callback]:
         """Callbacks that only make sense for this task (none by default)."""
         return []
+
+    def load_weights(self, weights: str) -> Any:
+        """Load published or local weights (path, URL, known name) into the network in place;
+        returns the loader's report (which layers were re-initialised)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_trained(
+        cls, ckpt_path: str | Path, checkpoint: Mapping[str, Any] | None = None
+    ) -> BaseTask:
+        """The task a run saved, for evaluation, export or explanation.
+
+        Loaded with ``weights_only=True``; the pretrained weights the run started from
+        (``weights`` / ``backbone_weights`` in its model hparams) are not read again: the
+        checkpoint holds the trained ones, and re-reading them would download them or fail
+        offline. ``checkpoint``: the already-read file, to avoid a second read of its hparams.
+        """
+        if checkpoint is None:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model = checkpoint.get("hyper_parameters", {}).get("model")
+        overrides: dict[str, Any] = {}
+        if isinstance(model, Mapping):
+            pretrained = {k: None for k in ("weights", "backbone_weights") if model.get(k)}
+            if pretrained:
+                overrides["model"] = {**model, **pretrained}
+        return cls.load_from_checkpoint(
+            ckpt_path, map_location="cpu", weights_only=True, **overrides
+        )
 
     @staticmethod
     def restore_callbacks(checkpoint: Mapping[str, Any]) -> list[pl.Callback]:

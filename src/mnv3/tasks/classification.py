@@ -50,6 +50,7 @@ class ClassificationTask(BaseTask):
 
     monitor = "val/acc1"
     monitor_mode = "max"
+    weights_key = "backbone.weights"  # the classifier is the backbone group's whole network
 
     def __init__(
         self,
@@ -118,6 +119,11 @@ class ClassificationTask(BaseTask):
 
     def build_network(self, model: dict[str, Any]) -> nn.Module:
         return build_model(**model)
+
+    def load_weights(self, weights: str) -> Any:
+        from mnv3.models.checkpoints import load_weights
+
+        return load_weights(self.model, weights)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], datamodule: Any) -> ClassificationTask:

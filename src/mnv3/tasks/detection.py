@@ -107,6 +107,12 @@ class DetectionTask(BaseTask):
     def build_network(self, model: dict[str, Any]) -> nn.Module:
         return build_detector(model.pop("detector", "ssdlite320"), **model)
 
+    def load_weights(self, weights: str) -> Any:
+        from mnv3.models.detection.checkpoints import load_ssdlite_weights
+
+        # torchvision's COCO weights score by COCO category id: keep the data's categories.
+        return load_ssdlite_weights(self.model, weights, category_ids=self.label_to_category_id)
+
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], datamodule: Any) -> DetectionTask:
         """The task for ``head=ssdlite``: the backbone group becomes the detector's backbone

@@ -110,6 +110,11 @@ class SegmentationTask(BaseTask):
     def build_network(self, model: dict[str, Any]) -> nn.Module:
         return build_segmenter(model.pop("segmenter", "lraspp"), **model)
 
+    def load_weights(self, weights: str) -> Any:
+        from mnv3.models.segmentation import load_segmentation_weights
+
+        return load_segmentation_weights(self.model, weights)
+
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], datamodule: Any) -> SegmentationTask:
         """The task for ``head=lraspp`` / ``head=raspp``: the backbone group gives the backbone
