@@ -82,6 +82,20 @@ def exit_on_user_error(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def open_data_overrides(argv: list[str]) -> list[str]:
+    """Let ``data.<key>=value`` override a checkpoint run's data config without Hydra's ``+``.
+
+    ``mnv3.eval`` / ``mnv3.export`` with ``ckpt_path`` start from an empty ``data: {}`` (the
+    run's own data config is merged in later), so Hydra would refuse every ``data.root=...`` as
+    a key "not in struct". Without a ``data=<group>`` choice on the command line, such
+    overrides become ``++data.<key>=value`` (add or override); with one, they are left as they
+    are and Hydra still names a mistyped key.
+    """
+    if any(a.startswith(("data=", "+data=", "++data=")) for a in argv[1:]):
+        return list(argv)
+    return [argv[0], *(f"++{a}" if a.startswith("data.") else a for a in argv[1:])]
+
+
 def to_plain(cfg: Any) -> Any:
     """A resolved, plain-Python copy of a config node (dicts, lists, scalars)."""
     if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from mnv3.cli import (
     check_channels,
     check_head_and_data,
     exit_on_user_error,
+    open_data_overrides,
     print_metrics_table,
     to_plain,
 )
@@ -236,8 +238,14 @@ def _command_line_overrides() -> list[str]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     evaluate(cfg)
+
+
+def main() -> None:
+    """The command line: plain ``data.<key>=`` overrides apply to the checkpoint run's data."""
+    sys.argv = open_data_overrides(sys.argv)
+    _hydra_main()
 
 
 if __name__ == "__main__":
