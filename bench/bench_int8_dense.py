@@ -3,10 +3,12 @@
 ``python bench/bench_int8_dense.py <run>/checkpoints/best.ckpt [--calibration-batches 4]``
 
 The run's own config rebuilds its validation split; the network is exported with
-:func:`mnv3.deploy.export_onnx` and quantized with :func:`mnv3.deploy.quantize_onnx` (per-tensor
-and per-channel weights), calibrated on the first validation batches. Detection is scored with
-COCO mAP (COCOeval's thresholds) after :func:`mnv3.deploy.run_onnx_detector`'s post-processing,
-segmentation with mIoU over the whole split; the table prints each path's drop from eager.
+:func:`mnv3.deploy.export_onnx` and quantized with :func:`mnv3.deploy.quantize_onnx` in the
+:data:`RECIPES` below (weight scales per tensor or per channel, MinMax / percentile activation
+ranges, post-processing in int8 or kept in float), calibrated on the first validation
+batches. Detection is scored with COCO mAP (COCOeval's thresholds) after
+:func:`mnv3.deploy.run_onnx_detector`'s post-processing, segmentation with mIoU over the whole
+split; the table prints each path's drop from eager.
 """
 
 from __future__ import annotations
@@ -29,7 +31,16 @@ from mnv3.deploy import (
     run_onnx,
     run_onnx_detector,
 )
+from mnv3.deploy.onnx_export import CalibrationMethod
 from mnv3.tasks import TASKS
+
+# (row name, per-channel weights, calibration method, post-processing kept in float)
+RECIPES: tuple[tuple[str, bool, CalibrationMethod, bool], ...] = (
+    ("per-tensor, MinMax, all int8", False, "minmax", False),
+    ("per-tensor, MinMax, float post-processing (default)", False, "minmax", True),
+    ("per-channel, MinMax, float post-processing", True, "minmax", True),
+    ("per-tensor, percentile, float post-processing", False, "percentile", True),
+)
 
 
 def metric(task: str, num_classes: int) -> Metric:
@@ -82,8 +93,15 @@ def main() -> None:
         fp32 = export_onnx(exportable, Path(tmp) / "fp32.onnx", first[:1])
         calibration = [b["image"] for b in batches[: args.calibration_batches]]
         sessions = {"onnxruntime fp32": onnx_session(fp32)}
-        for per_channel, name in ((False, "per-tensor"), (True, "per-channel")):
-            path = quantize_onnx(fp32, Path(tmp) / f"{name}.onnx", calibration, per_channel)
+        for i, (name, per_channel, method, float_post) in enumerate(RECIPES):
+            path = quantize_onnx(
+                fp32,
+                Path(tmp) / f"int8_{i}.onnx",
+                calibration,
+                per_channel,
+                float_postprocess=float_post,
+                calibration_method=method,
+            )
             sessions[f"onnxruntime int8 QDQ, {name}"] = onnx_session(path)
         metrics = {"eager": metric(task_name, hparams["num_classes"])}
         metrics.update({k: metric(task_name, hparams["num_classes"]) for k in sessions})

@@ -154,12 +154,9 @@ def test_int8_benchmark_scores_eager_fp32_and_int8_on_the_validation_split(
         for line in result.stdout.splitlines()
         if line.startswith("| ") and not line.startswith("| path")
     }
-    assert set(rows) == {
-        "eager",
-        "onnxruntime fp32",
-        "onnxruntime int8 QDQ, per-tensor",
-        "onnxruntime int8 QDQ, per-channel",
-    }
+    int8 = {r for r in rows if r.startswith("onnxruntime int8 QDQ, ")}
+    assert set(rows) - int8 == {"eager", "onnxruntime fp32"}
+    assert len(int8) == 4  # all int8 / float post-processing, per-channel, percentile
     # The export changes no prediction beyond a near-tied pixel or two.
     assert abs(float(rows["onnxruntime fp32"]) - float(rows["eager"])) <= 2e-3
     assert all(0.0 <= float(v) <= 1.0 for v in rows.values())

@@ -11,13 +11,21 @@ the run kept one (the weights it was validated with).
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mnv3.cli import CONFIG_DIR, ConfigError, build_datamodule, exit_on_user_error, to_plain
+from mnv3.cli import (
+    CONFIG_DIR,
+    ConfigError,
+    build_datamodule,
+    exit_on_user_error,
+    open_data_overrides,
+    to_plain,
+)
 from mnv3.rundir import find_run_config
 from mnv3.validate import lightning_checkpoint
 
@@ -35,6 +43,14 @@ def check_export_config(cfg: DictConfig) -> None:
         raise ConfigError(f"format={cfg.format!r} is unknown; expected one of {', '.join(FORMATS)}")
     if cfg.get("quantize") not in QUANTIZE:
         raise ConfigError(f"quantize={cfg.quantize!r} is unknown; expected null or int8")
+    from mnv3.deploy.onnx_export import CALIBRATION_METHODS
+
+    method = cfg.get("calibration_method", "minmax")
+    if method not in CALIBRATION_METHODS:
+        raise ConfigError(
+            f"calibration_method={method!r} is unknown; "
+            f"expected one of {', '.join(CALIBRATION_METHODS)}"
+        )
     size = cfg.get("input_size")
     if size is not None:
         plain = to_plain(size)
@@ -129,7 +145,14 @@ def export(cfg: DictConfig) -> Path:
                     bool(cfg.dynamic_batch),
                     int(cfg.opset),
                 )
-                quantize_onnx(fp32, path, calibration or [], bool(cfg.per_channel), metadata)
+                quantize_onnx(
+                    fp32,
+                    path,
+                    calibration or [],
+                    bool(cfg.per_channel),
+                    metadata,
+                    calibration_method=str(cfg.get("calibration_method", "minmax")),
+                )
         else:
             example = example_input(input_size, batch=1, channels=channels)
             export_onnx(network, path, example, bool(cfg.dynamic_batch), int(cfg.opset), metadata)
@@ -141,8 +164,14 @@ def export(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     export(cfg)
+
+
+def main() -> None:
+    """The command line: plain ``data.<key>=`` overrides apply to the checkpoint run's data."""
+    sys.argv = open_data_overrides(sys.argv)
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,21 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp
 
 
+def test_plain_data_overrides_open_only_without_a_data_group() -> None:
+    from mnv3.cli import open_data_overrides
+
+    argv = ["mnv3.eval", "ckpt_path=x", "data.root=/d", "split=val", "+data.a=1"]
+    assert open_data_overrides(argv) == [
+        "mnv3.eval",
+        "ckpt_path=x",
+        "++data.root=/d",
+        "split=val",
+        "+data.a=1",
+    ]
+    chosen = ["mnv3.eval", "data=imagenet", "data.root=/d"]
+    assert open_data_overrides(chosen) == chosen  # Hydra still names a mistyped key there
+
+
 def _compose_export(tmp: Path, overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -53,12 +68,20 @@ def test_cli_exports_onnx_int8_with_sidecar(tiny_run: Path) -> None:
     out = tiny_run / "deploy" / "model_int8.onnx"
     result = run_cli(
         "mnv3.export",
-        [f"ckpt_path={ckpt}", "quantize=int8", "calibration_images=8", f"out={out}"],
+        # A plain data.<key> override (no Hydra "+") applies to the run's data config.
+        [
+            f"ckpt_path={ckpt}",
+            "quantize=int8",
+            "calibration_images=8",
+            f"out={out}",
+            "data.batch_size=4",
+        ],
         cwd=tiny_run,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     sidecar = json.loads((out.parent / "model_int8.onnx.json").read_text())
     assert sidecar["task"] == "classification" and len(sidecar["class_names"]) == 6
+    assert sidecar["calibration_method"] == "minmax" and sidecar["float_postprocess"] is True
     assert sidecar["preprocessing"]["input_size"] == [64, 64]
     assert sidecar["preprocessing"]["resize"]["center_crop"] == 64
     assert "QuantizeLinear" in onnx_op_types(out)
@@ -84,6 +107,7 @@ def test_cli_bad_input_is_one_sentence(tiny_run: Path) -> None:
         (["format=tflite"], "format='tflite' is unknown; expected one of onnx, pte"),
         (["quantize=int4"], "quantize='int4' is unknown; expected null or int8"),
         (["quantize=int8", "calibration_images=0"], "calibration_images=0; expected at least 1"),
+        (["calibration_method=entropy"], "calibration_method='entropy' is unknown; expected"),
         (["quantize=int8", "calibration_split=test", "+data.test_split=null"], "no test split"),
         (["out={blocker}/model.onnx"], "cannot be written"),
     ],

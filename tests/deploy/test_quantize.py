@@ -18,7 +18,6 @@ from mnv3.deploy import (
     run_pte,
     top1_agreement,
 )
-from mnv3.models import ssdlite320
 
 
 def test_pte_fp32_matches_eager_and_int8_agrees_on_top1(
@@ -36,11 +35,9 @@ def test_pte_fp32_matches_eager_and_int8_agrees_on_top1(
     with torch.no_grad():
         assert top1_agreement(got8, classifier(images)) >= 0.75
     assert read_sidecar(path)["quantize"] == "int8"
-    with pytest.raises(ExportError, match="format=pte supports the classifier only"):
-        export_pte(
-            ssdlite320(backbone="mobilenet_v3_small", num_classes=3), tmp_path / "d.pte", images[:1]
-        )
-    assert not (tmp_path / "d.pte").exists()
+    with pytest.raises(ExportError, match="quantize='int4' is not supported"):
+        export_pte(classifier, tmp_path / "c4.pte", images[:1], "int4")  # type: ignore[arg-type]
+    assert not (tmp_path / "c4.pte").exists()
 
 
 def test_pt2e_ptq_x86_agrees_on_top1(classifier: nn.Module, images: torch.Tensor) -> None:
@@ -74,7 +71,9 @@ def test_qat_finetune_converts_with_evaluation_batchnorm(
     with torch.no_grad():
         batch = converted(images)
         single = converted(images[:1])
+        # As close as PTQ's >= 0.75 (measured 1.0): torchao's BatchNorm eps 1e-5 in place of the
+        # model's 1e-3 gave 0.44 here (README, "PT2E QAT collapsed").
+        assert top1_agreement(batch, classifier(images)) >= 0.75
     # Evaluation-mode BatchNorm (running statistics): one image gives its row of the batch, up
     # to int8 rounding (batch statistics of one 64 px image would change it by far more).
-    # Top-1 agreement with fp32 is not asserted: it collapses here, see the README.
     torch.testing.assert_close(single, batch[:1], atol=0.25, rtol=0.05)

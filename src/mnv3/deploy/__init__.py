@@ -9,6 +9,7 @@ from mnv3.deploy.common import (
     ExportError,
     calibration_batches,
     example_input,
+    postprocess_detections,
     read_sidecar,
     sidecar_path,
     write_sidecar,
@@ -22,11 +23,19 @@ from mnv3.deploy.onnx_export import (
     run_onnx,
     run_onnx_detector,
 )
-from mnv3.deploy.pte import export_pte, load_pte, run_pte
+from mnv3.deploy.pte import (
+    export_pte,
+    load_pte,
+    run_pte,
+    run_pte_detector,
+    run_pte_outputs,
+    xnnpack_delegation,
+)
 from mnv3.deploy.quantize import (
     compile_int8,
     prepare_qat,
     qat_finetune,
+    qat_to_eval,
     quantize_ptq,
     top1_agreement,
 )
@@ -42,15 +51,20 @@ __all__ = [
     "load_pte",
     "onnx_op_types",
     "onnx_session",
+    "postprocess_detections",
     "prepare_qat",
     "qat_finetune",
+    "qat_to_eval",
     "quantize_onnx",
     "quantize_ptq",
     "read_sidecar",
     "run_onnx",
     "run_onnx_detector",
     "run_pte",
+    "run_pte_detector",
+    "run_pte_outputs",
     "sidecar_path",
     "top1_agreement",
     "write_sidecar",
+    "xnnpack_delegation",
 ]

@@ -11,11 +11,14 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torchvision.ops import batched_nms
+
+from mnv3.models.detection.ssdlite import scale_boxes
 
 # The network's output stride: a smaller input leaves no pixel for the last stage.
 MIN_INPUT_SIZE = 32
@@ -118,3 +121,46 @@ def calibration_batches(
             f"the calibration set ({split} split of {root}) is empty; expected at least one image"
         )
     return [torch.stack(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+
+
+def postprocess_detections(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    input_size: tuple[int, int],
+    image_sizes: Sequence[tuple[int, int]] | None = None,
+    score_thresh: float = 0.001,
+    nms_thresh: float = 0.55,
+    topk_candidates: int = 300,
+    detections_per_img: int = 300,
+) -> list[dict[str, torch.Tensor]]:
+    """Detections from an exported SSDLite's outputs, as ``SSDLite.postprocess`` makes them.
+
+    The step every runtime does after the graph (NMS stays outside it): ``boxes`` (N, A, 4)
+    xyxy in the ``input_size`` (h, w) pixels and ``scores`` (N, A, C - 1) without the
+    background. Per class the ``topk_candidates`` best scores above ``score_thresh``, per-class
+    NMS at ``nms_thresh``, then the ``detections_per_img`` best; boxes scaled into each
+    ``image_sizes`` (h, w) (default: the input size). Returns per image ``{boxes, scores,
+    labels}``, labels counting the background as 0, as the model's.
+    """
+    sizes = list(image_sizes) if image_sizes is not None else [input_size] * scores.shape[0]
+    if len(sizes) != scores.shape[0]:
+        raise ValueError(f"got {len(sizes)} image sizes for {scores.shape[0]} images")
+    k = min(int(topk_candidates), scores.shape[1])
+    top_scores, top_idx = scores.topk(k, dim=1)  # (N, k, C-1), best first per class
+    # Class-major order (class 1's candidates first), as SSDLite.postprocess.
+    top_scores, top_idx = top_scores.transpose(1, 2), top_idx.transpose(1, 2)
+    labels = torch.arange(1, scores.shape[2] + 1, device=scores.device)[:, None].expand(-1, k)
+    detections = []
+    for i, size in enumerate(sizes):
+        keep = top_scores[i] > score_thresh
+        cand_scores, cand_labels = top_scores[i][keep], labels[keep]
+        cand_boxes = boxes[i][top_idx[i][keep]]
+        kept = batched_nms(cand_boxes, cand_scores, cand_labels, nms_thresh)[:detections_per_img]
+        detections.append(
+            {
+                "boxes": scale_boxes(cand_boxes[kept], input_size, tuple(size)),
+                "scores": cand_scores[kept],
+                "labels": cand_labels[kept],
+            }
+        )
+    return detections

@@ -1,8 +1,16 @@
-"""ExecuTorch ``.pte`` export with the XNNPACK delegate (fp32 or int8) and its Python runtime.
+"""ExecuTorch ``.pte`` export of the three heads with the XNNPACK delegate, and its runners.
 
 The phone path: ``torch.export`` -> (int8: ``XNNPACKQuantizer`` PT2E) ->
 ``to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()])`` -> ``.pte``. Shapes are
 static in the program, batch included (the example input's).
+
+What the program returns is what ONNX exports (:func:`mnv3.deploy.onnx_export.export_module`):
+a classifier's logits, LR-ASPP's logits at the input size, SSDLite's decoded boxes and class
+scores (:class:`DetectorForExport`); top-k, score threshold and per-class NMS run after it
+(:func:`run_pte_detector`). XNNPACK takes every convolution, pooling, resize and activation and
+the decoder's exp / clamp / softmax / stack; what it leaves (the decoder's index ``select`` /
+``slice``, copies of scalar constants) runs on ExecuTorch's portable kernels, listed in the
+sidecar's ``xnnpack`` entry so a phone build knows which kernels to link.
 """
 
 from __future__ import annotations
@@ -15,9 +23,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mnv3.deploy.common import ExportError, atomic_output, check_input_size, write_sidecar
-from mnv3.deploy.quantize import quantize_ptq
-from mnv3.models.detection.ssdlite import SSDLite
+from mnv3.deploy.common import (
+    ExportError,
+    atomic_output,
+    check_input_size,
+    postprocess_detections,
+    write_sidecar,
+)
+from mnv3.deploy.onnx_export import DetectorForExport, export_module, postprocess_metadata
+from mnv3.deploy.quantize import quantize_ptq, quantizer_for
+
+PTE_DETECTOR_RUNNER = "mnv3.deploy.run_pte_detector"
 
 
 def export_pte(
@@ -28,53 +44,111 @@ def export_pte(
     calibration: Sequence[torch.Tensor] | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Export a classifier to an ExecuTorch program at ``path`` with the XNNPACK delegate.
+    """Export a classifier, an SSDLite or a segmenter to an ExecuTorch program at ``path``.
 
     Args:
-        model: a classifier (detectors are refused: their NMS has no XNNPACK kernel, and the
-            segmenter's resizes are untested here).
+        model: a classifier (returns logits), a segmenter (logits at the input size) or an
+            ``SSDLite`` (exported as :class:`DetectorForExport`: boxes and scores; an already
+            wrapped ``DetectorForExport`` is taken as is).
         path: the ``.pte`` file; written atomically, ``metadata`` as ``<path>.json``.
         example_input: the fixed ``(N, C, H, W)`` input shape of the program.
         quantize: None (fp32) or ``"int8"`` (``XNNPACKQuantizer``, per-channel symmetric
-            weights, calibrated on ``calibration``).
+            weights, calibrated on ``calibration``). A detector's box decoding and softmax stay
+            in float: 8-bit pixel coordinates and probabilities cost mAP (the README's ONNX
+            QDQ measurement), so only the ops inside the network's modules are quantized.
         calibration: batches of preprocessed images, needed for int8.
-        metadata: preprocessing and labels for the sidecar json.
+        metadata: preprocessing and labels for the sidecar json; ``outputs`` (what the program
+            returns), the XNNPACK delegation and, for a detector, ``postprocess`` are added.
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    if isinstance(model, SSDLite) or getattr(model, "classifier", None) is None:
+    if example_input.dim() != 4:
         raise ExportError(
-            f"format=pte supports the classifier only, got a {type(model).__name__}; "
-            "export detectors and segmenters with format=onnx"
+            f"example input has shape {tuple(example_input.shape)}; expected (N, C, H, W)"
         )
     if quantize not in (None, "int8"):
         raise ExportError(f"quantize={quantize!r} is not supported; expected null or int8")
-    check_input_size(tuple(example_input.shape[-2:]))
-    model = model.eval()
+    input_size = check_input_size(tuple(example_input.shape[-2:]))
+    module, output_names = _program_module(model.eval(), input_size)
     if quantize == "int8":
-        graph: nn.Module = quantize_ptq(model, example_input, calibration or [], "xnnpack")
+        quantizer = network_quantizer() if isinstance(module, DetectorForExport) else None
+        graph: nn.Module = quantize_ptq(
+            module, example_input, calibration or [], "xnnpack", quantizer=quantizer
+        )
     else:
-        graph = model
+        graph = module
     with torch.no_grad():
         program = torch.export.export(graph, (example_input,))
     lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    delegation = xnnpack_delegation(lowered.exported_program().graph_module)
     buffer = lowered.to_executorch().buffer
     path = Path(path)
     with atomic_output(path) as tmp:
         tmp.write_bytes(buffer)
         if metadata is not None:
-            write_sidecar(
-                path,
-                {
-                    **metadata,
-                    "format": "pte",
-                    "quantize": quantize,
-                    "batch_size": int(example_input.shape[0]),
-                    "outputs": ["logits"],
-                },
-            )
+            sidecar = {
+                **metadata,
+                "format": "pte",
+                "quantize": quantize,
+                "batch_size": int(example_input.shape[0]),
+                "outputs": output_names,
+                "xnnpack": delegation,
+            }
+            if isinstance(module, DetectorForExport):
+                post = metadata.get("postprocess") or postprocess_metadata(module.detector)
+                sidecar["postprocess"] = {**post, "runner": PTE_DETECTOR_RUNNER}
+            write_sidecar(path, sidecar)
     return path
+
+
+def _program_module(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module, list[str]]:
+    """The module the program is made of and its output names (ONNX's choice per head)."""
+    if isinstance(model, DetectorForExport):
+        if tuple(model.input_size) != tuple(input_size):
+            raise ExportError(
+                f"the detector was wrapped for {model.input_size[0]}x{model.input_size[1]} "
+                f"inputs but the example input is {input_size[0]}x{input_size[1]}; expected "
+                "the same size (its anchors are constants of the program)"
+            )
+        return model, ["boxes", "scores"]
+    return export_module(model, input_size)
+
+
+def inside_network(node: torch.fx.Node) -> bool:
+    """True for an op run inside a submodule (the detector's network), False for the wrapper's
+    own ops (box decoding, softmax). Weights and constants carry no module stack: they go with
+    the ops that use them."""
+    stack = node.meta.get("nn_module_stack")
+    return not stack or any(name not in ("", "L['self']") for name, _ in stack.values())
+
+
+def network_quantizer() -> Any:
+    """``XNNPACKQuantizer`` (as :func:`quantizer_for`) restricted to :func:`inside_network`."""
+    return quantizer_for("xnnpack").set_filter_function(inside_network)
+
+
+def xnnpack_delegation(graph_module: torch.fx.GraphModule) -> dict[str, Any]:
+    """How much of a lowered program XNNPACK runs: ``delegated_ops`` (edge ops inside its
+    subgraphs), ``subgraphs``, and ``portable_ops``: op type -> count of the ops left to
+    ExecuTorch's portable kernels (what a phone build must link besides XNNPACK).
+
+    ``graph_module``: ``to_edge_transform_and_lower(...).exported_program().graph_module``.
+    The delegate's own output unpacking (``getitem``) is bookkeeping, not an op, and not counted.
+    """
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(graph_module)
+    portable = {
+        row.op_type: int(row.non_delegated)
+        for row in info.delegation_by_operator.values()
+        if row.non_delegated and row.op_type != "getitem"
+    }
+    return {
+        "delegated_ops": int(info.num_delegated_nodes),
+        "subgraphs": int(info.num_delegated_subgraphs),
+        "portable_ops": dict(sorted(portable.items())),
+    }
 
 
 def load_pte(path: str | os.PathLike[str]) -> Any:
@@ -84,6 +158,55 @@ def load_pte(path: str | os.PathLike[str]) -> Any:
     return Runtime.get().load_program(str(path)).load_method("forward")
 
 
+def run_pte_outputs(method: Any, images: torch.Tensor) -> list[torch.Tensor]:
+    """All outputs of a loaded ``.pte`` method on ``(N, C, H, W)`` images, any N: fed in chunks
+    of the program's fixed batch (the last one padded with zeros, dropped from the outputs)."""
+    shape = tuple(method.metadata.input_tensor_meta(0).sizes())
+    if images.dim() != 4 or tuple(images.shape[1:]) != shape[1:]:
+        raise ValueError(
+            f"images have shape {tuple(images.shape)}; the program takes (N, "
+            f"{', '.join(str(s) for s in shape[1:])}) batches"
+        )
+    batch, count = shape[0], int(images.shape[0])
+    chunks: list[list[torch.Tensor]] = []
+    for start in range(0, count, batch):
+        chunk = images[start : start + batch].float()
+        if chunk.shape[0] < batch:
+            pad = chunk.new_zeros(batch - chunk.shape[0], *chunk.shape[1:])
+            chunk = torch.cat([chunk, pad])
+        chunks.append(list(method.execute([chunk.contiguous()])))
+    return [torch.cat(outs)[:count] for outs in zip(*chunks, strict=True)]
+
+
 def run_pte(method: Any, images: torch.Tensor) -> torch.Tensor:
-    """Logits of a loaded ``.pte`` method on a batch of the program's fixed size."""
-    return method.execute([images.contiguous()])[0]
+    """Logits of a loaded classifier or segmenter ``.pte`` on ``(N, C, H, W)`` images, any N."""
+    return run_pte_outputs(method, images)[0]
+
+
+def run_pte_detector(
+    method: Any,
+    images: torch.Tensor,
+    image_sizes: Sequence[tuple[int, int]] | None = None,
+    score_thresh: float = 0.001,
+    nms_thresh: float = 0.55,
+    topk_candidates: int = 300,
+    detections_per_img: int = 300,
+) -> list[dict[str, torch.Tensor]]:
+    """Detections from a loaded SSDLite ``.pte``, post-processed as ``SSDLite.postprocess`` does.
+
+    ``images``: the resized, normalised ``(N, 3, H, W)`` batch, any N; ``image_sizes``: each
+    image's original (h, w) to scale the boxes into (default: the input size). The thresholds
+    are the sidecar's ``postprocess`` values (the model's). Returns per image ``{boxes,
+    scores, labels}`` (labels count the background as 0, as the model's).
+    """
+    boxes, scores = run_pte_outputs(method, images)
+    return postprocess_detections(
+        boxes,
+        scores,
+        (int(images.shape[-2]), int(images.shape[-1])),
+        image_sizes,
+        score_thresh,
+        nms_thresh,
+        topk_candidates,
+        detections_per_img,
+    )

@@ -55,13 +55,16 @@ def quantize_ptq(
     example_input: torch.Tensor,
     calibration: Sequence[torch.Tensor],
     backend: Backend = "x86",
+    quantizer: Any | None = None,
 ) -> torch.fx.GraphModule:
     """Post-training static int8: export, observe ``calibration`` batches, convert.
 
     Returns the converted graph (runs eagerly with quantize/dequantize ops; lower it with
     :func:`compile_int8` on x86 or :func:`mnv3.deploy.pte.export_pte` for XNNPACK). The batch
     size of ``example_input`` is the one the graph accepts for XNNPACK; the x86 graph is
-    exported with a dynamic batch.
+    exported with a dynamic batch. ``quantizer``: a configured PT2E quantizer to use instead
+    of ``quantizer_for(backend)`` (e.g. one that annotates only the network of a detector);
+    ``backend`` still decides the batch handling.
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -71,7 +74,7 @@ def quantize_ptq(
     if dynamic is not None:
         example_input = _two_rows(example_input)
     graph = torch.export.export(model, (example_input,), dynamic_shapes=dynamic).module()
-    prepared = prepare_pt2e(graph, quantizer_for(backend))
+    prepared = prepare_pt2e(graph, quantizer if quantizer is not None else quantizer_for(backend))
     with torch.no_grad():
         for batch in calibration:
             for chunk in _fit_batch(batch, example_input, dynamic is not None):
@@ -93,10 +96,12 @@ def prepare_qat(
 ) -> torch.fx.GraphModule:
     """A fake-quantized copy of ``model`` to fine-tune (torchao's ``prepare_qat_pt2e``).
 
-    Exported in train mode so BatchNorm keeps updating; switch it with
-    :func:`torchao.quantization.pt2e.move_exported_model_to_eval` before evaluating, else
-    BatchNorm uses batch statistics in evaluation (one way PT2E QAT "collapses",
-    pytorch#114859).
+    Exported in train mode so BatchNorm keeps updating. torchao 0.18 rewrites every BatchNorm
+    with eps 1e-5 and momentum 0.1 whatever the model says (its QAT conv-bn patterns hard-code
+    them, a TODO in ``qat_utils.py``; pytorch/ao#4107); MobileNetV3's eps 1e-3 lost that way is
+    what made PT2E QAT collapse here (pytorch#114859), so the model's own values are written
+    back. Switch the result with :func:`qat_to_eval`, not torchao's
+    ``move_exported_model_to_eval`` alone, before evaluating or converting it.
     """
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
@@ -104,7 +109,32 @@ def prepare_qat(
     graph = torch.export.export(
         model, (_two_rows(example_input),), dynamic_shapes=_batch_dim(example_input)
     ).module()
-    return prepare_qat_pt2e(graph, quantizer_for(backend, is_qat=True))
+    literals = _batch_norm_literals(graph)
+    prepared = prepare_qat_pt2e(graph, quantizer_for(backend, is_qat=True))
+    _set_batch_norm_literals(prepared, literals)
+    return prepared
+
+
+def qat_to_eval(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Switch a :func:`prepare_qat` graph to evaluation, ready for ``convert_pt2e``, in place.
+
+    torchao's ``move_exported_model_to_eval`` and the conv-bn folding in ``convert_pt2e`` both
+    assume BatchNorm eps 1e-5. Each running variance is shifted by ``eps - 1e-5`` first, so
+    ``sqrt(running_var + 1e-5)`` is the model's ``sqrt(running_var + eps)`` exactly; after this
+    the graph is for evaluation only (training it again would update the shifted statistics).
+    """
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+
+    literals = _batch_norm_literals(prepared)
+    with torch.no_grad():
+        for target, (_, eps) in literals.items():
+            prepared.get_buffer(target).add_(eps - _TORCHAO_BN_EPS)
+    _set_batch_norm_literals(
+        prepared,
+        {target: (momentum, _TORCHAO_BN_EPS) for target, (momentum, _) in literals.items()},
+    )
+    move_exported_model_to_eval(prepared)
+    return prepared
 
 
 def qat_finetune(
@@ -130,7 +160,6 @@ def qat_finetune(
 
     Returns the converted int8 graph in evaluation mode.
     """
-    from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     prepared = prepare_qat(model, example_input, backend)
@@ -139,23 +168,70 @@ def qat_finetune(
     step = 0
     for _ in range(int(epochs)):
         for images, labels in batches():
-            if freeze_bn_after is not None and step >= freeze_bn_after:
+            if freeze_bn_after is not None and step == freeze_bn_after:
                 _freeze_bn_stats(prepared)
             loss = loss_fn(prepared(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-    move_exported_model_to_eval(prepared)
-    return convert_pt2e(prepared)
+    return convert_pt2e(qat_to_eval(prepared))
+
+
+# torchao 0.18's QAT conv-bn patterns and its train/eval rewrites write this eps into the graph.
+_TORCHAO_BN_EPS = 1e-5
+_BATCH_NORM = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default)
+
+
+def _running_var_target(node: torch.fx.Node, position: int) -> str | None:
+    """The buffer name of ``node.args[position]`` when it is a BatchNorm running variance."""
+    arg = node.args[position] if len(node.args) > position else None
+    if (
+        isinstance(arg, torch.fx.Node)
+        and arg.op == "get_attr"
+        and str(arg.target).endswith("running_var")
+    ):
+        return str(arg.target)
+    return None
+
+
+def _batch_norm_literals(graph: torch.fx.GraphModule) -> dict[str, tuple[float, float]]:
+    """Running-variance buffer -> (momentum, eps) of every training-mode BatchNorm node."""
+    literals = {}
+    for node in graph.graph.nodes:
+        # args of both: input, weight, bias, running_mean, running_var, training, momentum, eps
+        if node.op == "call_function" and node.target in _BATCH_NORM:
+            target = _running_var_target(node, 4)
+            if target is not None and node.args[5]:
+                literals[target] = (float(node.args[6]), float(node.args[7]))
+    return literals
+
+
+def _set_batch_norm_literals(
+    graph: torch.fx.GraphModule, literals: dict[str, tuple[float, float]]
+) -> None:
+    """Write (momentum, eps) into the BatchNorm nodes of each running variance, and eps into
+    the ``running_var + eps`` of torchao's QAT conv-bn pattern (its weight scale)."""
+    for node in graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _BATCH_NORM:
+            target = _running_var_target(node, 4)
+            if target in literals:
+                args = list(node.args)
+                args[6], args[7] = literals[target]
+                node.args = tuple(args)
+        elif node.target == torch.ops.aten.add.Tensor and isinstance(node.args[1], float):
+            target = _running_var_target(node, 0)
+            if target in literals:
+                node.args = (node.args[0], literals[target][1])
+    graph.recompile()
 
 
 def _freeze_bn_stats(graph: torch.fx.GraphModule) -> None:
     """Keep BatchNorm running statistics fixed in an exported train-mode graph."""
-    targets = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default)
     for node in graph.graph.nodes:
-        if node.target in targets:
-            # args of both: input, weight, bias, running_mean, running_var, training, momentum, ...
+        if node.target in _BATCH_NORM:
             args = list(node.args)
             args[6] = 0.0
             node.args = tuple(args)
