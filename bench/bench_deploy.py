@@ -27,7 +27,7 @@ calibrates on 32 images of the checkpoint's own val split and scores its test sp
 Timing: batch 1, interleaved rounds of alternating order (``common.time_interleaved``), medians,
 95% bootstrap interval of each path's ratio to torchvision eager. Every row has a time budget
 (export + timing, ``--budget-scale`` multiplies it): a path whose export would start after the
-budget is spent is reported "n/a (budget)", so a quiet 2-core machine finishes in ~10 minutes
+budget is spent is reported "n/a (budget)", so a quiet 2-core machine finishes in ~14 minutes
 and a loaded one still ends. Export errors become "n/a" with the reason in a footnote.
 """
 

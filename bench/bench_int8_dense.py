@@ -1,6 +1,6 @@
 """int8 accuracy of a trained detector or segmenter: eager vs ONNX fp32 vs onnxruntime QDQ int8.
 
-``python bench/bench_int8_dense.py <run>/checkpoints/best.ckpt [--calibration-batches 4]``
+``python bench/bench_int8_dense.py <run>/checkpoints/best.ckpt [--calibration-batches 4] [--pte]``
 
 The run's own config rebuilds its validation split; the network is exported with
 :func:`mnv3.deploy.export_onnx` and quantized with :func:`mnv3.deploy.quantize_onnx` in the
@@ -26,10 +26,14 @@ from mnv3.data.coco import COCO_IOU_THRESHOLDS, COCO_RECALL_THRESHOLDS
 from mnv3.deploy import (
     DetectorForExport,
     export_onnx,
+    export_pte,
+    load_pte,
     onnx_session,
     quantize_onnx,
     run_onnx,
     run_onnx_detector,
+    run_pte_detector,
+    run_pte_outputs,
 )
 from mnv3.deploy.onnx_export import CalibrationMethod
 from mnv3.tasks import TASKS
@@ -41,6 +45,9 @@ RECIPES: tuple[tuple[str, bool, CalibrationMethod, bool], ...] = (
     ("per-channel, MinMax, float post-processing", True, "minmax", True),
     ("per-tensor, percentile, float post-processing", False, "percentile", True),
 )
+
+
+PTE_ROW = "ExecuTorch XNNPACK int8 (network only, per-channel)"
 
 
 def metric(task: str, num_classes: int) -> Metric:
@@ -71,6 +78,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ckpt", type=Path, help="a detection or segmentation best.ckpt")
     parser.add_argument("--calibration-batches", type=int, default=4)
+    parser.add_argument(
+        "--pte",
+        action="store_true",
+        help="also score the ExecuTorch XNNPACK int8 program (export_pte; a minute or two more)",
+    )
     args = parser.parse_args()
     run = args.ckpt.parent.parent
     cfg = OmegaConf.load(run / "config_resolved.yaml")
@@ -103,8 +115,14 @@ def main() -> None:
                 calibration_method=method,
             )
             sessions[f"onnxruntime int8 QDQ, {name}"] = onnx_session(path)
+        programs = {}
+        if args.pte:
+            pte = export_pte(exportable, Path(tmp) / "int8.pte", first[:1], "int8", calibration)
+            programs[PTE_ROW] = load_pte(pte)
         metrics = {"eager": metric(task_name, hparams["num_classes"])}
-        metrics.update({k: metric(task_name, hparams["num_classes"]) for k in sessions})
+        metrics.update(
+            {k: metric(task_name, hparams["num_classes"]) for k in [*sessions, *programs]}
+        )
         for batch in batches:
             images = batch["image"]
             if detection:
@@ -113,6 +131,7 @@ def main() -> None:
                     outputs = net(images)
                 found = {"eager": net.postprocess(outputs, sizes, tuple(images.shape[-2:]))}
                 found |= {k: run_onnx_detector(s, images, sizes) for k, s in sessions.items()}
+                found |= {k: run_pte_detector(m, images, sizes) for k, m in programs.items()}
                 for k, detections in found.items():
                     metrics[k].update(detections, list(batch["eval_target"]))
             else:
@@ -120,6 +139,8 @@ def main() -> None:
                     found = {"eager": net(images).argmax(1)}
                 for k, s in sessions.items():
                     found[k] = torch.from_numpy(run_onnx(s, images)[0]).argmax(1)
+                for k, m in programs.items():
+                    found[k] = run_pte_outputs(m, images)[0].argmax(1)
                 for k, predicted in found.items():
                     metrics[k].update(predicted, batch["mask"])
     results = {k: score(task_name, m.compute()) for k, m in metrics.items()}

@@ -36,3 +36,17 @@ def only_standard_ops(path: Path) -> bool:
 
     graph = onnx.load(str(path)).graph
     return all(node.domain in ("", "ai.onnx") for node in graph.node)
+
+
+def assert_same_top_detections(
+    got: list[dict[str, torch.Tensor]], expected: list[dict[str, torch.Tensor]]
+) -> None:
+    """An exported detector's runner gives ``SSDLite.postprocess``'s 10 best detections of
+    every image: same labels, boxes within 1e-3 px, scores within 1e-5 (at least 5 per image,
+    so the comparison is not vacuous)."""
+    for g, e in zip(got, expected, strict=True):
+        assert len(e["boxes"]) >= 5
+        top = min(10, len(e["boxes"]))
+        assert torch.equal(g["labels"][:top], e["labels"][:top])
+        torch.testing.assert_close(g["boxes"][:top], e["boxes"][:top], atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(g["scores"][:top], e["scores"][:top], atol=1e-5, rtol=1e-4)
