@@ -142,3 +142,27 @@ def test_coco_recipes_hold_torchvisions_recipe_and_the_paper_numbers(tmp_path: P
     focal = compose_train(tmp_path, ["experiment=ssdlite_mnv3l-reduced_320_coco_focal"])
     assert focal.head.loss == "focal" and focal.optim.lr == 0.4
     assert focal.data.batch_size * focal.trainer.devices == 512
+
+
+def test_cli_exports_the_detector_to_pte_with_its_postprocessing(trained_run: Path) -> None:
+    from mnv3.deploy import DetectorForExport, load_pte, read_sidecar, run_pte_outputs
+    from mnv3.tasks import TASKS
+
+    ckpt = trained_run / "run" / "checkpoints" / "best.ckpt"
+    out = trained_run / "deploy" / "detector.pte"
+    result = run_cli(
+        "mnv3.export", [f"ckpt_path={ckpt}", "format=pte", f"out={out}"], cwd=trained_run
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sidecar = read_sidecar(out)
+    assert sidecar["task"] == "detection" and sidecar["outputs"] == ["boxes", "scores"]
+    assert sidecar["preprocessing"]["input_size"] == [96, 96]
+    assert sidecar["postprocess"]["runner"] == "mnv3.deploy.run_pte_detector"
+    assert sidecar["xnnpack"]["delegated_ops"] > 0
+    network = TASKS["detection"].load_trained(ckpt).model.eval()
+    images = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    boxes, scores = run_pte_outputs(load_pte(out), images)
+    with torch.no_grad():
+        expected_boxes, expected_scores = DetectorForExport(network, (96, 96))(images)
+    torch.testing.assert_close(boxes, expected_boxes, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(scores, expected_scores, atol=1e-4, rtol=1e-4)
