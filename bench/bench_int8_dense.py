@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 from torchmetrics import Metric
 
 from mnv3.cli import build_datamodule
@@ -29,7 +32,9 @@ from mnv3.deploy import (
     export_pte,
     load_pte,
     onnx_session,
+    qat_finetune,
     quantize_onnx,
+    quantize_ptq,
     run_onnx,
     run_onnx_detector,
     run_pte_detector,
@@ -48,6 +53,85 @@ RECIPES: tuple[tuple[str, bool, CalibrationMethod, bool], ...] = (
 
 
 PTE_ROW = "ExecuTorch XNNPACK int8 (network only, per-channel)"
+
+
+class DetectorNetwork(nn.Module):
+    """SSDLite's network alone, ``images -> (cls_logits, bbox_regression)``: what QAT trains
+    (the detector's loss matches anchors on these raw outputs)."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.detector.head(self.detector.features(images))
+
+
+def pt2e_graphs(
+    net: nn.Module,
+    detection: bool,
+    datamodule: Any,
+    calibration: list[torch.Tensor],
+    steps: int,
+) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """torchao PT2E int8 graphs of the network (raw outputs): PTQ on ``calibration``, QAT at
+    lr 0 (fake quantization with moving-average ranges over ``steps`` training batches, weights
+    unchanged) and QAT fine-tuning (``steps`` SGD steps at lr 1e-4, BatchNorm frozen halfway),
+    each with the x86 and the XNNPACK quantizer. Empty when ``steps`` is 0."""
+    if steps <= 0:
+        return {}
+    network = DetectorNetwork(net).eval() if detection else net
+    example = calibration[0][:1]
+    if detection:
+        with torch.no_grad():
+            anchors = net.forward_batch(example)["anchors"]
+
+        def loss_fn(outputs: Any, targets: Any) -> torch.Tensor:
+            raw = {"cls_logits": outputs[0], "bbox_regression": outputs[1], "anchors": anchors}
+            return net.loss(raw, targets)["loss"]
+    else:
+
+        def loss_fn(outputs: Any, targets: Any) -> torch.Tensor:
+            return nn.functional.cross_entropy(outputs, targets, ignore_index=255)
+
+    def batches() -> Any:
+        for i, batch in enumerate(datamodule.train_dataloader()):
+            if i >= steps:
+                return
+            if detection:
+                targets = [
+                    {"boxes": b, "labels": lab}
+                    for b, lab in zip(batch["boxes"], batch["labels"], strict=True)
+                ]
+            else:
+                targets = batch["mask"]
+            yield batch["image"], targets
+
+    graphs: dict[str, Callable[[torch.Tensor], Any]] = {}
+    for backend in ("x86", "xnnpack"):
+        ptq = quantize_ptq(network, example, calibration, backend)
+        # The XNNPACK graph takes the batch it was exported with (1): feed images one by one.
+        graphs[f"torchao PT2E PTQ, {backend}"] = (
+            _one_by_one(ptq, detection) if backend == "xnnpack" else ptq
+        )
+        common = {"backend": backend, "loss_fn": loss_fn, "epochs": 1}
+        graphs[f"torchao PT2E QAT lr 0 ({steps} train batches), {backend}"] = qat_finetune(
+            network, example, batches, lr=0.0, freeze_bn_after=0, **common
+        )
+        graphs[f"torchao PT2E QAT {steps} steps lr 1e-4, {backend}"] = qat_finetune(
+            network, example, batches, lr=1e-4, freeze_bn_after=steps // 2, **common
+        )
+    return graphs
+
+
+def _one_by_one(graph: Callable[[torch.Tensor], Any], pair: bool) -> Callable[[torch.Tensor], Any]:
+    def run(images: torch.Tensor) -> Any:
+        outs = [graph(images[i : i + 1]) for i in range(images.shape[0])]
+        if pair:
+            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        return torch.cat(outs)
+
+    return run
 
 
 def metric(task: str, num_classes: int) -> Metric:
@@ -79,6 +163,14 @@ def main() -> None:
     parser.add_argument("ckpt", type=Path, help="a detection or segmentation best.ckpt")
     parser.add_argument("--calibration-batches", type=int, default=4)
     parser.add_argument(
+        "--qat-steps",
+        type=int,
+        default=0,
+        help="also score torchao PT2E int8 (x86 and XNNPACK quantizers, converted graphs run "
+        "eagerly): PTQ, QAT with lr 0 over this many training batches (moving-average ranges) "
+        "and QAT fine-tuning for this many steps; 0: skip",
+    )
+    parser.add_argument(
         "--pte",
         action="store_true",
         help="also score the ExecuTorch XNNPACK int8 program (export_pte; a minute or two more)",
@@ -95,7 +187,7 @@ def main() -> None:
     )
     net = task.model.eval()
     datamodule = build_datamodule(cfg.data)
-    datamodule.setup("validate")
+    datamodule.setup("fit" if args.qat_steps else "validate")
     loader = datamodule.val_dataloader()
     batches = list(loader)
     first = batches[0]["image"]
@@ -119,9 +211,10 @@ def main() -> None:
         if args.pte:
             pte = export_pte(exportable, Path(tmp) / "int8.pte", first[:1], "int8", calibration)
             programs[PTE_ROW] = load_pte(pte)
+        graphs = pt2e_graphs(net, detection, datamodule, calibration, args.qat_steps)
         metrics = {"eager": metric(task_name, hparams["num_classes"])}
         metrics.update(
-            {k: metric(task_name, hparams["num_classes"]) for k in [*sessions, *programs]}
+            {k: metric(task_name, hparams["num_classes"]) for k in [*sessions, *programs, *graphs]}
         )
         for batch in batches:
             images = batch["image"]
@@ -132,6 +225,11 @@ def main() -> None:
                 found = {"eager": net.postprocess(outputs, sizes, tuple(images.shape[-2:]))}
                 found |= {k: run_onnx_detector(s, images, sizes) for k, s in sessions.items()}
                 found |= {k: run_pte_detector(m, images, sizes) for k, m in programs.items()}
+                for k, graph in graphs.items():
+                    with torch.no_grad():
+                        cls_logits, regression = graph(images)
+                    raw = {**outputs, "cls_logits": cls_logits, "bbox_regression": regression}
+                    found[k] = net.postprocess(raw, sizes, tuple(images.shape[-2:]))
                 for k, detections in found.items():
                     metrics[k].update(detections, list(batch["eval_target"]))
             else:
@@ -141,6 +239,9 @@ def main() -> None:
                     found[k] = torch.from_numpy(run_onnx(s, images)[0]).argmax(1)
                 for k, m in programs.items():
                     found[k] = run_pte_outputs(m, images)[0].argmax(1)
+                for k, graph in graphs.items():
+                    with torch.no_grad():
+                        found[k] = graph(images).argmax(1)
                 for k, predicted in found.items():
                     metrics[k].update(predicted, batch["mask"])
     results = {k: score(task_name, m.compute()) for k, m in metrics.items()}

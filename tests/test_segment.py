@@ -142,7 +142,13 @@ def test_int8_benchmark_scores_eager_fp32_and_int8_on_the_validation_split(
 
     ckpt = trained_run / "run" / "checkpoints" / "best.ckpt"
     result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_int8_dense.py"), str(ckpt)],
+        [
+            sys.executable,
+            str(REPO / "bench" / "bench_int8_dense.py"),
+            str(ckpt),
+            "--qat-steps",
+            "2",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -155,8 +161,10 @@ def test_int8_benchmark_scores_eager_fp32_and_int8_on_the_validation_split(
         if line.startswith("| ") and not line.startswith("| path")
     }
     int8 = {r for r in rows if r.startswith("onnxruntime int8 QDQ, ")}
-    assert set(rows) - int8 == {"eager", "onnxruntime fp32"}
+    pt2e = {r for r in rows if r.startswith("torchao PT2E ")}
+    assert set(rows) - int8 - pt2e == {"eager", "onnxruntime fp32"}
     assert len(int8) == 4  # all int8 / float post-processing, per-channel, percentile
+    assert len(pt2e) == 6  # PTQ, QAT at lr 0, QAT fine-tuning; x86 and XNNPACK quantizers
     # The export changes no prediction beyond a near-tied pixel or two.
     assert abs(float(rows["onnxruntime fp32"]) - float(rows["eager"])) <= 2e-3
     assert all(0.0 <= float(v) <= 1.0 for v in rows.values())

@@ -145,18 +145,22 @@ def qat_finetune(
     lr: float = 1e-4,
     freeze_bn_after: int | None = None,
     backend: Backend = "x86",
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
 ) -> torch.fx.GraphModule:
-    """Quantization-aware fine-tuning of a classifier: prepare, train, convert.
+    """Quantization-aware fine-tuning: prepare, train, convert.
 
     Args:
-        model: the trained fp32 classifier.
+        model: the trained fp32 network (a classifier, or any module of ``images``).
         example_input: an input batch of the deployed size (its batch dimension stays free).
-        batches: called once per epoch; yields ``(images, labels)`` training batches.
+        batches: called once per epoch; yields ``(images, targets)`` training batches.
         epochs: passes over ``batches()``.
         lr: SGD (momentum 0.9) learning rate; small, since the weights are already trained.
         freeze_bn_after: steps after which BatchNorm statistics stop updating (the usual QAT
             recipe, so the folded scales settle); None: never.
         backend: the quantizer (``"x86"`` or ``"xnnpack"``).
+        loss_fn: ``loss_fn(outputs, targets)``; None: cross-entropy on class labels. A
+            detector passes its own (e.g. SSDLite's matching loss on the network's raw
+            ``(cls_logits, bbox_regression)``).
 
     Returns the converted int8 graph in evaluation mode.
     """
@@ -164,13 +168,13 @@ def qat_finetune(
 
     prepared = prepare_qat(model, example_input, backend)
     optimizer = torch.optim.SGD(prepared.parameters(), lr=lr, momentum=0.9)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
     step = 0
     for _ in range(int(epochs)):
-        for images, labels in batches():
+        for images, targets in batches():
             if freeze_bn_after is not None and step == freeze_bn_after:
                 _freeze_bn_stats(prepared)
-            loss = loss_fn(prepared(images), labels)
+            loss = loss_fn(prepared(images), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
