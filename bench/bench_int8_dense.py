@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +73,12 @@ def pt2e_graphs(
     datamodule: Any,
     calibration: list[torch.Tensor],
     steps: int,
+    backends: Sequence[str] = ("x86", "xnnpack"),
 ) -> dict[str, Callable[[torch.Tensor], Any]]:
     """torchao PT2E int8 graphs of the network (raw outputs): PTQ on ``calibration``, QAT at
     lr 0 (fake quantization with moving-average ranges over ``steps`` training batches, weights
     unchanged) and QAT fine-tuning (``steps`` SGD steps at lr 1e-4, BatchNorm frozen halfway),
-    each with the x86 and the XNNPACK quantizer. Empty when ``steps`` is 0."""
+    each with the ``backends``' quantizers (x86, XNNPACK). Empty when ``steps`` is 0."""
     if steps <= 0:
         return {}
     network = DetectorNetwork(net).eval() if detection else net
@@ -108,7 +109,7 @@ def pt2e_graphs(
             yield batch["image"], targets
 
     graphs: dict[str, Callable[[torch.Tensor], Any]] = {}
-    for backend in ("x86", "xnnpack"):
+    for backend in backends:
         ptq = quantize_ptq(network, example, calibration, backend)
         # The XNNPACK graph takes the batch it was exported with (1): feed images one by one.
         graphs[f"torchao PT2E PTQ, {backend}"] = (
@@ -171,6 +172,13 @@ def main() -> None:
         "and QAT fine-tuning for this many steps; 0: skip",
     )
     parser.add_argument(
+        "--qat-backends",
+        nargs="+",
+        default=["x86", "xnnpack"],
+        choices=["x86", "xnnpack"],
+        help="the PT2E quantizers of --qat-steps (default both)",
+    )
+    parser.add_argument(
         "--pte",
         action="store_true",
         help="also score the ExecuTorch XNNPACK int8 program (export_pte; a minute or two more)",
@@ -211,7 +219,9 @@ def main() -> None:
         if args.pte:
             pte = export_pte(exportable, Path(tmp) / "int8.pte", first[:1], "int8", calibration)
             programs[PTE_ROW] = load_pte(pte)
-        graphs = pt2e_graphs(net, detection, datamodule, calibration, args.qat_steps)
+        graphs = pt2e_graphs(
+            net, detection, datamodule, calibration, args.qat_steps, args.qat_backends
+        )
         metrics = {"eager": metric(task_name, hparams["num_classes"])}
         metrics.update(
             {k: metric(task_name, hparams["num_classes"]) for k in [*sessions, *programs, *graphs]}
