@@ -28,6 +28,7 @@ from mnv3.cli import build_datamodule
 from mnv3.data.coco import COCO_IOU_THRESHOLDS, COCO_RECALL_THRESHOLDS
 from mnv3.deploy import (
     DetectorForExport,
+    DetectorNetwork,
     export_onnx,
     export_pte,
     load_pte,
@@ -53,18 +54,6 @@ RECIPES: tuple[tuple[str, bool, CalibrationMethod, bool], ...] = (
 
 
 PTE_ROW = "ExecuTorch XNNPACK int8 (network only, per-channel)"
-
-
-class DetectorNetwork(nn.Module):
-    """SSDLite's network alone, ``images -> (cls_logits, bbox_regression)``: what QAT trains
-    (the detector's loss matches anchors on these raw outputs)."""
-
-    def __init__(self, detector: nn.Module) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.detector.head(self.detector.features(images))
 
 
 def pt2e_graphs(

@@ -43,6 +43,14 @@ def check_export_config(cfg: DictConfig) -> None:
         raise ConfigError(f"format={cfg.format!r} is unknown; expected one of {', '.join(FORMATS)}")
     if cfg.get("quantize") not in QUANTIZE:
         raise ConfigError(f"quantize={cfg.quantize!r} is unknown; expected null or int8")
+    steps = cfg.get("qat_steps", 0)
+    if not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"qat_steps={steps!r} is not a count; expected 0 or more batches")
+    if steps and (cfg.format != "pte" or cfg.get("quantize") != "int8"):
+        raise ConfigError(
+            f"qat_steps={steps} needs format=pte quantize=int8 (quantization-aware training "
+            f"for ExecuTorch); got format={cfg.format} quantize={cfg.get('quantize')}"
+        )
     from mnv3.deploy.onnx_export import CALIBRATION_METHODS
 
     method = cfg.get("calibration_method", "minmax")
@@ -84,6 +92,36 @@ def _network(task: Any) -> Any:
     return net.eval().to(memory_format=torch.contiguous_format)
 
 
+def _qat_network(
+    task: Any, network: Any, datamodule: Any, example: Any, steps: int, lr: float
+) -> Any:
+    """The network's XNNPACK int8 graph from quantization-aware training on ``steps`` training
+    batches: at lr 0 the weights stay and only the moving-average activation ranges are learnt
+    (what keeps SSDLite's mAP, README); above 0 the weights are fine-tuned too (BatchNorm
+    statistics frozen halfway)."""
+    from mnv3.deploy import qat_finetune
+
+    objective = task.qat_objective(network, example)
+    datamodule.setup("fit")
+
+    def batches() -> Any:
+        for i, batch in enumerate(datamodule.train_dataloader()):
+            if i >= steps:
+                return
+            yield objective.inputs(batch)
+
+    log.info("quantization-aware training: %d batches at lr %g", steps, lr)
+    return qat_finetune(
+        objective.network,
+        example,
+        batches,
+        lr=lr,
+        freeze_bn_after=0 if lr == 0 else steps // 2,
+        backend="xnnpack",
+        loss_fn=objective.loss,
+    )
+
+
 @exit_on_user_error
 def export(cfg: DictConfig) -> Path:
     """Export the checkpoint ``cfg.ckpt_path`` as ``cfg.format``; return the written file."""
@@ -122,9 +160,10 @@ def export(cfg: DictConfig) -> Path:
         metadata["postprocess"] = postprocess
     try:
         channels = int(datamodule.channels)
+        qat_steps = int(cfg.get("qat_steps", 0))
         calibration = (
             calibration_batches(datamodule, int(cfg.calibration_images), str(cfg.calibration_split))
-            if quantize
+            if quantize and not qat_steps
             else None
         )
         if fmt == "pte":
@@ -132,7 +171,12 @@ def export(cfg: DictConfig) -> Path:
 
             batch = int(cfg.get("pte_batch_size", 1))
             example = example_input(input_size, batch=batch, channels=channels)
-            export_pte(network, path, example, quantize, calibration, metadata)
+            quantized = None
+            if qat_steps:
+                lr = float(cfg.get("qat_lr", 0.0))
+                metadata["qat"] = {"steps": qat_steps, "lr": lr, "quantizer": "xnnpack"}
+                quantized = _qat_network(task, network, datamodule, example, qat_steps, lr)
+            export_pte(network, path, example, quantize, calibration, metadata, quantized)
         elif quantize:
             import tempfile
 

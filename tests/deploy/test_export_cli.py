@@ -108,6 +108,8 @@ def test_cli_bad_input_is_one_sentence(tiny_run: Path) -> None:
         (["quantize=int4"], "quantize='int4' is unknown; expected null or int8"),
         (["quantize=int8", "calibration_images=0"], "calibration_images=0; expected at least 1"),
         (["calibration_method=entropy"], "calibration_method='entropy' is unknown; expected"),
+        (["qat_steps=4"], "qat_steps=4 needs format=pte quantize=int8"),
+        (["qat_steps=-1"], "qat_steps=-1 is not a count"),
         (["quantize=int8", "calibration_split=test", "+data.test_split=null"], "no test split"),
         (["out={blocker}/model.onnx"], "cannot be written"),
     ],

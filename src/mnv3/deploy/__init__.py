@@ -16,6 +16,7 @@ from mnv3.deploy.common import (
 )
 from mnv3.deploy.onnx_export import (
     DetectorForExport,
+    DetectorNetwork,
     export_onnx,
     onnx_op_types,
     onnx_session,
@@ -42,6 +43,7 @@ from mnv3.deploy.quantize import (
 
 __all__ = [
     "DetectorForExport",
+    "DetectorNetwork",
     "ExportError",
     "calibration_batches",
     "compile_int8",

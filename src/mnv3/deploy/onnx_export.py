@@ -39,6 +39,18 @@ CalibrationMethod = Literal["minmax", "percentile"]
 CALIBRATION_METHODS: tuple[str, ...] = get_args(CalibrationMethod)
 
 
+class DetectorNetwork(nn.Module):
+    """SSDLite's network alone, ``images -> (cls_logits, bbox_regression)``: the part that is
+    quantized (and what QAT trains: the detector's loss matches anchors on these outputs)."""
+
+    def __init__(self, detector: SSDLite) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.detector.head(self.detector.features(images))
+
+
 class DetectorForExport(nn.Module):
     """SSDLite with box decoding and scores in the graph: ``images -> (boxes, scores)``.
 
@@ -46,9 +58,14 @@ class DetectorForExport(nn.Module):
     class probabilities without the background, as ``SSDLite.postprocess`` sees them.
     """
 
-    def __init__(self, detector: SSDLite, input_size: tuple[int, int]) -> None:
+    def __init__(
+        self, detector: SSDLite, input_size: tuple[int, int], network: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.detector = detector
+        # ``network``: a replacement of DetectorNetwork(detector) with the same outputs, e.g.
+        # its int8 graph from quantization-aware training.
+        self.network = network if network is not None else DetectorNetwork(detector)
         self.input_size = check_input_size(input_size)
         with torch.no_grad():
             probe = torch.zeros(1, 3, *self.input_size)
@@ -56,7 +73,7 @@ class DetectorForExport(nn.Module):
         self.register_buffer("anchors", anchors, persistent=False)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cls_logits, bbox_regression = self.detector.head(self.detector.features(images))
+        cls_logits, bbox_regression = self.network(images)
         boxes = self.detector.box_coder.decode(bbox_regression, self.anchors)
         h, w = self.input_size
         x = boxes[..., 0::2].clamp(0, w)

@@ -43,6 +43,7 @@ def export_pte(
     quantize: Literal["int8"] | None = None,
     calibration: Sequence[torch.Tensor] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    quantized_network: nn.Module | None = None,
 ) -> Path:
     """Export a classifier, an SSDLite or a segmenter to an ExecuTorch program at ``path``.
 
@@ -59,6 +60,10 @@ def export_pte(
         calibration: batches of preprocessed images, needed for int8.
         metadata: preprocessing and labels for the sidecar json; ``outputs`` (what the program
             returns), the XNNPACK delegation and, for a detector, ``postprocess`` are added.
+        quantized_network: the network already quantized for XNNPACK (the converted graph of
+            :func:`mnv3.deploy.qat_finetune` with ``backend="xnnpack"``: the model itself, or a
+            detector's :class:`DetectorNetwork`), lowered instead of calibrating ``model``;
+            needs ``quantize="int8"``.
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
@@ -71,9 +76,21 @@ def export_pte(
         raise ExportError(f"quantize={quantize!r} is not supported; expected null or int8")
     input_size = check_input_size(tuple(example_input.shape[-2:]))
     module, output_names = _program_module(model.eval(), input_size)
-    if quantize == "int8":
+    if quantized_network is not None:
+        if quantize != "int8":
+            raise ExportError("a quantized network is exported with quantize='int8' only")
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+        # A converted graph refuses .eval(); this makes it a no-op (no dropout / BN left).
+        allow_exported_model_train_eval(quantized_network)
+        graph: nn.Module = (
+            DetectorForExport(module.detector, input_size, network=quantized_network).eval()
+            if isinstance(module, DetectorForExport)
+            else quantized_network
+        )
+    elif quantize == "int8":
         quantizer = network_quantizer() if isinstance(module, DetectorForExport) else None
-        graph: nn.Module = quantize_ptq(
+        graph = quantize_ptq(
             module, example_input, calibration or [], "xnnpack", quantizer=quantizer
         )
     else:

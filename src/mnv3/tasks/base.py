@@ -13,9 +13,9 @@ checkpoint loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -45,6 +45,19 @@ def backbone_modules(model: nn.Module) -> list[nn.Module]:
     raise TypeError(
         f"{type(model).__name__} has neither a `backbone` submodule nor `backbone_modules()`"
     )
+
+
+class QATObjective(NamedTuple):
+    """Quantization-aware training of a task's network (:func:`mnv3.deploy.qat_finetune`).
+
+    ``network``: the module whose outputs are fake-quantized (a detector's raw outputs, before
+    box decoding); ``loss(outputs, targets)``: the task's training loss on them; ``inputs``:
+    a data-module batch -> ``(images, targets)``.
+    """
+
+    network: nn.Module
+    loss: Callable[[Any, Any], torch.Tensor]
+    inputs: Callable[[Mapping[str, Any]], tuple[torch.Tensor, Any]]
 
 
 class BaseTask(pl.LightningModule):
@@ -116,6 +129,11 @@ class BaseTask(pl.LightningModule):
     def load_weights(self, weights: str) -> Any:
         """Load published or local weights (path, URL, known name) into the network in place;
         returns the loader's report (which layers were re-initialised)."""
+        raise NotImplementedError
+
+    def qat_objective(self, network: nn.Module, example: torch.Tensor) -> QATObjective:
+        """What quantization-aware training of ``network`` (this task's trained network, at the
+        input size of ``example``) needs: see :class:`QATObjective`."""
         raise NotImplementedError
 
     @classmethod

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from mnv3.errors import ConfigError
 from mnv3.models import build_model
-from mnv3.tasks.base import BaseTask
+from mnv3.tasks.base import BaseTask, QATObjective
 from mnv3.tasks.common import check_plain, log_images, save_figure
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,10 @@ class ClassificationTask(BaseTask):
             )
         self.log_skipped(bs)
         return loss
+
+    def qat_objective(self, network: nn.Module, example: torch.Tensor) -> QATObjective:
+        """The classifier itself, trained on its own loss (label smoothing, class weights)."""
+        return QATObjective(network, self._loss, lambda b: (b["image"], b["label"]))
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not self.multilabel:

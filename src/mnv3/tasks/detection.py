@@ -22,7 +22,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from mnv3.data.coco import COCO_SUMMARY_KEYS
 from mnv3.errors import ConfigError
 from mnv3.models.registry import build_detector
-from mnv3.tasks.base import BaseTask
+from mnv3.tasks.base import BaseTask, QATObjective
 from mnv3.tasks.common import check_plain, log_images, save_figure
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,22 @@ class DetectionTask(BaseTask):
             {"boxes": boxes, "labels": labels}
             for boxes, labels in zip(batch["boxes"], batch["labels"], strict=True)
         ]
+
+    def qat_objective(self, network: nn.Module, example: torch.Tensor) -> QATObjective:
+        """The detector's network without box decoding (``DetectorNetwork``), trained on SSDLite's
+        matching loss with the anchors of the example's input size."""
+        from mnv3.deploy import DetectorNetwork
+
+        with torch.no_grad():
+            anchors = network.forward_batch(example)["anchors"]
+
+        def loss(outputs: tuple[torch.Tensor, torch.Tensor], targets: Any) -> torch.Tensor:
+            raw = {"cls_logits": outputs[0], "bbox_regression": outputs[1], "anchors": anchors}
+            return network.loss(raw, targets)["loss"]
+
+        return QATObjective(
+            DetectorNetwork(network), loss, lambda b: (b["image"], self._targets(b))
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         self.count_skipped(batch)

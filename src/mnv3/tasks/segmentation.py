@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from mnv3.errors import ConfigError
 from mnv3.models.registry import build_segmenter
-from mnv3.tasks.base import BaseTask
+from mnv3.tasks.base import BaseTask, QATObjective
 from mnv3.tasks.common import check_plain, log_images, save_figure
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,14 @@ class SegmentationTask(BaseTask):
         )
 
     # -- steps -----------------------------------------------------------------------------
+    def qat_objective(self, network: nn.Module, example: torch.Tensor) -> QATObjective:
+        """The segmenter itself, cross-entropy on its logits at the input size, 255 ignored."""
+
+        def loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+
+        return QATObjective(network, loss, lambda b: (b["image"], b["mask"]))
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         self.count_skipped(batch)
         images, masks = batch["image"], batch["mask"]
