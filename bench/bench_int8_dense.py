@@ -33,7 +33,6 @@ from mnv3.deploy import (
     export_pte,
     load_pte,
     onnx_session,
-    qat_finetune,
     quantize_onnx,
     quantize_ptq,
     run_onnx,
@@ -42,6 +41,7 @@ from mnv3.deploy import (
     run_pte_outputs,
 )
 from mnv3.deploy.onnx_export import CalibrationMethod
+from mnv3.export import qat_network
 from mnv3.tasks import TASKS
 
 # (row name, per-channel weights, calibration method, post-processing kept in float)
@@ -57,60 +57,37 @@ PTE_ROW = "ExecuTorch XNNPACK int8 (network only, per-channel)"
 
 
 def pt2e_graphs(
+    task: Any,
     net: nn.Module,
-    detection: bool,
     datamodule: Any,
     calibration: list[torch.Tensor],
     steps: int,
     backends: Sequence[str] = ("x86", "xnnpack"),
 ) -> dict[str, Callable[[torch.Tensor], Any]]:
-    """torchao PT2E int8 graphs of the network (raw outputs): PTQ on ``calibration``, QAT at
-    lr 0 (fake quantization with moving-average ranges over ``steps`` training batches, weights
-    unchanged) and QAT fine-tuning (``steps`` SGD steps at lr 1e-4, BatchNorm frozen halfway),
-    each with the ``backends``' quantizers (x86, XNNPACK). Empty when ``steps`` is 0."""
+    """torchao PT2E int8 graphs of the task's QAT network (raw outputs: a detector's before box
+    decoding): PTQ on ``calibration``, QAT at lr 0 (fake quantization with moving-average ranges
+    over ``steps`` training batches, weights unchanged) and QAT fine-tuning (``steps`` SGD steps
+    at lr 1e-4, BatchNorm frozen halfway) as ``mnv3.export qat_steps=...`` runs them, each with
+    the ``backends``' quantizers (x86, XNNPACK). Empty when ``steps`` is 0."""
     if steps <= 0:
         return {}
-    network = DetectorNetwork(net).eval() if detection else net
     example = calibration[0][:1]
-    if detection:
-        with torch.no_grad():
-            anchors = net.forward_batch(example)["anchors"]
-
-        def loss_fn(outputs: Any, targets: Any) -> torch.Tensor:
-            raw = {"cls_logits": outputs[0], "bbox_regression": outputs[1], "anchors": anchors}
-            return net.loss(raw, targets)["loss"]
-    else:
-
-        def loss_fn(outputs: Any, targets: Any) -> torch.Tensor:
-            return nn.functional.cross_entropy(outputs, targets, ignore_index=255)
-
-    def batches() -> Any:
-        for i, batch in enumerate(datamodule.train_dataloader()):
-            if i >= steps:
-                return
-            if detection:
-                targets = [
-                    {"boxes": b, "labels": lab}
-                    for b, lab in zip(batch["boxes"], batch["labels"], strict=True)
-                ]
-            else:
-                targets = batch["mask"]
-            yield batch["image"], targets
-
+    network = task.qat_objective(net, example).network
+    pair = isinstance(network, DetectorNetwork)
     graphs: dict[str, Callable[[torch.Tensor], Any]] = {}
     for backend in backends:
         ptq = quantize_ptq(network, example, calibration, backend)
         # The XNNPACK graph takes the batch it was exported with (1): feed images one by one.
         graphs[f"torchao PT2E PTQ, {backend}"] = (
-            _one_by_one(ptq, detection) if backend == "xnnpack" else ptq
+            _one_by_one(ptq, pair) if backend == "xnnpack" else ptq
         )
-        common = {"backend": backend, "loss_fn": loss_fn, "epochs": 1}
-        graphs[f"torchao PT2E QAT lr 0 ({steps} train batches), {backend}"] = qat_finetune(
-            network, example, batches, lr=0.0, freeze_bn_after=0, **common
-        )
-        graphs[f"torchao PT2E QAT {steps} steps lr 1e-4, {backend}"] = qat_finetune(
-            network, example, batches, lr=1e-4, freeze_bn_after=steps // 2, **common
-        )
+        for lr, name in (
+            (0.0, f"QAT lr 0 ({steps} train batches)"),
+            (1e-4, f"QAT {steps} steps lr 1e-4"),
+        ):
+            graphs[f"torchao PT2E {name}, {backend}"] = qat_network(
+                task, net, datamodule, example, steps, lr, backend
+            )
     return graphs
 
 
@@ -208,9 +185,7 @@ def main() -> None:
         if args.pte:
             pte = export_pte(exportable, Path(tmp) / "int8.pte", first[:1], "int8", calibration)
             programs[PTE_ROW] = load_pte(pte)
-        graphs = pt2e_graphs(
-            net, detection, datamodule, calibration, args.qat_steps, args.qat_backends
-        )
+        graphs = pt2e_graphs(task, net, datamodule, calibration, args.qat_steps, args.qat_backends)
         metrics = {"eager": metric(task_name, hparams["num_classes"])}
         metrics.update(
             {k: metric(task_name, hparams["num_classes"]) for k in [*sessions, *programs, *graphs]}

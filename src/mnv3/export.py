@@ -92,17 +92,23 @@ def _network(task: Any) -> Any:
     return net.eval().to(memory_format=torch.contiguous_format)
 
 
-def _qat_network(
-    task: Any, network: Any, datamodule: Any, example: Any, steps: int, lr: float
+def qat_network(
+    task: Any,
+    network: Any,
+    datamodule: Any,
+    example: Any,
+    steps: int,
+    lr: float,
+    backend: str = "xnnpack",
 ) -> Any:
-    """The network's XNNPACK int8 graph from quantization-aware training on ``steps`` training
-    batches: at lr 0 the weights stay and only the moving-average activation ranges are learnt
-    (what keeps SSDLite's mAP, README); above 0 the weights are fine-tuned too (BatchNorm
-    statistics frozen halfway)."""
+    """The int8 graph of ``task.qat_objective(network, example).network`` from
+    quantization-aware training on ``steps`` batches of the training split (``datamodule`` set
+    up for "fit"): at lr 0 the weights stay and only the moving-average activation ranges are
+    learnt (what keeps SSDLite's mAP, README); above 0 the weights are fine-tuned too
+    (BatchNorm statistics frozen halfway). ``backend``: ``"xnnpack"`` (``.pte``) or ``"x86"``."""
     from mnv3.deploy import qat_finetune
 
     objective = task.qat_objective(network, example)
-    datamodule.setup("fit")
 
     def batches() -> Any:
         for i, batch in enumerate(datamodule.train_dataloader()):
@@ -117,7 +123,7 @@ def _qat_network(
         batches,
         lr=lr,
         freeze_bn_after=0 if lr == 0 else steps // 2,
-        backend="xnnpack",
+        backend=backend,
         loss_fn=objective.loss,
     )
 
@@ -175,7 +181,8 @@ def export(cfg: DictConfig) -> Path:
             if qat_steps:
                 lr = float(cfg.get("qat_lr", 0.0))
                 metadata["qat"] = {"steps": qat_steps, "lr": lr, "quantizer": "xnnpack"}
-                quantized = _qat_network(task, network, datamodule, example, qat_steps, lr)
+                datamodule.setup("fit")
+                quantized = qat_network(task, network, datamodule, example, qat_steps, lr)
             export_pte(network, path, example, quantize, calibration, metadata, quantized)
         elif quantize:
             import tempfile
