@@ -15,6 +15,7 @@ import yaml
 from nbclient import NotebookClient
 from pytorch_lightning.loggers import CSVLogger
 
+from dense_suite import TINY_SEGMENT
 from helpers import QUIET, TINY_DATA, compose_train, train_for_epochs
 from mnv3.report import (
     best_per_experiment,
@@ -140,22 +141,8 @@ def test_a_missing_runs_folder_is_one_sentence(tmp_path: Path) -> None:
         collect_runs([tmp_path, tmp_path / "nope"])
 
 
-# 12 train / 4 val frames of 64x128 for LR-ASPP-Small; 6 classes x 8 images of 32 px for the
-# classifier: a few seconds per run on 2 cores.
-TINY_SEGMENT = [
-    "experiment=shapes_segment_quick",
-    "data.generate.train_images=12",
-    "data.generate.val_images=4",
-    "data.generate.height=64",
-    "data.generate.width=128",
-    "data.frame_size=[64,128]",
-    "data.crop_size=[64,128]",
-    "data.batch_size=4",
-    "data.num_workers=0",
-    "head.mask_images=2",
-]
-
-
+# TINY_SEGMENT (LR-ASPP-Small on 64x128 frames) and TINY_DATA (6 classes x 8 images of 32 px for
+# the classifier): a few seconds per run on 2 cores.
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A classifier run logged to CSV and W&B offline, and an LR-ASPP run (CSV), in one folder."""
