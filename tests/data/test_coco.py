@@ -24,12 +24,9 @@ from mnv3.data.coco import (
 )
 from mnv3.data.collate import collate_detection
 from mnv3.data.errors import DatasetError, MissingImageWarning, UnreadableImageWarning
+from mnv3.data.presets import DetectionEvalPreset, DetectionTrainPreset
 from mnv3.data.shapes_coco import category_id, generate_shapes_coco
-from mnv3.data.transforms import (
-    DetectionEvalPreset,
-    DetectionTrainPreset,
-    RandomIoUCropWithBoxes,
-)
+from mnv3.data.transforms import RandomIoUCropWithBoxes
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"

@@ -27,9 +27,7 @@ from mnv3.data.datamodule import (
     DatasetFamily,
     DatasetSpec,
     TaskData,
-    classification_presets,
     register_dataset,
-    segmentation_presets,
 )
 from mnv3.data.errors import (
     DatasetError,
@@ -46,18 +44,19 @@ from mnv3.data.folder import (
 )
 from mnv3.data.imagenet import IMAGENET_LAYOUT, imagenet_classes, imagenet_split, read_class_index
 from mnv3.data.io import load_rgb
-from mnv3.data.shapes import SHAPE_CLASSES, TEXTURE_CLASSES, generate_shapes, shapes_classes
-from mnv3.data.shapes_cityscapes import STREET_CLASSES, generate_shapes_cityscapes
-from mnv3.data.transforms import (
+from mnv3.data.presets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ClassificationEvalPreset,
     ClassificationTrainPreset,
-    RGBToLuma,
     SegmentationEvalPreset,
     SegmentationTrainPreset,
-    channel_stats,
+    classification_presets,
+    segmentation_presets,
 )
+from mnv3.data.shapes import SHAPE_CLASSES, TEXTURE_CLASSES, generate_shapes, shapes_classes
+from mnv3.data.shapes_cityscapes import STREET_CLASSES, generate_shapes_cityscapes
+from mnv3.data.transforms import RGBToLuma, channel_stats
 
 __all__ = [
     "CHESTXRAY14_FINDINGS",

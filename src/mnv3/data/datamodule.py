@@ -4,7 +4,7 @@ A dataset family says what it provides (``task``: classification, detection, seg
 classes it has (cheaply, before any image is listed, so the model can be built first), whether a
 split exists, how to prepare it (download, generate) and how to build one split, and which options
 of its own it takes (the chest X-ray carve-outs, ImageNet's validation label file) with their
-defaults. The task decides the presets (augmentation and evaluation transforms) and the collate
+defaults. The task decides the presets (augmentation and evaluation transforms, :mod:`mnv3.data.presets`) and the collate
 function (:data:`TASK_DATA`). Adding a dataset is one more :data:`DATASETS` entry; adding a task
 is one more :data:`TASK_DATA` entry.
 
@@ -53,6 +53,7 @@ from mnv3.data.collate import collate_classification, collate_detection, collate
 from mnv3.data.errors import DatasetError
 from mnv3.data.folder import ImageFolderDataset, LabeledImageDataset, Transform, list_class_folders
 from mnv3.data.imagenet import IMAGENET_LAYOUT, imagenet_classes, imagenet_has_split, imagenet_split
+from mnv3.data.presets import classification_presets, detection_presets, segmentation_presets
 from mnv3.data.shapes import SHAPES_LAYOUT, generate_shapes, shapes_manifest
 from mnv3.data.shapes_cityscapes import (
     SHAPES_CITYSCAPES_LAYOUT,
@@ -60,16 +61,6 @@ from mnv3.data.shapes_cityscapes import (
     shapes_cityscapes_manifest,
 )
 from mnv3.data.shapes_coco import SHAPES_COCO_LAYOUT, generate_shapes_coco
-from mnv3.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ClassificationEvalPreset,
-    ClassificationTrainPreset,
-    DetectionEvalPreset,
-    DetectionTrainPreset,
-    SegmentationEvalPreset,
-    SegmentationTrainPreset,
-)
 
 SplitKind = Literal["train", "val", "test"]
 LabelType = Literal["multiclass", "multilabel"]
@@ -143,95 +134,6 @@ class TaskData:
 
     presets: Callable[..., tuple[Transform, Transform]]
     collate: Callable[[Sequence[Any]], dict[str, Any]]
-
-
-def classification_presets(
-    image_size: int = 224,
-    resize_size: int | None = None,
-    interpolation: str = "bilinear",
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    hflip_prob: float = 0.5,
-    auto_augment: str | None = None,
-    random_erase_prob: float = 0.0,
-    min_scale: float = 0.08,
-    channels: int = 3,
-) -> tuple[ClassificationTrainPreset, ClassificationEvalPreset]:
-    """Inception-style training crop and resize + centre-crop evaluation (see transforms.py)."""
-    if channels not in (1, 3):
-        raise DatasetError(f"data.channels must be 1 (gray) or 3 (RGB), got {channels!r}")
-    mean = tuple(float(m) for m in mean)
-    std = tuple(float(s) for s in std)
-    train = ClassificationTrainPreset(
-        crop_size=image_size,
-        mean=mean,
-        std=std,
-        interpolation=interpolation,
-        hflip_prob=hflip_prob,
-        auto_augment=auto_augment,  # type: ignore[arg-type]  # validated by the preset
-        random_erase_prob=random_erase_prob,
-        scale=(min_scale, 1.0),
-        channels=channels,
-    )
-    evaluation = ClassificationEvalPreset(
-        crop_size=image_size,
-        resize_size=resize_size,
-        mean=mean,
-        std=std,
-        interpolation=interpolation,
-        channels=channels,
-    )
-    return train, evaluation
-
-
-def detection_presets(
-    image_size: int = 320,
-    mean: Sequence[float] = (0.5, 0.5, 0.5),
-    std: Sequence[float] = (0.5, 0.5, 0.5),
-    hflip_prob: float = 0.5,
-    iou_crop: bool = True,
-    zoom_out: bool = False,
-    photometric: bool = False,
-) -> tuple[DetectionTrainPreset, DetectionEvalPreset]:
-    """SSD augmentation (torchvision's ``ssdlite``: IoU crop + flip) and a fixed square resize;
-    inputs scaled to [-1, 1] by default, as SSDLite was trained (FACTS: mean/std 0.5)."""
-    train = DetectionTrainPreset(
-        size=image_size,
-        mean=mean,
-        std=std,
-        hflip_prob=hflip_prob,
-        iou_crop=iou_crop,
-        zoom_out=zoom_out,
-        photometric=photometric,
-    )
-    return train, DetectionEvalPreset(size=image_size, mean=mean, std=std)
-
-
-def segmentation_presets(
-    crop_size: int | Sequence[int] = 769,
-    scale_range: Sequence[float] = (0.5, 2.0),
-    hflip_prob: float = 0.5,
-    photometric: bool = True,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    eval_resize: int | Sequence[int] | None = None,
-    frame_size: int | Sequence[int] = (1024, 2048),
-) -> tuple[SegmentationTrainPreset, SegmentationEvalPreset]:
-    """DeepLab-style training (random scale 0.5-2.0, crop, flip, photometric) and evaluation on
-    the whole frame (``eval_resize`` for quick looks only); ``frame_size`` is the frames' size,
-    for model summaries. Crop 769x769 as the paper trained LR-ASPP (§6.4, FACTS)."""
-    train = SegmentationTrainPreset(
-        crop_size=crop_size,
-        scale_range=scale_range,
-        hflip_prob=hflip_prob,
-        photometric=photometric,
-        mean=mean,
-        std=std,
-    )
-    evaluation = SegmentationEvalPreset(
-        mean=mean, std=std, resize=eval_resize, frame_size=frame_size
-    )
-    return train, evaluation
 
 
 TASK_DATA: dict[str, TaskData] = {
