@@ -29,7 +29,7 @@ from mnv3.data import (
     collate_classification,
     known_labels,
 )
-from mnv3.data.chest_xray import carve_validation
+from mnv3.data.chest_xray_labels import carve_validation
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"

@@ -22,8 +22,8 @@ from mnv3.data.cityscapes import (
 )
 from mnv3.data.collate import collate_segmentation
 from mnv3.data.errors import DatasetError, UnreadableImageWarning
+from mnv3.data.presets import SegmentationEvalPreset, SegmentationTrainPreset
 from mnv3.data.shapes_cityscapes import STREET_CLASSES, generate_shapes_cityscapes
-from mnv3.data.transforms import SegmentationEvalPreset, SegmentationTrainPreset
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"

@@ -16,20 +16,15 @@ from torchvision import tv_tensors
 from mnv3.data.coco import (
     CocoDetection,
     DegenerateBoxWarning,
-    coco_annotation_file,
-    coco_classes,
-    coco_has_split,
     coco_results,
     write_coco_results,
 )
+from mnv3.data.coco_annotations import coco_annotation_file, coco_classes, coco_has_split
 from mnv3.data.collate import collate_detection
 from mnv3.data.errors import DatasetError, MissingImageWarning, UnreadableImageWarning
+from mnv3.data.presets import DetectionEvalPreset, DetectionTrainPreset
 from mnv3.data.shapes_coco import category_id, generate_shapes_coco
-from mnv3.data.transforms import (
-    DetectionEvalPreset,
-    DetectionTrainPreset,
-    RandomIoUCropWithBoxes,
-)
+from mnv3.data.transforms import RandomIoUCropWithBoxes
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"

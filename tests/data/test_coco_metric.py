@@ -29,10 +29,10 @@ from mnv3.data.coco import (
     COCO_RECALL_THRESHOLDS,
     COCO_SUMMARY_KEYS,
     CocoDetection,
-    coco_annotation_file,
     coco_results,
     write_coco_results,
 )
+from mnv3.data.coco_annotations import coco_annotation_file
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"

@@ -1,14 +1,12 @@
 """Datasets, transforms and LightningDataModules. Knows nothing of models; never imports Hydra."""
 
-from mnv3.data.chest_xray import (
+from mnv3.data.chest_xray import ChestXray14Dataset, CheXpertDataset, PneumoniaDataset
+from mnv3.data.chest_xray_labels import (
     CHESTXRAY14_FINDINGS,
     CHEXPERT_COMPETITION_LABELS,
     CHEXPERT_OBSERVATIONS,
     PNEUMONIA_CLASSES,
     UNCERTAIN_POLICIES,
-    ChestXray14Dataset,
-    CheXpertDataset,
-    PneumoniaDataset,
 )
 from mnv3.data.cityscapes import (
     CITYSCAPES_CLASSES,
@@ -20,23 +18,14 @@ from mnv3.data.cityscapes import (
     train_ids_to_label_ids,
 )
 from mnv3.data.collate import collate_classification, collate_segmentation
-from mnv3.data.datamodule import (
-    DATASETS,
-    TASK_DATA,
-    DataModule,
-    DatasetFamily,
-    DatasetSpec,
-    TaskData,
-    classification_presets,
-    register_dataset,
-    segmentation_presets,
-)
+from mnv3.data.datamodule import DATASETS, TASK_DATA, DataModule, TaskData, register_dataset
 from mnv3.data.errors import (
     DatasetError,
     MissingImageWarning,
     UnreadableImageError,
     UnreadableImageWarning,
 )
+from mnv3.data.family import DatasetFamily, DatasetSpec
 from mnv3.data.folder import (
     IMAGE_EXTENSIONS,
     ImageFolderDataset,
@@ -46,18 +35,19 @@ from mnv3.data.folder import (
 )
 from mnv3.data.imagenet import IMAGENET_LAYOUT, imagenet_classes, imagenet_split, read_class_index
 from mnv3.data.io import load_rgb
-from mnv3.data.shapes import SHAPE_CLASSES, TEXTURE_CLASSES, generate_shapes, shapes_classes
-from mnv3.data.shapes_cityscapes import STREET_CLASSES, generate_shapes_cityscapes
-from mnv3.data.transforms import (
+from mnv3.data.presets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ClassificationEvalPreset,
     ClassificationTrainPreset,
-    RGBToLuma,
     SegmentationEvalPreset,
     SegmentationTrainPreset,
-    channel_stats,
+    classification_presets,
+    segmentation_presets,
 )
+from mnv3.data.shapes import SHAPE_CLASSES, TEXTURE_CLASSES, generate_shapes, shapes_classes
+from mnv3.data.shapes_cityscapes import STREET_CLASSES, generate_shapes_cityscapes
+from mnv3.data.transforms import RGBToLuma, channel_stats
 
 __all__ = [
     "CHESTXRAY14_FINDINGS",

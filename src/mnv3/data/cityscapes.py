@@ -18,12 +18,14 @@ What the loader does, and why:
 - the sample list is one numpy byte array of ``<city>/<stem>`` names, not a list of Python
   strings: DataLoader workers are forked and touching many Python objects copies the parent's
   memory into each of them (see :mod:`mnv3.data.folder`).
+
+:data:`CITYSCAPES` is the ``cityscapes`` dataset family (segmentation, official colours as its
+palette); its option ``train_classes`` picks a subset of the 19 classes.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,8 +36,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from mnv3.data.errors import DatasetError, UnreadableImageError, UnreadableImageWarning
-from mnv3.data.io import load_rgb
+from mnv3.data.errors import DatasetError, UnreadableImageError, require_root
+from mnv3.data.family import DatasetFamily, DatasetSpec, SplitKind
+from mnv3.data.io import load_rgb, skip_unreadable
 
 IMAGE_DIR = "leftImg8bit"
 LABEL_DIR = "gtFine"
@@ -235,8 +238,7 @@ def list_frames(root: str | os.PathLike[str], split: str) -> np.ndarray:
     """
     root = Path(root)
     image_root, label_root = root / IMAGE_DIR / split, root / LABEL_DIR / split
-    if not root.is_dir():
-        raise DatasetError(f"dataset root {root} does not exist; expected {CITYSCAPES_LAYOUT}")
+    require_root(root, CITYSCAPES_LAYOUT)
     for folder in (image_root, label_root):
         if not folder.is_dir():
             raise DatasetError(f"folder {folder} does not exist; expected {CITYSCAPES_LAYOUT}")
@@ -347,11 +349,9 @@ class CityscapesSegmentation(Dataset[Sample | None]):
 
     def __getitem__(self, index: int) -> Sample | None:
         image_path, label_path = self.paths(index)
-        try:
-            image = load_rgb(image_path)
-            label_ids = load_label_ids(label_path)
-        except UnreadableImageError as error:
-            warnings.warn(f"skipping {error}", UnreadableImageWarning, stacklevel=2)
+        image = skip_unreadable(load_rgb, image_path)
+        label_ids = None if image is None else skip_unreadable(load_label_ids, label_path)
+        if image is None or label_ids is None:
             return None
         height, width = (int(v) for v in image.shape[-2:])
         if label_ids.shape != (height, width):
@@ -383,3 +383,43 @@ def cityscapes_classes(classes: Sequence[str] | None = None) -> tuple[list[str],
     """
     names = check_classes(classes)
     return [str(_BY_NAME[n].id) for n in names], list(names)
+
+
+# --- The Cityscapes family: leftImg8bit/<split>/<city>/ + gtFine/<split>/<city>/ ----------------
+
+# train_classes: the Cityscapes classes to train on (None: the 19 evaluated ones).
+_SEGMENTATION_OPTIONS: dict[str, Any] = {"train_classes": None}
+
+
+def _cityscapes_palette(names: Sequence[str]) -> list[tuple[int, int, int]]:
+    rows = segmentation_palette(names)[: len(names)].tolist()
+    return [(int(r), int(g), int(b)) for r, g, b in rows]
+
+
+def _cityscapes_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
+    return cityscapes_classes(spec.option("train_classes"))
+
+
+def cityscapes_build(
+    spec: DatasetSpec,
+    kind: SplitKind,
+    transform: SegmentationTransform,
+    classes: Callable[[DatasetSpec], tuple[list[str], list[str]]] = _cityscapes_classes,
+) -> Dataset:
+    """One split of a Cityscapes-layout family, labelled with ``classes(spec)``."""
+    return CityscapesSegmentation(spec.root, spec.folder(kind), transform, classes=classes(spec)[1])
+
+
+def _cityscapes_has_split(spec: DatasetSpec, folder: str) -> bool:
+    return cityscapes_has_split(spec.root, folder)
+
+
+CITYSCAPES = DatasetFamily(
+    _cityscapes_classes,
+    cityscapes_build,
+    _cityscapes_has_split,
+    CITYSCAPES_LAYOUT,
+    task="segmentation",
+    options=_SEGMENTATION_OPTIONS,
+    palette=_cityscapes_palette,
+)

@@ -1,65 +1,53 @@
 """COCO object detection read from its real layout, and COCO results json written back.
 
-Layout: ``<root>/annotations/instances_<split>2017.json`` and ``<root>/<split>2017/<file_name>``
-for the standard splits ``train`` and ``val``; any other split name ``s`` means
-``annotations/instances_<s>.json`` and ``<root>/<s>/`` (``minival2014``, a custom subset, ...).
-
-What the loader does with the annotations, and why:
+The annotation files, their layout and the checked index read from them are
+:mod:`mnv3.data.coco_annotations`; this module turns that index into training and evaluation
+samples, and predictions into COCO results json. What the dataset does, and why:
 
 - category ids (sparse, 1-90 in COCO) become contiguous labels ``1..K`` in ascending id order;
   label 0 is the background, as torchvision's detectors count it. ``label_to_category_id`` maps
   back (entry 0 is 0: background has no COCO id).
 - crowd regions (``iscrowd=1``) are left out of the training targets but kept in ``eval_target``:
   COCOeval ignores detections that match them instead of counting them as false positives.
-- boxes with non-positive width or height are dropped (from training and evaluation targets) and
-  counted, one warning per dataset. Such a box can never be matched, so COCOeval on the raw json
-  would count it as a miss; real COCO val2017 has none.
-- only the ``bbox``, ``area`` and ``iscrowd`` fields are read: decoding segmentation masks is what
-  makes detection loading slow (torchvision issue 7494). ``area`` is the segmentation area, which
-  COCOeval uses for its small / medium / large ranges.
+- boxes with non-positive width or height (dropped by the index) are counted, one warning per
+  dataset.
 - images named in the json but missing on disk are counted, warned about once (with the first few
   names) and left out; the run goes on.
 
-Per-image data lives in a few numpy arrays (offsets into flat annotation arrays), not in lists of
-dicts: DataLoader workers are forked, and touching millions of Python objects would copy the
-parent's memory into every worker (see :mod:`mnv3.data.folder`).
+:data:`COCO` is the ``coco`` dataset family (detection); its option ``keep_empty`` keeps training
+images without a box.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import io
 import json
 import os
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from mnv3.data.errors import (
-    DatasetError,
-    MissingImageWarning,
-    UnreadableImageError,
-    UnreadableImageWarning,
+from mnv3.data.coco_annotations import (
+    COCO_LAYOUT,
+    CocoIndex,
+    coco_annotation_file,
+    coco_classes,
+    coco_has_split,
+    coco_image_dir,
+    label_to_category_id,
+    load_index,
 )
-from mnv3.data.io import load_rgb
+from mnv3.data.errors import DatasetError, MissingImageWarning
+from mnv3.data.family import TRAIN_SPLIT, DatasetFamily, DatasetSpec, SplitKind
+from mnv3.data.io import load_rgb, skip_unreadable
 
-COCO_LAYOUT = (
-    "a COCO tree <root>/annotations/instances_<split>2017.json with <root>/<split>2017/<images> "
-    "(a split name other than train/val is used as is: annotations/instances_<split>.json, <split>/)"
-)
-# The json keys a detection annotation file must have (info and licenses are optional).
-REQUIRED_KEYS: tuple[str, ...] = ("images", "annotations", "categories")
-_STANDARD_SPLITS = ("train", "val", "test")
 # COCOeval's own thresholds (pycocotools ``Params.setDetParams``) as Python floats, for
 # torchmetrics' MeanAveragePrecision. Its defaults come from a float32 ``torch.linspace``
 # (0.2 -> 0.19999999), which moves the precision lookup wherever a recall lands exactly on a
@@ -89,195 +77,6 @@ DetectionTransform = Callable[[Sample], Sample]
 
 class DegenerateBoxWarning(UserWarning):
     """Warned once per dataset whose annotations hold boxes with non-positive width or height."""
-
-
-def coco_split_dir(split: str) -> str:
-    """The image folder (and annotation file stem) of ``split``: ``train`` -> ``train2017``."""
-    return f"{split}2017" if split in _STANDARD_SPLITS else split
-
-
-def coco_annotation_file(root: str | os.PathLike[str], split: str) -> Path:
-    """Path of the instances annotation file of ``split`` under ``root`` (it may not exist)."""
-    return Path(root) / "annotations" / f"instances_{coco_split_dir(split)}.json"
-
-
-def coco_image_dir(root: str | os.PathLike[str], split: str) -> Path:
-    """Folder the ``file_name`` entries of ``split`` are relative to."""
-    return Path(root) / coco_split_dir(split)
-
-
-def coco_has_split(root: str | os.PathLike[str], split: str) -> bool:
-    """True if ``root`` has the annotation file of ``split`` (its images are checked on load)."""
-    return coco_annotation_file(root, split).is_file()
-
-
-def coco_classes(root: str | os.PathLike[str], split: str = "train") -> tuple[list[str], list[str]]:
-    """The object categories of ``split``: (category ids as strings, names), ascending by id.
-
-    Entry ``i`` is label ``i + 1`` (0 is the background). Reads the annotation file once; the
-    parsed index is cached, so building the dataset afterwards does not read it again.
-
-    Raises:
-        DatasetError: the annotation file is missing, not json, or not COCO detection json.
-    """
-    index = _load_index(coco_annotation_file(root, split))
-    return [str(c) for c in index.category_ids.tolist()], list(index.category_names)
-
-
-def label_to_category_id(category_ids: Sequence[int | str]) -> tuple[int, ...]:
-    """The label -> COCO category id table for categories in label order; entry 0 is background."""
-    return (0, *(int(c) for c in category_ids))
-
-
-@dataclass(frozen=True)
-class _CocoIndex:
-    """One annotation file, parsed into flat read-only arrays; annotations grouped by image."""
-
-    path: str
-    category_ids: np.ndarray  # int64 (K,), ascending
-    category_names: tuple[str, ...]
-    image_ids: np.ndarray  # int64 (N,), ascending
-    file_names: np.ndarray  # bytes (N,)
-    offsets: np.ndarray  # int64 (N + 1,): annotations of image i are [offsets[i], offsets[i + 1])
-    boxes: np.ndarray  # float32 (A, 4) xyxy in original image pixels
-    category: np.ndarray  # int64 (A,) COCO category id
-    iscrowd: np.ndarray  # bool (A,)
-    area: np.ndarray  # float32 (A,)
-    degenerate: int  # boxes dropped for non-positive width or height
-
-
-def _load_index(path: Path) -> _CocoIndex:
-    """The parsed annotation file, cached by path, modification time and size."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        raise DatasetError(
-            f"annotation file {path} does not exist; expected {COCO_LAYOUT}"
-        ) from None
-    return _parse_annotation_file(str(path), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=8)
-def _parse_annotation_file(path: str, mtime_ns: int, size: int) -> _CocoIndex:
-    # mtime_ns and size only key the cache: a rewritten file is parsed again.
-    del mtime_ns, size
-    try:
-        with open(path, encoding="utf-8") as file:
-            data = json.load(file)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DatasetError(
-            f"annotation file {path} is not json ({error}); expected COCO detection json with "
-            f"{', '.join(REQUIRED_KEYS)}"
-        ) from None
-    if not isinstance(data, dict):
-        raise DatasetError(
-            f"annotation file {path} holds a json {type(data).__name__}, not an object with "
-            f"{', '.join(REQUIRED_KEYS)}"
-        )
-    missing = [key for key in REQUIRED_KEYS if not isinstance(data.get(key), list)]
-    if missing:
-        raise DatasetError(
-            f"annotation file {path} lacks the list(s) {', '.join(missing)}; expected COCO "
-            f"detection json with {', '.join(REQUIRED_KEYS)}"
-        )
-    _check_fields(path, data)
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
-        coco.createIndex()
-    return _build_index(path, coco)
-
-
-_FIELDS = {
-    "images": ("id", "file_name"),
-    "annotations": ("id", "image_id", "category_id", "bbox"),
-    "categories": ("id", "name"),
-}
-
-
-def _check_fields(path: str, data: dict[str, Any]) -> None:
-    """One sentence for the first entry that lacks a field the loader reads."""
-    for key, fields in _FIELDS.items():
-        for position, entry in enumerate(data[key]):
-            absent = [f for f in fields if not isinstance(entry, dict) or f not in entry]
-            if absent:
-                raise DatasetError(
-                    f"annotation file {path}: {key}[{position}] lacks {', '.join(absent)}; "
-                    f"every entry of {key} needs {', '.join(fields)}"
-                )
-
-
-def _build_index(path: str, coco: COCO) -> _CocoIndex:
-    cats = sorted(coco.cats.values(), key=lambda c: int(c["id"]))
-    category_ids = np.array([int(c["id"]) for c in cats], dtype=np.int64)
-    if len(np.unique(category_ids)) != len(category_ids):
-        raise DatasetError(f"annotation file {path} lists a category id twice in categories")
-    image_ids = np.array(sorted(coco.imgs), dtype=np.int64)
-    if len(image_ids) != len(coco.dataset["images"]):
-        raise DatasetError(f"annotation file {path} lists an image id twice in images")
-    file_names = np.array(
-        [os.fsencode(str(coco.imgs[int(i)]["file_name"])) for i in image_ids], dtype=np.bytes_
-    )
-
-    anns = coco.dataset["annotations"]
-    ann_image = np.array([int(a["image_id"]) for a in anns], dtype=np.int64)
-    category = np.array([int(a["category_id"]) for a in anns], dtype=np.int64)
-    try:
-        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(len(anns), 4)
-    except (TypeError, ValueError):
-        raise DatasetError(
-            f"annotation file {path} has a bbox that is not 4 numbers [x, y, width, height]"
-        ) from None
-    iscrowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
-    # COCOeval sizes ground truth by its `area` (the segmentation's); box area when absent.
-    area = np.array(
-        [a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns], dtype=np.float64
-    ).reshape(len(anns))
-
-    position = np.searchsorted(image_ids, ann_image)
-    if len(image_ids):
-        known_image = image_ids[np.minimum(position, len(image_ids) - 1)] == ann_image
-    else:
-        known_image = np.zeros(len(anns), dtype=bool)
-    if not known_image.all():
-        bad = int(np.flatnonzero(~known_image)[0])
-        raise DatasetError(
-            f"annotation file {path}: annotation {anns[bad]['id']} names image_id "
-            f"{ann_image[bad]}, which is not in images"
-        )
-    known_category = np.isin(category, category_ids)
-    if not known_category.all():
-        bad = int(np.flatnonzero(~known_category)[0])
-        raise DatasetError(
-            f"annotation file {path}: annotation {anns[bad]['id']} names category_id "
-            f"{category[bad]}, which is not in categories"
-        )
-
-    valid = (xywh[:, 2] > 0) & (xywh[:, 3] > 0)
-    order = np.argsort(position[valid], kind="stable")
-    kept_xywh = xywh[valid][order]
-    boxes = np.concatenate([kept_xywh[:, :2], kept_xywh[:, :2] + kept_xywh[:, 2:]], axis=1)
-    counts = np.bincount(position[valid], minlength=len(image_ids))
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-    arrays = {
-        "category_ids": category_ids,
-        "image_ids": image_ids,
-        "file_names": file_names,
-        "offsets": offsets,
-        "boxes": boxes.astype(np.float32),
-        "category": category[valid][order],
-        "iscrowd": iscrowd[valid][order],
-        "area": area[valid][order].astype(np.float32),
-    }
-    for array in arrays.values():
-        array.flags.writeable = False  # shared by every dataset built from the cache
-    return _CocoIndex(
-        path=path,
-        category_names=tuple(str(c["name"]) for c in cats),
-        degenerate=int((~valid).sum()),
-        **arrays,
-    )
 
 
 class CocoDetection(Dataset[Sample | None]):
@@ -330,9 +129,21 @@ class CocoDetection(Dataset[Sample | None]):
         self.keep_empty = bool(keep_empty)
         self.annotation_file = coco_annotation_file(root, split)
         self.image_dir = coco_image_dir(root, split)
-        index = _load_index(self.annotation_file)
-        self._index = index
+        self._index: CocoIndex = load_index(self.annotation_file)
+        self._label_categories(category_ids)
+        self._select_images(self._images_on_disk())
+        self.degenerate_boxes = self._index.degenerate
+        if self.degenerate_boxes:
+            warnings.warn(
+                f"{self.degenerate_boxes} box(es) with non-positive width or height in "
+                f"{self.annotation_file} were dropped",
+                DegenerateBoxWarning,
+                stacklevel=2,
+            )
 
+    def _label_categories(self, category_ids: Sequence[int | str] | None) -> None:
+        """Labels 1..K for the categories (``category_ids`` in label order, or this file's)."""
+        index = self._index
         ids = index.category_ids if category_ids is None else np.array(category_ids, np.int64)
         if category_ids is not None:
             foreign = np.setdiff1d(index.category_ids, ids)
@@ -351,11 +162,14 @@ class CocoDetection(Dataset[Sample | None]):
         by_id = np.argsort(ids, kind="stable")
         self._labels = by_id[np.searchsorted(ids[by_id], index.category)].astype(np.int64) + 1
 
+    def _images_on_disk(self) -> np.ndarray:
+        """Which listed images exist (bool per image); the missing ones are warned about once."""
         if not self.image_dir.is_dir():
             raise DatasetError(
                 f"image folder {self.image_dir} does not exist; expected {COCO_LAYOUT}"
             )
-        on_disk = _present(self.image_dir, index.file_names)
+        file_names = self._index.file_names
+        on_disk = _present(self.image_dir, file_names)
         self.missing_images = int((~on_disk).sum())
         if len(on_disk) and not on_disk.any():
             raise DatasetError(
@@ -363,17 +177,23 @@ class CocoDetection(Dataset[Sample | None]):
                 f"{self.image_dir}; expected {COCO_LAYOUT}"
             )
         if self.missing_images:
-            shown = [os.fsdecode(n) for n in index.file_names[~on_disk][:_MISSING_NAMES_SHOWN]]
+            shown = [os.fsdecode(n) for n in file_names[~on_disk][:_MISSING_NAMES_SHOWN]]
             warnings.warn(
                 f"{self.missing_images} of {len(on_disk)} images listed in "
                 f"{self.annotation_file} are missing under {self.image_dir} and left out "
                 f"(first: {', '.join(shown)})",
                 MissingImageWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        self._boxes_per_image = np.diff(index.offsets)
+        return on_disk
+
+    def _select_images(self, on_disk: np.ndarray) -> None:
+        """The samples: images on disk, less training images without a training box (unless
+        ``keep_empty``)."""
+        self._boxes_per_image = np.diff(self._index.offsets)
         image_of_box = np.repeat(np.arange(len(on_disk)), self._boxes_per_image)
-        self._crowd_per_image = np.bincount(image_of_box[index.iscrowd], minlength=len(on_disk))
+        crowd = self._index.iscrowd
+        self._crowd_per_image = np.bincount(image_of_box[crowd], minlength=len(on_disk))
         has_training_box = self._boxes_per_image > self._crowd_per_image
         keep = on_disk & (has_training_box | (not self.train) | self.keep_empty)
         self.empty_images_dropped = int((on_disk & ~keep).sum())
@@ -383,15 +203,6 @@ class CocoDetection(Dataset[Sample | None]):
                 f"annotation file {self.annotation_file} leaves no image to use ({len(on_disk)} "
                 f"listed, {self.empty_images_dropped} without boxes dropped); expected images "
                 f"with boxes under {self.image_dir}"
-            )
-
-        self.degenerate_boxes = index.degenerate
-        if index.degenerate:
-            warnings.warn(
-                f"{index.degenerate} box(es) with non-positive width or height in "
-                f"{self.annotation_file} were dropped",
-                DegenerateBoxWarning,
-                stacklevel=2,
             )
 
     def __len__(self) -> int:
@@ -436,11 +247,8 @@ class CocoDetection(Dataset[Sample | None]):
         return os.path.join(self.image_dir, os.fsdecode(name))
 
     def __getitem__(self, index: int) -> Sample | None:
-        path = self.path(index)
-        try:
-            image = load_rgb(path)
-        except UnreadableImageError as error:
-            warnings.warn(f"skipping {error}", UnreadableImageWarning, stacklevel=2)
+        image = skip_unreadable(load_rgb, self.path(index))
+        if image is None:
             return None
         sample = self._sample(index, image)
         return self.transform(sample) if self.transform is not None else sample
@@ -563,3 +371,43 @@ def write_coco_results(path: str | os.PathLike[str], results: Sequence[Mapping[s
             os.unlink(temporary)
         raise
     return path
+
+
+# --- The COCO detection family: annotations/instances_<split>2017.json + <split>2017/ -----------
+
+# Training images without a (non-crowd) box: pure background examples, off as in torchvision.
+_DETECTION_OPTIONS: dict[str, Any] = {"keep_empty": False}
+
+
+def _coco_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
+    # COCO lists the same 80 categories in every split's json: with val2017 alone on disk
+    # (evaluating released weights), the val json gives the labels training would have used.
+    if not coco_has_split(spec.root, TRAIN_SPLIT) and coco_has_split(spec.root, spec.val_split):
+        return coco_classes(spec.root, spec.val_split)
+    return coco_classes(spec.root, TRAIN_SPLIT)
+
+
+def _coco_build(spec: DatasetSpec, kind: SplitKind, transform: DetectionTransform) -> Dataset:
+    category_ids, _ = _coco_classes(spec)
+    return CocoDetection(
+        spec.root,
+        spec.folder(kind),
+        transform,
+        train=kind == "train",
+        keep_empty=bool(spec.option("keep_empty")),
+        category_ids=category_ids,
+    )
+
+
+def _coco_has_split(spec: DatasetSpec, folder: str) -> bool:
+    return coco_has_split(spec.root, folder)
+
+
+COCO = DatasetFamily(
+    _coco_classes,
+    _coco_build,
+    _coco_has_split,
+    COCO_LAYOUT,
+    task="detection",
+    options=_DETECTION_OPTIONS,
+)

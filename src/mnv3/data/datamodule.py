@@ -1,12 +1,11 @@
 """One LightningDataModule for every task, and the registry of dataset families it can read.
 
-A dataset family says what it provides (``task``: classification, detection, segmentation), which
-classes it has (cheaply, before any image is listed, so the model can be built first), whether a
-split exists, how to prepare it (download, generate) and how to build one split, and which options
-of its own it takes (the chest X-ray carve-outs, ImageNet's validation label file) with their
-defaults. The task decides the presets (augmentation and evaluation transforms) and the collate
-function (:data:`TASK_DATA`). Adding a dataset is one more :data:`DATASETS` entry; adding a task
-is one more :data:`TASK_DATA` entry.
+A dataset family (:class:`~mnv3.data.family.DatasetFamily`) says what it provides, which classes
+it has, how to prepare and build a split and which options of its own it takes; each dataset
+module declares its family beside the dataset it adapts. The task decides the presets
+(augmentation and evaluation transforms, :mod:`mnv3.data.presets`) and the collate function
+(:data:`TASK_DATA`). Adding a dataset is one more :data:`DATASETS` entry (or
+:func:`register_dataset`); adding a task is one more :data:`TASK_DATA` entry.
 
 The module's constructor takes plain values only, so Hydra can instantiate it from ``_target_`` and
 ``save_hyperparameters`` stores nothing that needs OmegaConf to unpickle.
@@ -18,116 +17,26 @@ import inspect
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mnv3.data.chest_xray import (
-    CHESTXRAY14_FINDINGS,
-    CHESTXRAY14_LAYOUT,
-    CHEXPERT_LAYOUT,
-    DEFAULT_VAL_FRACTION,
-    PNEUMONIA_CLASSES,
-    PNEUMONIA_LAYOUT,
-    ChestXray14Dataset,
-    CheXpertDataset,
-    PneumoniaDataset,
-    chexpert_has_split,
-    chexpert_labels,
-    pneumonia_has_split,
-)
-from mnv3.data.cityscapes import (
-    CITYSCAPES_LAYOUT,
-    CityscapesSegmentation,
-    cityscapes_classes,
-    cityscapes_has_split,
-    segmentation_palette,
-)
-from mnv3.data.coco import COCO_LAYOUT, CocoDetection, coco_classes, coco_has_split
+from mnv3.data.chest_xray import CHESTXRAY14, CHEXPERT, PNEUMONIA
+from mnv3.data.cityscapes import CITYSCAPES
+from mnv3.data.coco import COCO
 from mnv3.data.collate import collate_classification, collate_detection, collate_segmentation
 from mnv3.data.errors import DatasetError
-from mnv3.data.folder import ImageFolderDataset, LabeledImageDataset, Transform, list_class_folders
-from mnv3.data.imagenet import IMAGENET_LAYOUT, imagenet_classes, imagenet_has_split, imagenet_split
-from mnv3.data.shapes import SHAPES_LAYOUT, generate_shapes, shapes_manifest
-from mnv3.data.shapes_cityscapes import (
-    SHAPES_CITYSCAPES_LAYOUT,
-    generate_shapes_cityscapes,
-    shapes_cityscapes_manifest,
-)
-from mnv3.data.shapes_coco import SHAPES_COCO_LAYOUT, generate_shapes_coco
-from mnv3.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ClassificationEvalPreset,
-    ClassificationTrainPreset,
-    DetectionEvalPreset,
-    DetectionTrainPreset,
-    SegmentationEvalPreset,
-    SegmentationTrainPreset,
-)
-
-SplitKind = Literal["train", "val", "test"]
-LabelType = Literal["multiclass", "multilabel"]
-TRAIN_SPLIT = "train"
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """Where a dataset lives, which folders are its splits, and its family's own options."""
-
-    root: Path
-    val_split: str = "val"
-    test_split: str | None = "test"
-    generate: Mapping[str, Any] = field(default_factory=dict)
-    # Options of one family (e.g. the chest X-ray carve-out), validated against its defaults.
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    def folder(self, kind: SplitKind) -> str:
-        """The split folder name for a split kind (``None`` test split: no folder)."""
-        name = {"train": TRAIN_SPLIT, "val": self.val_split, "test": self.test_split}[kind]
-        if name is None:
-            raise DatasetError(f"dataset root {self.root} has no {kind} split configured")
-        return name
-
-    def option(self, name: str) -> Any:
-        """One family option (its default when the config did not set it)."""
-        return self.options[name]
-
-
-@dataclass(frozen=True)
-class DatasetFamily:
-    """How one kind of dataset is found, prepared and read.
-
-    Attributes:
-        classes: ``spec -> (class ids, class names)`` in label order; cheap, no image listed.
-        build: ``(spec, kind, transform) -> dataset`` for one split.
-        has_split: ``(spec, folder name) -> bool``.
-        layout: the expected layout, worded for error messages.
-        prepare: run once per node before ``setup`` (download, generate); None: nothing to do.
-        label_type: ``"multiclass"`` (an int64 class index per image, softmax) or ``"multilabel"``
-            (a float32 vector of K independent labels per image, sigmoid; NaN = unknown).
-        task: what its samples carry: ``"classification"`` ``{"image", "label"}``,
-            ``"detection"`` ``{"image", "boxes", "labels", ...}``, ``"segmentation"``
-            ``{"image", "mask"}``; picks the presets and collate function in :data:`TASK_DATA`.
-        options: the family's own data options and their defaults (``data.<name>=...``).
-        palette: class names -> an RGB colour per class, for pictures of masks (None: the task
-            picks colours).
-    """
-
-    classes: Callable[[DatasetSpec], tuple[list[str], list[str]]]
-    build: Callable[[DatasetSpec, SplitKind, Transform], Dataset]
-    has_split: Callable[[DatasetSpec, str], bool]
-    layout: str
-    prepare: Callable[[DatasetSpec], None] | None = None
-    label_type: LabelType = "multiclass"
-    task: str = "classification"
-    options: Mapping[str, Any] = field(default_factory=dict)
-    palette: Callable[[Sequence[str]], list[tuple[int, int, int]]] | None = None
+from mnv3.data.family import DatasetFamily, DatasetSpec, LabelType, SplitKind, SplitTransform
+from mnv3.data.folder import IMAGEFOLDER
+from mnv3.data.imagenet import IMAGENET
+from mnv3.data.presets import classification_presets, detection_presets, segmentation_presets
+from mnv3.data.shapes import SHAPES, TEXTURES
+from mnv3.data.shapes_cityscapes import STREETS
+from mnv3.data.shapes_coco import SHAPES_COCO
 
 
 @dataclass(frozen=True)
@@ -141,97 +50,8 @@ class TaskData:
             a ``"skipped"`` count.
     """
 
-    presets: Callable[..., tuple[Transform, Transform]]
+    presets: Callable[..., tuple[SplitTransform, SplitTransform]]
     collate: Callable[[Sequence[Any]], dict[str, Any]]
-
-
-def classification_presets(
-    image_size: int = 224,
-    resize_size: int | None = None,
-    interpolation: str = "bilinear",
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    hflip_prob: float = 0.5,
-    auto_augment: str | None = None,
-    random_erase_prob: float = 0.0,
-    min_scale: float = 0.08,
-    channels: int = 3,
-) -> tuple[ClassificationTrainPreset, ClassificationEvalPreset]:
-    """Inception-style training crop and resize + centre-crop evaluation (see transforms.py)."""
-    if channels not in (1, 3):
-        raise DatasetError(f"data.channels must be 1 (gray) or 3 (RGB), got {channels!r}")
-    mean = tuple(float(m) for m in mean)
-    std = tuple(float(s) for s in std)
-    train = ClassificationTrainPreset(
-        crop_size=image_size,
-        mean=mean,
-        std=std,
-        interpolation=interpolation,
-        hflip_prob=hflip_prob,
-        auto_augment=auto_augment,  # type: ignore[arg-type]  # validated by the preset
-        random_erase_prob=random_erase_prob,
-        scale=(min_scale, 1.0),
-        channels=channels,
-    )
-    evaluation = ClassificationEvalPreset(
-        crop_size=image_size,
-        resize_size=resize_size,
-        mean=mean,
-        std=std,
-        interpolation=interpolation,
-        channels=channels,
-    )
-    return train, evaluation
-
-
-def detection_presets(
-    image_size: int = 320,
-    mean: Sequence[float] = (0.5, 0.5, 0.5),
-    std: Sequence[float] = (0.5, 0.5, 0.5),
-    hflip_prob: float = 0.5,
-    iou_crop: bool = True,
-    zoom_out: bool = False,
-    photometric: bool = False,
-) -> tuple[DetectionTrainPreset, DetectionEvalPreset]:
-    """SSD augmentation (torchvision's ``ssdlite``: IoU crop + flip) and a fixed square resize;
-    inputs scaled to [-1, 1] by default, as SSDLite was trained (FACTS: mean/std 0.5)."""
-    train = DetectionTrainPreset(
-        size=image_size,
-        mean=mean,
-        std=std,
-        hflip_prob=hflip_prob,
-        iou_crop=iou_crop,
-        zoom_out=zoom_out,
-        photometric=photometric,
-    )
-    return train, DetectionEvalPreset(size=image_size, mean=mean, std=std)
-
-
-def segmentation_presets(
-    crop_size: int | Sequence[int] = 769,
-    scale_range: Sequence[float] = (0.5, 2.0),
-    hflip_prob: float = 0.5,
-    photometric: bool = True,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    eval_resize: int | Sequence[int] | None = None,
-    frame_size: int | Sequence[int] = (1024, 2048),
-) -> tuple[SegmentationTrainPreset, SegmentationEvalPreset]:
-    """DeepLab-style training (random scale 0.5-2.0, crop, flip, photometric) and evaluation on
-    the whole frame (``eval_resize`` for quick looks only); ``frame_size`` is the frames' size,
-    for model summaries. Crop 769x769 as the paper trained LR-ASPP (§6.4, FACTS)."""
-    train = SegmentationTrainPreset(
-        crop_size=crop_size,
-        scale_range=scale_range,
-        hflip_prob=hflip_prob,
-        photometric=photometric,
-        mean=mean,
-        std=std,
-    )
-    evaluation = SegmentationEvalPreset(
-        mean=mean, std=std, resize=eval_resize, frame_size=frame_size
-    )
-    return train, evaluation
 
 
 TASK_DATA: dict[str, TaskData] = {
@@ -240,324 +60,18 @@ TASK_DATA: dict[str, TaskData] = {
     "segmentation": TaskData(segmentation_presets, collate_segmentation),
 }
 
-
-# --- ImageFolder: root/{train,val,test}/<class>/<image> -------------------------------------------
-
-IMAGEFOLDER_LAYOUT = "an ImageFolder tree train/<class>/*.jpg|png and val/<class>/*.jpg|png"
-
-
-def _folder_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
-    train = spec.root / TRAIN_SPLIT
-    _require_root(spec.root, IMAGEFOLDER_LAYOUT)
-    if not train.is_dir():
-        raise DatasetError(f"split folder {train} does not exist; expected {IMAGEFOLDER_LAYOUT}")
-    classes = list_class_folders(train)
-    if not classes:
-        raise DatasetError(
-            f"split folder {train} has no class folders; expected {IMAGEFOLDER_LAYOUT}"
-        )
-    return classes, list(classes)
-
-
-def _folder_build(spec: DatasetSpec, kind: SplitKind, transform: Transform) -> LabeledImageDataset:
-    classes, names = _folder_classes(spec)
-    # Training derives its classes from its own folders, which also rejects empty class folders;
-    # evaluation splits are labelled with those classes.
-    given = None if kind == "train" else classes
-    return ImageFolderDataset(spec.root, spec.folder(kind), transform, given, names)
-
-
-def _folder_has_split(spec: DatasetSpec, folder: str) -> bool:
-    return (spec.root / folder).is_dir()
-
-
-_IMAGEFOLDER = DatasetFamily(_folder_classes, _folder_build, _folder_has_split, IMAGEFOLDER_LAYOUT)
-
-
-# --- ImageNet: ImageFolder train, ImageFolder or flat+label-file val --------------------------------
-
-
-def _imagenet_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
-    return imagenet_classes(spec.root)
-
-
-def _imagenet_build(
-    spec: DatasetSpec, kind: SplitKind, transform: Transform
-) -> LabeledImageDataset:
-    label_file = spec.option("val_label_file") if kind == "val" else None
-    return imagenet_split(spec.root, spec.folder(kind), transform, label_file)
-
-
-def _imagenet_has_split(spec: DatasetSpec, folder: str) -> bool:
-    label_file = spec.option("val_label_file") if folder == spec.val_split else None
-    return imagenet_has_split(spec.root, folder, label_file)
-
-
-# --- Generated data: written into root on first use, then read as the real layout ------------------
-
-
-def _generated(
-    reader: DatasetFamily,
-    generate: Callable[[DatasetSpec], object],
-    layout: str,
-    classes: Callable[[DatasetSpec], tuple[list[str], list[str]]] | None = None,
-    has_split: Callable[[DatasetSpec, str], bool] | None = None,
-) -> DatasetFamily:
-    """``reader``'s family over data that ``generate(spec)`` writes into ``spec.root``.
-
-    ``generate`` is idempotent and atomic (:func:`mnv3.data.generated.write_once`), so it is both
-    the family's ``prepare`` and called again before every build: the module works without a
-    Trainer. ``classes`` and ``has_split`` answer from the generator's parameters, writing
-    nothing; None: generate first and ask ``reader`` (the classes are in the written data).
-    """
-
-    def prepare(spec: DatasetSpec) -> None:
-        generate(spec)
-
-    def read_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
-        prepare(spec)
-        return reader.classes(spec)
-
-    def build(spec: DatasetSpec, kind: SplitKind, transform: Transform) -> Dataset:
-        prepare(spec)
-        return reader.build(spec, kind, transform)
-
-    return replace(
-        reader,
-        classes=classes or read_classes,
-        build=build,
-        has_split=has_split or reader.has_split,
-        layout=layout,
-        prepare=prepare,
-    )
-
-
-def _shapes_family(kind: str) -> DatasetFamily:
-    """Shapes or textures, generated into root on first use, then read as an ImageFolder."""
-
-    def params(spec: DatasetSpec) -> dict[str, Any]:
-        return {**spec.generate, "kind": kind}
-
-    def classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
-        names = shapes_manifest(**params(spec))["classes"]
-        return names, list(names)
-
-    def has_split(spec: DatasetSpec, folder: str) -> bool:
-        return shapes_manifest(**params(spec))["per_class"].get(folder, 0) > 0
-
-    return _generated(
-        _IMAGEFOLDER,
-        lambda spec: generate_shapes(spec.root, **params(spec)),
-        SHAPES_LAYOUT,
-        classes,
-        has_split,
-    )
-
-
-# --- Chest X-rays (issue 4): Kaggle pneumonia folders, NIH ChestX-ray14, CheXpert -----------------
-
-
-def _fixed_classes(names: Sequence[str]) -> Callable[[DatasetSpec], tuple[list[str], list[str]]]:
-    return lambda spec: (list(names), list(names))
-
-
-def _carve_fraction(spec: DatasetSpec) -> float:
-    """The patient carve-out of train_val / train.csv: None means the default 10 %."""
-    fraction = spec.option("val_fraction")
-    return DEFAULT_VAL_FRACTION if fraction is None else float(fraction)
-
-
-def _pneumonia_build(
-    spec: DatasetSpec, kind: SplitKind, transform: Transform
-) -> LabeledImageDataset:
-    folder = spec.folder(kind)
-    fraction = spec.option("val_fraction")
-    fraction = float(fraction) if fraction is not None else None
-    return PneumoniaDataset(spec.root, folder, transform, fraction, int(spec.option("split_seed")))
-
-
-def _chestxray14_build(
-    spec: DatasetSpec, kind: SplitKind, transform: Transform
-) -> LabeledImageDataset:
-    return ChestXray14Dataset(
-        spec.root, kind, transform, _carve_fraction(spec), int(spec.option("split_seed"))
-    )
-
-
-def _chestxray14_has_split(spec: DatasetSpec, folder: str) -> bool:
-    # Only the test split is asked about; train and val both come from train_val_list.txt.
-    listing = "test_list.txt" if folder == spec.test_split else "train_val_list.txt"
-    return (spec.root / listing).is_file()
-
-
-def _chexpert_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
-    names = chexpert_labels(spec.option("labels"))
-    return names, list(names)
-
-
-def _chexpert_build(
-    spec: DatasetSpec, kind: SplitKind, transform: Transform
-) -> LabeledImageDataset:
-    return CheXpertDataset(
-        spec.root,
-        kind,
-        transform,
-        labels=spec.option("labels"),
-        uncertain=str(spec.option("uncertain")),
-        frontal_only=bool(spec.option("frontal_only")),
-        val_fraction=_carve_fraction(spec),
-        seed=int(spec.option("split_seed")),
-    )
-
-
-def _chexpert_has_split(spec: DatasetSpec, folder: str) -> bool:
-    return chexpert_has_split(spec.root, "test" if folder == spec.test_split else "train")
-
-
-# --- COCO detection: annotations/instances_<split>2017.json + <split>2017/ ---------------------------
-
-# Training images without a (non-crowd) box: pure background examples, off as in torchvision.
-_DETECTION_OPTIONS: dict[str, Any] = {"keep_empty": False}
-
-
-def _coco_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
-    # COCO lists the same 80 categories in every split's json: with val2017 alone on disk
-    # (evaluating released weights), the val json gives the labels training would have used.
-    if not coco_has_split(spec.root, TRAIN_SPLIT) and coco_has_split(spec.root, spec.val_split):
-        return coco_classes(spec.root, spec.val_split)
-    return coco_classes(spec.root, TRAIN_SPLIT)
-
-
-def _coco_build(spec: DatasetSpec, kind: SplitKind, transform: Transform) -> Dataset:
-    category_ids, _ = _coco_classes(spec)
-    return CocoDetection(
-        spec.root,
-        spec.folder(kind),
-        transform,
-        train=kind == "train",
-        keep_empty=bool(spec.option("keep_empty")),
-        category_ids=category_ids,
-    )
-
-
-def _coco_has_split(spec: DatasetSpec, folder: str) -> bool:
-    return coco_has_split(spec.root, folder)
-
-
-_COCO = DatasetFamily(
-    _coco_classes,
-    _coco_build,
-    _coco_has_split,
-    COCO_LAYOUT,
-    task="detection",
-    options=_DETECTION_OPTIONS,
-)
-
-
-# --- Cityscapes segmentation: leftImg8bit/<split>/<city>/ + gtFine/<split>/<city>/ ---------------
-
-# train_classes: the Cityscapes classes to train on (None: the 19 evaluated ones).
-_SEGMENTATION_OPTIONS: dict[str, Any] = {"train_classes": None}
-
-
-def _cityscapes_palette(names: Sequence[str]) -> list[tuple[int, int, int]]:
-    rows = segmentation_palette(names)[: len(names)].tolist()
-    return [(int(r), int(g), int(b)) for r, g, b in rows]
-
-
-def _cityscapes_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
-    return cityscapes_classes(spec.option("train_classes"))
-
-
-def _cityscapes_build(
-    spec: DatasetSpec,
-    kind: SplitKind,
-    transform: Transform,
-    classes: Callable[[DatasetSpec], tuple[list[str], list[str]]] = _cityscapes_classes,
-) -> Dataset:
-    return CityscapesSegmentation(spec.root, spec.folder(kind), transform, classes=classes(spec)[1])
-
-
-def _cityscapes_has_split(spec: DatasetSpec, folder: str) -> bool:
-    return cityscapes_has_split(spec.root, folder)
-
-
-_CITYSCAPES = DatasetFamily(
-    _cityscapes_classes,
-    _cityscapes_build,
-    _cityscapes_has_split,
-    CITYSCAPES_LAYOUT,
-    task="segmentation",
-    options=_SEGMENTATION_OPTIONS,
-    palette=_cityscapes_palette,
-)
-
-
-def _street_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
-    # Only the classes the generator draws: absent classes would count as IoU 0 in the mean
-    # as soon as one pixel is predicted as one of them.
-    chosen = spec.option("train_classes")
-    if chosen is None:
-        chosen = shapes_cityscapes_manifest(**spec.generate)["classes"]
-    return cityscapes_classes(chosen)
-
-
-# The chest X-ray carve-out: val_fraction of the training patients, seeded by split_seed
-# (separate from the shuffle seed, so runs with different seeds validate on the same patients).
-_CARVE_OPTIONS: dict[str, Any] = {"val_fraction": None, "split_seed": 0}
-
 DATASETS: dict[str, DatasetFamily] = {
-    "imagefolder": _IMAGEFOLDER,
-    "imagenet": DatasetFamily(
-        _imagenet_classes,
-        _imagenet_build,
-        _imagenet_has_split,
-        IMAGENET_LAYOUT,
-        options={"val_label_file": None},
-    ),
-    "shapes": _shapes_family("shapes"),
-    "textures": _shapes_family("textures"),
-    "coco": _COCO,
-    # The classes come from the written annotation file: generated first.
-    "shapes_coco": _generated(
-        _COCO, lambda spec: generate_shapes_coco(spec.root, **spec.generate), SHAPES_COCO_LAYOUT
-    ),
-    "cityscapes": _CITYSCAPES,
-    "shapes_cityscapes": _generated(
-        replace(_CITYSCAPES, build=partial(_cityscapes_build, classes=_street_classes)),
-        lambda spec: generate_shapes_cityscapes(spec.root, **spec.generate),
-        SHAPES_CITYSCAPES_LAYOUT,
-        _street_classes,
-        lambda spec, folder: folder in shapes_cityscapes_manifest(**spec.generate)["images"],
-    ),
-    "chest_xray_pneumonia": DatasetFamily(
-        _fixed_classes(PNEUMONIA_CLASSES),
-        _pneumonia_build,
-        lambda spec, folder: pneumonia_has_split(spec.root, folder),
-        PNEUMONIA_LAYOUT,
-        options=_CARVE_OPTIONS,
-    ),
-    "chestxray14": DatasetFamily(
-        _fixed_classes(CHESTXRAY14_FINDINGS),
-        _chestxray14_build,
-        _chestxray14_has_split,
-        CHESTXRAY14_LAYOUT,
-        label_type="multilabel",
-        options=_CARVE_OPTIONS,
-    ),
-    "chexpert": DatasetFamily(
-        _chexpert_classes,
-        _chexpert_build,
-        _chexpert_has_split,
-        CHEXPERT_LAYOUT,
-        label_type="multilabel",
-        options={
-            **_CARVE_OPTIONS,
-            "uncertain": "ones",
-            "labels": None,
-            "frontal_only": False,
-        },
-    ),
+    "imagefolder": IMAGEFOLDER,
+    "imagenet": IMAGENET,
+    "shapes": SHAPES,
+    "textures": TEXTURES,
+    "coco": COCO,
+    "shapes_coco": SHAPES_COCO,
+    "cityscapes": CITYSCAPES,
+    "shapes_cityscapes": STREETS,
+    "chest_xray_pneumonia": PNEUMONIA,
+    "chestxray14": CHESTXRAY14,
+    "chexpert": CHEXPERT,
 }
 
 
@@ -566,11 +80,6 @@ def register_dataset(name: str, family: DatasetFamily) -> None:
     if name in DATASETS:
         raise ValueError(f"dataset {name!r} is already registered")
     DATASETS[name] = family
-
-
-def _require_root(root: Path, layout: str) -> None:
-    if not root.is_dir():
-        raise DatasetError(f"dataset root {root} does not exist; expected {layout}")
 
 
 def _plain(value: Any) -> Any:

@@ -9,10 +9,17 @@ skips that one image (with a warning) and training goes on.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 class DatasetError(ValueError):
     """A dataset location or layout is wrong; the message names the path and the expected layout."""
+
+
+def require_root(root: Path, layout: str) -> None:
+    """Raise the one-sentence :class:`DatasetError` for a dataset root that is not a folder."""
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} does not exist; expected {layout}")
 
 
 class UnreadableImageError(OSError):

@@ -5,6 +5,9 @@ ends up as a :class:`LabeledImageDataset`: a root, relative file paths, integer 
 list. Paths are held in one numpy byte array rather than a list of Python strings: DataLoader
 workers are forked, and touching millions of Python objects (their reference counts) would copy the
 parent's pages into every worker.
+
+:data:`IMAGEFOLDER` is the ``imagefolder`` dataset family (:mod:`mnv3.data.family`), which the
+generated shapes and textures also read through.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mnv3.data.errors import DatasetError, UnreadableImageError, UnreadableImageWarning
-from mnv3.data.io import load_rgb
+from mnv3.data.errors import DatasetError, require_root
+from mnv3.data.family import TRAIN_SPLIT, DatasetFamily, DatasetSpec, SplitKind
+from mnv3.data.io import load_rgb, skip_unreadable
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg",
@@ -128,7 +132,7 @@ class LabeledImageDataset(Dataset[Sample | None]):
         self,
         root: str | os.PathLike[str],
         paths: Sequence[str],
-        labels: Sequence[int],
+        labels: Sequence[Any] | np.ndarray,
         classes: Sequence[str],
         class_names: Sequence[str] | None = None,
         transform: Transform | None = None,
@@ -142,9 +146,15 @@ class LabeledImageDataset(Dataset[Sample | None]):
             raise ValueError(f"{len(self.classes)} classes but {len(self.class_names)} names")
         self.transform = transform
         self._paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
-        self._labels = np.asarray(labels, dtype=np.int64)
-        if len(self._labels) and not 0 <= self._labels.min() <= self._labels.max() < len(classes):
-            raise ValueError(f"labels must be in 0..{len(classes) - 1} for {len(classes)} classes")
+        self._labels = self._label_array(labels, len(self.classes))
+
+    @staticmethod
+    def _label_array(labels: Any, num_classes: int) -> np.ndarray:
+        """The labels as held: int64 ``(N,)`` class indices, checked to be in range."""
+        array = np.asarray(labels, dtype=np.int64)
+        if len(array) and not 0 <= array.min() <= array.max() < num_classes:
+            raise ValueError(f"labels must be in 0..{num_classes - 1} for {num_classes} classes")
+        return array
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -169,11 +179,8 @@ class LabeledImageDataset(Dataset[Sample | None]):
         return os.path.join(self.root, os.fsdecode(self._paths[index]))
 
     def __getitem__(self, index: int) -> Sample | None:
-        path = self.path(index)
-        try:
-            image = load_rgb(path)
-        except UnreadableImageError as error:
-            warnings.warn(f"skipping {error}", UnreadableImageWarning, stacklevel=2)
+        image = skip_unreadable(load_rgb, self.path(index))
+        if image is None:
             return None
         if self.transform is not None:
             image = self.transform(image)
@@ -277,32 +284,18 @@ class MultiLabelImageDataset(LabeledImageDataset):
     uncertain CheXpert finding under the ``"ignore"`` policy); :func:`known_labels` gives the mask.
     Labels are held in one float32 ``(N, K)`` array, for the same fork-friendliness as the paths.
 
-    Args:
-        root: directory the relative paths are resolved against.
-        paths: image paths relative to ``root``.
-        labels: ``(N, K)`` values in {0, 1, NaN}, one row per path, one column per class.
-        classes: the K label identifiers, index = column.
-        class_names: human-readable names, same order; defaults to ``classes``.
-        transform: applied to the uint8 ``(3, H, W)`` image; ``None`` returns it unchanged.
+    Args: those of :class:`LabeledImageDataset`, but ``labels`` is ``(N, K)``: values in
+    {0, 1, NaN}, one row per path, one column per class.
     """
 
-    def __init__(
-        self,
-        root: str | os.PathLike[str],
-        paths: Sequence[str],
-        labels: np.ndarray | Sequence[Sequence[float]],
-        classes: Sequence[str],
-        class_names: Sequence[str] | None = None,
-        transform: Transform | None = None,
-    ) -> None:
-        matrix = np.asarray(labels, dtype=np.float32).reshape(len(paths), len(classes))
+    @staticmethod
+    def _label_array(labels: Any, num_classes: int) -> np.ndarray:
+        """The labels as held: one float32 ``(N, K)`` array, checked to be 0, 1 or NaN."""
+        matrix = np.asarray(labels, dtype=np.float32).reshape(len(labels), num_classes)
         known = matrix[~np.isnan(matrix)]
         if known.size and not np.isin(known, (0.0, 1.0)).all():
             raise ValueError("multi-label values must be 0, 1 or NaN (unknown)")
-        super().__init__(
-            root, paths, np.zeros(len(paths), np.int64), classes, class_names, transform
-        )
-        self._labels = matrix
+        return matrix
 
     @property
     def samples(self) -> list[tuple[str, list[float]]]:
@@ -324,3 +317,36 @@ class MultiLabelImageDataset(LabeledImageDataset):
 def known_labels(labels: torch.Tensor) -> torch.Tensor:
     """The mask of labels a multi-label loss should count: True where ``labels`` is not NaN."""
     return ~torch.isnan(labels)
+
+
+# --- The ImageFolder family: root/{train,val,test}/<class>/<image> --------------------------------
+
+IMAGEFOLDER_LAYOUT = "an ImageFolder tree train/<class>/*.jpg|png and val/<class>/*.jpg|png"
+
+
+def _folder_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
+    train = spec.root / TRAIN_SPLIT
+    require_root(spec.root, IMAGEFOLDER_LAYOUT)
+    if not train.is_dir():
+        raise DatasetError(f"split folder {train} does not exist; expected {IMAGEFOLDER_LAYOUT}")
+    classes = list_class_folders(train)
+    if not classes:
+        raise DatasetError(
+            f"split folder {train} has no class folders; expected {IMAGEFOLDER_LAYOUT}"
+        )
+    return classes, list(classes)
+
+
+def _folder_build(spec: DatasetSpec, kind: SplitKind, transform: Transform) -> LabeledImageDataset:
+    classes, names = _folder_classes(spec)
+    # Training derives its classes from its own folders, which also rejects empty class folders;
+    # evaluation splits are labelled with those classes.
+    given = None if kind == "train" else classes
+    return ImageFolderDataset(spec.root, spec.folder(kind), transform, given, names)
+
+
+def _folder_has_split(spec: DatasetSpec, folder: str) -> bool:
+    return (spec.root / folder).is_dir()
+
+
+IMAGEFOLDER = DatasetFamily(_folder_classes, _folder_build, _folder_has_split, IMAGEFOLDER_LAYOUT)

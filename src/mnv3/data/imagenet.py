@@ -9,6 +9,9 @@ weights). Human-readable class names come from a standard class index in the roo
 there: ``imagenet_class_index.json`` (``{"0": ["n01440764", "tench"], ...}``) or
 ``LOC_synset_mapping.txt`` (``n01440764 tench, Tinca tinca`` per line); otherwise the wnids are the
 names.
+
+:data:`IMAGENET` is the ``imagenet`` dataset family; its option ``val_label_file`` names the label
+file of a flat validation folder.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import json
 import os
 from pathlib import Path
 
-from mnv3.data.errors import DatasetError
+from mnv3.data.errors import DatasetError, require_root
+from mnv3.data.family import DatasetFamily, DatasetSpec, SplitKind
 from mnv3.data.folder import (
     ImageFolderDataset,
     LabeledImageDataset,
@@ -106,8 +110,7 @@ def imagenet_classes(root: str | os.PathLike[str]) -> tuple[list[str], list[str]
         DatasetError: the root is missing, or neither a class index nor ``train/<wnid>/`` exists.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"dataset root {root} does not exist; expected {IMAGENET_LAYOUT}")
+    require_root(root, IMAGENET_LAYOUT)
     index = read_class_index(root)
     if index is not None:
         return index
@@ -230,3 +233,31 @@ def imagenet_has_split(
         return True
     label_path = Path(label_file) if label_file is not None else default_label_file(root, split)
     return label_path.is_file()
+
+
+# --- The ImageNet family: ImageFolder train, ImageFolder or flat + label file val ---------------
+
+
+def _imagenet_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
+    return imagenet_classes(spec.root)
+
+
+def _imagenet_build(
+    spec: DatasetSpec, kind: SplitKind, transform: Transform
+) -> LabeledImageDataset:
+    label_file = spec.option("val_label_file") if kind == "val" else None
+    return imagenet_split(spec.root, spec.folder(kind), transform, label_file)
+
+
+def _imagenet_has_split(spec: DatasetSpec, folder: str) -> bool:
+    label_file = spec.option("val_label_file") if folder == spec.val_split else None
+    return imagenet_has_split(spec.root, folder, label_file)
+
+
+IMAGENET = DatasetFamily(
+    _imagenet_classes,
+    _imagenet_build,
+    _imagenet_has_split,
+    IMAGENET_LAYOUT,
+    options={"val_label_file": None},
+)

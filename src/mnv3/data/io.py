@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
-from mnv3.data.errors import UnreadableImageError
+from mnv3.data.errors import UnreadableImageError, UnreadableImageWarning
 
 # torchvision 0.29 warns on every decode that its codecs move to TorchCodec; one line per image
 # would bury real warnings. The decoders still work and are the fastest installed option.
@@ -64,6 +66,25 @@ def load_rgb(path: str | os.PathLike[str]) -> torch.Tensor:
     if image.dtype != torch.uint8:  # 16-bit PNG
         image = F.to_dtype(image, torch.uint8, scale=True)
     return image
+
+
+Loaded = TypeVar("Loaded")
+
+
+def skip_unreadable(
+    load: Callable[[str | os.PathLike[str]], Loaded], path: str | os.PathLike[str]
+) -> Loaded | None:
+    """``load(path)``, or None after one :class:`UnreadableImageWarning` naming the file.
+
+    What a dataset's ``__getitem__`` does with a damaged file: it yields None, and the collate
+    function drops the sample and counts it in ``"skipped"``; training goes on.
+    """
+    try:
+        return load(path)
+    except UnreadableImageError as error:
+        # stacklevel 3: the warning points at whoever asked the dataset for the sample.
+        warnings.warn(f"skipping {error}", UnreadableImageWarning, stacklevel=3)
+        return None
 
 
 def _load_rgb_pil(path: str, torchvision_reason: str) -> torch.Tensor:

@@ -9,6 +9,10 @@ pixel statistic.
 Every image draws from its own random stream, seeded by ``(seed, split, class, index)``, so the
 files are byte-identical for a seed (with the same Pillow / zlib) and the first images of a class
 do not change when more are asked for.
+
+:data:`SHAPES` and :data:`TEXTURES` are the ``shapes`` and ``textures`` dataset families: generated
+on first use, then read as an ImageFolder. The drawing helpers (:func:`gradient`,
+:func:`draw_mask`, :func:`add_noise`, ...) are shared with :mod:`mnv3.data.shapes_coco`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mnv3.data.family import DatasetFamily, DatasetSpec, generated_family
+from mnv3.data.folder import IMAGEFOLDER
 from mnv3.data.generated import write_once
 
 SHAPE_CLASSES: tuple[str, ...] = (
@@ -46,7 +52,7 @@ SHAPES_LAYOUT = (
     "a folder written by generate_shapes: {train,val,test}/<shape>/*.png and manifest.json"
 )
 
-_SUPERSAMPLE = 4  # shape masks are drawn this many times larger, then box-filtered down
+SUPERSAMPLE = 4  # shape masks are drawn this many times larger, then box-filtered down
 
 
 def shapes_classes(num_classes: int = 6, kind: str = "shapes") -> list[str]:
@@ -85,31 +91,19 @@ def shapes_manifest(
     }
 
 
-def generate_shapes(
-    root: str | os.PathLike[str],
-    seed: int = 0,
-    num_classes: int = 6,
-    train_per_class: int = 200,
-    val_per_class: int = 50,
-    test_per_class: int = 50,
-    image_size: int = 64,
-    kind: str = "shapes",
-) -> Path:
+def generate_shapes(root: str | os.PathLike[str], **params: Any) -> Path:
     """Write a generated dataset to ``root/{train,val,test}/<class>/*.png`` unless already there.
 
-    ``kind="shapes"``: filled shapes with random pose, colours, gradient background, distractor
-    lines and noise. ``kind="textures"``: periodic patterns with random period, phase and colours.
-
-    A split with 0 images per class is not written.
+    ``params`` are those of :func:`shapes_manifest` (``seed``, ``num_classes``, the images per
+    class of each split, ``image_size``, ``kind``). ``kind="shapes"``: filled shapes with random
+    pose, colours, gradient background, distractor lines and noise. ``kind="textures"``: periodic
+    patterns with random period, phase and colours. A split with 0 images per class is not
+    written.
 
     Written atomically, and reused when present, by :func:`mnv3.data.generated.write_once`
     (which raises DatasetError when ``root`` holds anything else). Returns ``root`` as a Path.
     """
-    root = Path(root)
-    manifest = shapes_manifest(
-        seed, num_classes, train_per_class, val_per_class, test_per_class, image_size, kind
-    )
-    return write_once(root, manifest, _write_tree, SHAPES_LAYOUT)
+    return write_once(Path(root), shapes_manifest(**params), _write_tree, SHAPES_LAYOUT)
 
 
 def _write_tree(out: Path, manifest: dict[str, Any]) -> None:
@@ -131,25 +125,37 @@ def _write_tree(out: Path, manifest: dict[str, Any]) -> None:
 
 def draw_shape_image(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
     """One ``size`` x ``size`` RGB image of ``shape`` with random pose, colours and noise."""
-    background, mean_colour = _gradient(size, rng)
+    background, mean_colour = gradient(size, rng)
     canvas = Image.fromarray(background)
-    draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(0, 3))):  # distractor lines, behind the shape
-        x0, y0, x1, y1 = (float(v) for v in rng.uniform(0, size, 4))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        draw.line((x0, y0, x1, y1), fill=colour, width=int(rng.integers(1, 3)))
+    draw_distractor_lines(canvas, rng)  # behind the shape
 
     # The shape's mask is drawn at a higher resolution and box-filtered down: anti-aliased edges.
-    big = size * _SUPERSAMPLE
+    big = size * SUPERSAMPLE
     radius = float(rng.uniform(0.18, 0.40)) * big
     cx, cy = (float(v) for v in rng.uniform(radius, big - radius, 2))
     angle = float(rng.uniform(0.0, 2.0 * math.pi))
     mask = Image.new("L", (big, big), 0)
-    _draw_mask(ImageDraw.Draw(mask), shape, cx, cy, radius, angle, rng)
+    draw_mask(ImageDraw.Draw(mask), shape, cx, cy, radius, angle, rng)
     mask = mask.resize((size, size), Image.Resampling.BOX)
-    canvas.paste(_contrasting_colour(mean_colour, rng), mask=mask)
+    canvas.paste(contrasting_colour(mean_colour, rng), mask=mask)
+    return add_noise(canvas, (4.0, 16.0), rng)
 
-    noise = rng.normal(0.0, rng.uniform(4.0, 16.0), (size, size, 3))
+
+def draw_distractor_lines(canvas: Image.Image, rng: np.random.Generator) -> None:
+    """Draw 0 to 2 random lines of random colour and width across ``canvas`` (in place)."""
+    draw = ImageDraw.Draw(canvas)
+    size = canvas.width
+    for _ in range(int(rng.integers(0, 3))):
+        x0, y0, x1, y1 = (float(v) for v in rng.uniform(0, size, 4))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        draw.line((x0, y0, x1, y1), fill=colour, width=int(rng.integers(1, 3)))
+
+
+def add_noise(
+    canvas: Image.Image, sigma_range: tuple[float, float], rng: np.random.Generator
+) -> Image.Image:
+    """``canvas`` plus Gaussian noise of a random sigma in ``sigma_range``, rounded to uint8."""
+    noise = rng.normal(0.0, rng.uniform(*sigma_range), (canvas.height, canvas.width, 3))
     noisy = np.asarray(canvas, dtype=np.float64) + noise
     return Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8))
 
@@ -178,13 +184,13 @@ def draw_texture_image(texture: str, size: int, rng: np.random.Generator) -> Ima
         )
     mask = (field > 0).astype(np.float32)[..., None]
     foreground = rng.integers(0, 256, 3).astype(np.float32)
-    background = np.asarray(_contrasting_colour(foreground, rng), dtype=np.float32)
+    background = np.asarray(contrasting_colour(foreground, rng), dtype=np.float32)
     noise = rng.normal(0.0, rng.uniform(4.0, 20.0), (size, size, 3))
     image = foreground * mask + background * (1.0 - mask) + noise
     return Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8))
 
 
-def _gradient(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def gradient(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A linear blend between two random colours along a random direction, and its mean colour."""
     start, end = rng.integers(0, 256, (2, 3)).astype(np.float32)
     theta = rng.uniform(0.0, 2.0 * math.pi)
@@ -196,7 +202,7 @@ def _gradient(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     return np.rint(image).astype(np.uint8), (start + end) / 2
 
 
-def _contrasting_colour(background: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int]:
+def contrasting_colour(background: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int]:
     """A random colour far enough from the mean background that the shape is always visible."""
     colour = rng.integers(0, 256, 3)
     for _ in range(20):
@@ -227,7 +233,7 @@ def _rotated(
     return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in points]
 
 
-def _draw_mask(
+def draw_mask(
     draw: ImageDraw.ImageDraw,
     shape: str,
     cx: float,
@@ -263,3 +269,32 @@ def _draw_mask(
         draw.polygon(_rotated(cx, cy, arm, angle), fill=255)
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPE_CLASSES)}")
+
+
+# --- The shapes and textures families: generated on first use, then read as an ImageFolder ------
+
+
+def _shapes_family(kind: str) -> DatasetFamily:
+    """Shapes or textures, generated into root on first use, then read as an ImageFolder."""
+
+    def params(spec: DatasetSpec) -> dict[str, Any]:
+        return {**spec.generate, "kind": kind}
+
+    def classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
+        names = shapes_manifest(**params(spec))["classes"]
+        return names, list(names)
+
+    def has_split(spec: DatasetSpec, folder: str) -> bool:
+        return shapes_manifest(**params(spec))["per_class"].get(folder, 0) > 0
+
+    return generated_family(
+        IMAGEFOLDER,
+        lambda spec: generate_shapes(spec.root, **params(spec)),
+        SHAPES_LAYOUT,
+        classes,
+        has_split,
+    )
+
+
+SHAPES = _shapes_family("shapes")
+TEXTURES = _shapes_family("textures")

@@ -15,6 +15,9 @@ shape, to exercise images without annotations.
 
 Every image draws from its own random stream seeded by ``(seed, split, index)``: the files are
 identical for a seed, and the first images do not change when more are asked for.
+
+:data:`SHAPES_COCO` is the ``shapes_coco`` dataset family: generated on first use, then read as
+COCO (:data:`mnv3.data.coco.COCO`).
 """
 
 from __future__ import annotations
@@ -28,15 +31,19 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mnv3.data.coco import coco_annotation_file, coco_image_dir
+from mnv3.data.coco import COCO
+from mnv3.data.coco_annotations import coco_annotation_file, coco_image_dir
+from mnv3.data.family import generated_family
 from mnv3.data.generated import write_once
 from mnv3.data.shapes import (
-    _SUPERSAMPLE,
+    SUPERSAMPLE,
     TEXTURE_CLASSES,
-    _contrasting_colour,
-    _draw_mask,
-    _gradient,
+    add_noise,
+    contrasting_colour,
+    draw_distractor_lines,
+    draw_mask,
     draw_texture_image,
+    gradient,
     shapes_classes,
 )
 
@@ -92,26 +99,14 @@ def shapes_coco_manifest(
     }
 
 
-def generate_shapes_coco(
-    root: str | os.PathLike[str],
-    seed: int = 0,
-    num_classes: int = 6,
-    train_images: int = 1000,
-    val_images: int = 200,
-    image_size: int = 160,
-    max_objects: int = 4,
-    empty_val_images: int = 2,
-) -> Path:
+def generate_shapes_coco(root: str | os.PathLike[str], **params: Any) -> Path:
     """Write the generated detection set to ``root`` in the COCO layout unless already there.
 
-    Written atomically, and reused when present, by :func:`mnv3.data.generated.write_once`
-    (which raises DatasetError when ``root`` holds anything else). Returns ``root`` as a Path.
+    ``params`` are those of :func:`shapes_coco_manifest`. Written atomically, and reused when
+    present, by :func:`mnv3.data.generated.write_once` (which raises DatasetError when ``root``
+    holds anything else). Returns ``root`` as a Path.
     """
-    root = Path(root)
-    manifest = shapes_coco_manifest(
-        seed, num_classes, train_images, val_images, image_size, max_objects, empty_val_images
-    )
-    return write_once(root, manifest, _write_tree, SHAPES_COCO_LAYOUT)
+    return write_once(Path(root), shapes_coco_manifest(**params), _write_tree, SHAPES_COCO_LAYOUT)
 
 
 def _write_tree(out: Path, manifest: dict[str, Any]) -> None:
@@ -168,20 +163,16 @@ def draw_detection_image(
         The image, and per drawn shape ``{"label_index", "bbox": [x, y, w, h], "area"}`` in pixels
         of the image. Fewer shapes than asked are drawn when no free place is found for one.
     """
-    background, mean_colour = _gradient(size, rng)
+    background, mean_colour = gradient(size, rng)
     canvas = background.astype(np.float64)
     if rng.random() < 0.5:
         texture = str(rng.choice(TEXTURE_CLASSES))
         pattern = np.asarray(draw_texture_image(texture, size, rng), dtype=np.float64)
         canvas = (1.0 - _TEXTURE_ALPHA) * canvas + _TEXTURE_ALPHA * pattern
     picture = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(picture)
-    for _ in range(int(rng.integers(0, 3))):  # distractor lines, behind the shapes
-        x0, y0, x1, y1 = (float(v) for v in rng.uniform(0, size, 4))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        draw.line((x0, y0, x1, y1), fill=colour, width=int(rng.integers(1, 3)))
+    draw_distractor_lines(picture, rng)  # behind the shapes
 
-    big = size * _SUPERSAMPLE
+    big = size * SUPERSAMPLE
     placed: list[tuple[float, float, float]] = []  # centre and radius, in supersampled pixels
     masks: list[np.ndarray] = []
     labels: list[int] = []
@@ -193,15 +184,20 @@ def draw_detection_image(
         label_index = int(rng.integers(0, len(classes)))
         mask = Image.new("L", (big, big), 0)
         angle = float(rng.uniform(0.0, 2.0 * math.pi))
-        _draw_mask(ImageDraw.Draw(mask), classes[label_index], cx, cy, radius, angle, rng)
+        draw_mask(ImageDraw.Draw(mask), classes[label_index], cx, cy, radius, angle, rng)
         picture.paste(
-            _contrasting_colour(mean_colour, rng),
+            contrasting_colour(mean_colour, rng),
             mask=mask.resize((size, size), Image.Resampling.BOX),
         )
         placed.append(spot)
         masks.append(np.asarray(mask) >= 128)
         labels.append(label_index)
+    return add_noise(picture, (3.0, 10.0), rng), _visible_objects(masks, labels, big)
 
+
+def _visible_objects(masks: list[np.ndarray], labels: list[int], big: int) -> list[dict[str, Any]]:
+    """The annotation of each shape from its supersampled mask, in drawing order: tight box and
+    pixel area of what the shapes drawn after it leave visible (COCO's definitions)."""
     objects = []
     covered = np.zeros((big, big), dtype=bool)
     for mask, label_index in zip(reversed(masks), reversed(labels), strict=True):
@@ -210,20 +206,17 @@ def draw_detection_image(
         rows, cols = np.flatnonzero(visible.any(axis=1)), np.flatnonzero(visible.any(axis=0))
         if len(rows) == 0:
             continue
-        x0, x1 = cols[0] / _SUPERSAMPLE, (cols[-1] + 1) / _SUPERSAMPLE
-        y0, y1 = rows[0] / _SUPERSAMPLE, (rows[-1] + 1) / _SUPERSAMPLE
+        x0, x1 = cols[0] / SUPERSAMPLE, (cols[-1] + 1) / SUPERSAMPLE
+        y0, y1 = rows[0] / SUPERSAMPLE, (rows[-1] + 1) / SUPERSAMPLE
         objects.append(
             {
                 "label_index": label_index,
                 "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "area": float(visible.sum()) / _SUPERSAMPLE**2,
+                "area": float(visible.sum()) / SUPERSAMPLE**2,
             }
         )
     objects.reverse()
-
-    noise = rng.normal(0.0, rng.uniform(3.0, 10.0), (size, size, 3))
-    noisy = np.asarray(picture, dtype=np.float64) + noise
-    return Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8)), objects
+    return objects
 
 
 def _free_spot(
@@ -238,3 +231,10 @@ def _free_spot(
         ):
             return cx, cy, radius
     return None
+
+
+# The shapes_coco family: generated on first use, then read as COCO; the classes come from the
+# written annotation file, so it is generated first.
+SHAPES_COCO = generated_family(
+    COCO, lambda spec: generate_shapes_coco(spec.root, **spec.generate), SHAPES_COCO_LAYOUT
+)
