@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -64,8 +64,9 @@ class BaseTask(pl.LightningModule):
     """A LightningModule around one network built from plain keyword arguments.
 
     Args:
-        model: the network's builder keyword arguments (its ``name`` plus plain values);
+        model: the network's builder keyword arguments (plain values, :meth:`network_kwargs`);
             :meth:`build_network` turns them into a module.
+        num_classes: the dataset's classes (:meth:`network_classes` gives the network's outputs).
         optimizer: ``name`` (rmsprop_tf, sgd, adamw), ``lr``, ``weight_decay``... and optionally
             ``reference_batch_size``: ``lr`` is then scaled linearly to the real global batch.
         scheduler: ``name`` (exponential, cosine, constant), ``warmup_epochs`` and its knobs.
@@ -83,9 +84,14 @@ class BaseTask(pl.LightningModule):
     #: the config key naming published weights of the whole network (``mnv3.eval`` without a run)
     weights_key = "head.weights"
 
+    #: network builder argument -> the config key it comes from (what decides tensor shapes);
+    #: the resume check names these when a checkpoint's architecture differs from the config's
+    architecture_keys: ClassVar[dict[str, str]] = {}
+
     def __init__(
         self,
         model: dict[str, Any],
+        num_classes: int,
         optimizer: dict[str, Any],
         scheduler: dict[str, Any] | None = None,
         ema_decay: float | None = None,
@@ -96,7 +102,7 @@ class BaseTask(pl.LightningModule):
     ) -> None:
         super().__init__()
         check_plain({"model": model, "optimizer": optimizer, "scheduler": scheduler})
-        self.model = self.build_network(dict(model))
+        self.model = self.network(model, num_classes)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = ModelEma(self.model, ema_decay) if ema_decay else None
@@ -113,9 +119,31 @@ class BaseTask(pl.LightningModule):
         self.predictions_dir: Path | None = None
 
     # -- what a subclass provides ----------------------------------------------------------
-    def build_network(self, model: dict[str, Any]) -> nn.Module:
-        """The network from its plain builder arguments."""
+    @classmethod
+    def network_kwargs(cls, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The network's plain builder arguments from the run config's ``backbone`` and ``head``
+        groups: the one translation, used by :meth:`from_config` and the resume check alike."""
         raise NotImplementedError
+
+    @classmethod
+    def build_network(cls, model: dict[str, Any]) -> nn.Module:
+        """The network from its plain builder arguments (``num_classes`` included)."""
+        raise NotImplementedError
+
+    @classmethod
+    def network_name(cls, model: Mapping[str, Any]) -> str:
+        """The network's name from its builder arguments (``mobilenet_v3_large``, ...)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def network_classes(num_classes: int) -> int:
+        """The network's output count for ``num_classes`` dataset classes."""
+        return num_classes
+
+    @classmethod
+    def network(cls, model: Mapping[str, Any], num_classes: int) -> nn.Module:
+        """The task's network for the dataset's ``num_classes``, as the constructor builds it."""
+        return cls.build_network({**model, "num_classes": cls.network_classes(num_classes)})
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], datamodule: Any) -> BaseTask:
