@@ -79,7 +79,10 @@ def test_named_builders_are_build_backbone_with_a_classifier() -> None:
     a = mobilenet_v3_large(width_mult=0.75)
     torch.manual_seed(0)
     b = build_backbone("mobilenet_v3_large", num_classes=1000, width_mult=0.75)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
 
 
 def test_a_head_refuses_the_backbone_options_it_cannot_use_in_one_sentence() -> None:

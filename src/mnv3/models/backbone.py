@@ -40,6 +40,15 @@ BACKBONES: dict[str, Callable[..., ArchSpec]] = {
     "mobilenet_v3_small": partial(mobilenet_v3_arch, MOBILENET_V3_SMALL),
     "mobilenet_v2": mobilenet_v2_arch,
 }
+# The options that decide a backbone's tensor shapes (what a resumed checkpoint must share).
+SHAPE_OPTIONS = (
+    "width_mult",
+    "minimal",
+    "reduced_tail",
+    "output_stride",
+    "width_rounding",
+    "in_channels",
+)
 # Options of the built network rather than of its widths (see build_backbone).
 BUILD_OPTIONS = ("num_classes", "dropout", "weights", "bn_momentum", "bn_eps", "in_channels")
 

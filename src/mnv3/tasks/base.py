@@ -21,7 +21,9 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from mnv3.models import count_madds, count_params
+from mnv3.errors import ConfigError
+from mnv3.models import build_model, count_madds, count_params
+from mnv3.models.backbone import check_backbone_limits
 from mnv3.tasks.common import NonFiniteLossError, check_plain
 from mnv3.tasks.ema import ModelEma
 from mnv3.tasks.optim import build_optimizer, build_scheduler
@@ -87,6 +89,9 @@ class BaseTask(pl.LightningModule):
     #: network builder argument -> the config key it comes from (what decides tensor shapes);
     #: the resume check names these when a checkpoint's architecture differs from the config's
     architecture_keys: ClassVar[dict[str, str]] = {}
+    #: the network's kind in mnv3.models.MODELS, and the name built when the config names none
+    network_kind: ClassVar[str] = "classifier"
+    default_network: ClassVar[str] = "mobilenet_v3_large"
 
     def __init__(
         self,
@@ -127,13 +132,30 @@ class BaseTask(pl.LightningModule):
 
     @classmethod
     def build_network(cls, model: dict[str, Any]) -> nn.Module:
-        """The network from its plain builder arguments (``num_classes`` included)."""
-        raise NotImplementedError
+        """The network from its plain builder arguments (``num_classes`` included): the
+        :data:`~mnv3.models.MODELS` builder of kind :attr:`network_kind` that ``model`` names
+        under that key (default :attr:`default_network`)."""
+        model = dict(model)
+        name = model.pop(cls.network_kind, cls.default_network)
+        return build_model(cls.network_kind, name, **model)
 
     @classmethod
     def network_name(cls, model: Mapping[str, Any]) -> str:
-        """The network's name from its builder arguments (``mobilenet_v3_large``, ...)."""
-        raise NotImplementedError
+        """The network's name from its builder arguments (``ssdlite320_mobilenet_v3_large``)."""
+        return f"{model.get(cls.network_kind, cls.default_network)}_{model.get('backbone')}"
+
+    @staticmethod
+    def checked_backbone(
+        cfg: Mapping[str, Any], limits: Mapping[str, Any], why: str = ""
+    ) -> dict[str, Any]:
+        """The backbone group, refused in one :class:`ConfigError` sentence where it sets an
+        option the head cannot use (``limits``: the head's ``BACKBONE_LIMITS``)."""
+        backbone = dict(cfg["backbone"])
+        try:
+            check_backbone_limits(cfg["head"]["name"], limits, backbone, why)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        return backbone
 
     @staticmethod
     def network_classes(num_classes: int) -> int:

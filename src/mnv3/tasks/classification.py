@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mnv3.errors import ConfigError
-from mnv3.models.backbone import build_backbone
+from mnv3.models.backbone import SHAPE_OPTIONS, build_backbone
 from mnv3.tasks.base import BaseTask, QATObjective
 from mnv3.tasks.common import check_plain, log_images, save_figure
 
@@ -108,16 +108,7 @@ class ClassificationTask(BaseTask):
         return metrics
 
     architecture_keys: ClassVar[dict[str, str]] = {
-        key: f"backbone.{key}"
-        for key in (
-            "name",
-            "width_mult",
-            "minimal",
-            "reduced_tail",
-            "output_stride",
-            "width_rounding",
-            "in_channels",
-        )
+        key: f"backbone.{key}" for key in ("name", *SHAPE_OPTIONS)
     }
 
     @classmethod

@@ -21,9 +21,7 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from mnv3.data.coco import COCO_SUMMARY_KEYS
 from mnv3.errors import ConfigError
-from mnv3.models.backbone import check_backbone_limits
 from mnv3.models.detection.builders import BACKBONE_LIMITS, use_reduced_tail
-from mnv3.models.registry import build_model
 from mnv3.tasks.base import BaseTask, QATObjective
 from mnv3.tasks.common import check_plain, log_images, save_figure
 
@@ -51,6 +49,7 @@ class DetectionTask(BaseTask):
     monitor = "val/map"
     monitor_mode = "max"
 
+    network_kind, default_network = "detector", "ssdlite320"
     architecture_keys: ClassVar[dict[str, str]] = {
         "detector": "head.detector",
         "backbone": "backbone.name",
@@ -101,15 +100,6 @@ class DetectionTask(BaseTask):
     def network_classes(num_classes: int) -> int:
         return num_classes + 1  # label 0 is the background
 
-    @classmethod
-    def build_network(cls, model: dict[str, Any]) -> nn.Module:
-        model = dict(model)
-        return build_model("detector", model.pop("detector", "ssdlite320"), **model)
-
-    @classmethod
-    def network_name(cls, model: Mapping[str, Any]) -> str:
-        return f"{model.get('detector', 'ssdlite320')}_{model.get('backbone')}"
-
     def load_weights(self, weights: str) -> Any:
         from mnv3.models.detection.checkpoints import load_ssdlite_weights
 
@@ -121,9 +111,8 @@ class DetectionTask(BaseTask):
         """The detector's arguments: the backbone group gives its backbone (``weights`` are
         ImageNet weights for the backbone only, the tail resolved as the builder resolves it),
         the head group the detector's own (loss, thresholds, whole-detector ``weights``)."""
-        backbone, head = dict(cfg["backbone"]), dict(cfg["head"])
+        backbone, head = cls.checked_backbone(cfg, BACKBONE_LIMITS), dict(cfg["head"])
         try:
-            check_backbone_limits(head["name"], BACKBONE_LIMITS, backbone)
             reduced_tail = use_reduced_tail(
                 backbone["name"], backbone.get("reduced_tail"), backbone.get("weights")
             )

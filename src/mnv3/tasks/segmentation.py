@@ -17,9 +17,6 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from mnv3.errors import ConfigError
-from mnv3.models.backbone import check_backbone_limits
-from mnv3.models.registry import build_model
 from mnv3.models.segmentation.builders import BACKBONE_LIMITS, BACKBONE_LIMITS_WHY
 from mnv3.tasks.base import BaseTask, QATObjective
 from mnv3.tasks.common import check_plain, log_images, save_figure
@@ -61,6 +58,7 @@ class SegmentationTask(BaseTask):
     monitor = "val/miou"
     monitor_mode = "max"
 
+    network_kind, default_network = "segmenter", "lraspp"
     architecture_keys: ClassVar[dict[str, str]] = {
         "segmenter": "head.segmenter",
         "backbone": "backbone.name",
@@ -103,15 +101,6 @@ class SegmentationTask(BaseTask):
         self.test_accuracy = MulticlassAccuracy(**accuracy)
         self._pictures: dict[str, Any] | None = None
 
-    @classmethod
-    def build_network(cls, model: dict[str, Any]) -> nn.Module:
-        model = dict(model)
-        return build_model("segmenter", model.pop("segmenter", "lraspp"), **model)
-
-    @classmethod
-    def network_name(cls, model: Mapping[str, Any]) -> str:
-        return f"{model.get('segmenter', 'lraspp')}_{model.get('backbone')}"
-
     def load_weights(self, weights: str) -> Any:
         from mnv3.models.segmentation import load_segmentation_weights
 
@@ -121,11 +110,8 @@ class SegmentationTask(BaseTask):
     def network_kwargs(cls, cfg: Mapping[str, Any]) -> dict[str, Any]:
         """The segmenter's arguments: the backbone group gives the backbone (``weights`` are
         ImageNet weights for it), the head group the segmenter's own settings."""
-        backbone, head = dict(cfg["backbone"]), dict(cfg["head"])
-        try:
-            check_backbone_limits(head["name"], BACKBONE_LIMITS, backbone, BACKBONE_LIMITS_WHY)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
+        backbone = cls.checked_backbone(cfg, BACKBONE_LIMITS, BACKBONE_LIMITS_WHY)
+        head = dict(cfg["head"])
         model: dict[str, Any] = {
             "segmenter": head.get("segmenter", head["name"]),
             "backbone": backbone["name"],
