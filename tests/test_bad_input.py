@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from helpers import compose_train, run_cli
-from mnv3.cli import CONFIG_DIR, ConfigError, exit_on_user_error
+from mnv3.cli import CONFIG_DIR, ConfigError, exit_on_user_error, to_plain
 from mnv3.models import mobilenet_v3_large
 from mnv3.models.checkpoints import CheckpointError
+from mnv3.tasks import TASKS
 from mnv3.validate import (
     check_backbone_keys,
     check_checkpoint_fits,
@@ -142,6 +143,48 @@ def test_resume_from_another_architecture_names_both_and_the_first_keys(tmp_path
 
     same = compose_train(tmp_path, ["backbone=large", f"ckpt_path={ckpt}"])
     check_train_config(same)  # the right architecture passes
+
+
+# A detector and a segmenter saved with one architecture, resumed with another.
+DENSE_RESUMES = [
+    (
+        ["head=ssdlite", "data=shapes_coco", "backbone=small"],
+        ["backbone.width_mult=0.5"],
+        "ssdlite320_mobilenet_v3_small width_mult=1.0",
+        "ssdlite320_mobilenet_v3_small width_mult=0.5",
+        "backbone.width_mult=1.0",
+    ),
+    (
+        ["head=lraspp", "data=shapes_cityscapes", "backbone=small_reduced"],
+        ["backbone.name=mobilenet_v3_large"],
+        "lraspp_mobilenet_v3_small",
+        "lraspp_mobilenet_v3_large",
+        "backbone.name=mobilenet_v3_small",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("saved", "changed", "theirs", "ours", "setting"), DENSE_RESUMES, ids=["detector", "segmenter"]
+)
+def test_resume_a_dense_network_of_another_architecture_is_one_sentence(
+    tmp_path: Path, saved: list[str], changed: list[str], theirs: str, ours: str, setting: str
+) -> None:
+    cfg = compose_train(tmp_path, saved)
+    task = TASKS[cfg.head.task]
+    model = task.network_kwargs(to_plain(cfg))
+    ckpt = _lightning_checkpoint(tmp_path / "dense.ckpt", task.network(model, 3), model, 3)
+    check_train_config(compose_train(tmp_path, [*saved, f"ckpt_path={ckpt}"]))  # it fits
+
+    cfg = compose_train(tmp_path, [*saved, *changed, f"ckpt_path={ckpt}"])
+    with pytest.raises(CheckpointError) as info:
+        check_train_config(cfg)
+    message = str(info.value)
+    assert message.startswith(
+        f"ckpt_path={ckpt} holds a {theirs} network but this run builds {ours}: "
+    )
+    assert f"{setting}) or start a new run without ckpt_path" in message
+    assert message.count(" vs ") <= 4 and "\n" not in message
 
 
 def test_resume_checkpoint_that_does_not_fit_the_task_is_one_sentence(tmp_path: Path) -> None:

@@ -234,8 +234,8 @@ def _coco_val_only(root: Path, tv: nn.Module) -> Path:
 
 
 def test_category_ids_select_torchvision_scores_exactly(tmp_path: Path) -> None:
+    from mnv3.models.detection import ssdlite320
     from mnv3.models.detection.checkpoints import load_ssdlite_weights
-    from mnv3.models.detection.ssdlite import ssdlite320
 
     torch.manual_seed(0)
     tv = _torchvision_ssdlite()

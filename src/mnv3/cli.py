@@ -137,10 +137,11 @@ def build_datamodule(data_cfg: Mapping[str, Any]) -> Any:
 
 
 def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """Builder arguments of the network: the backbone group plus the head's dropout."""
-    kwargs = dict(to_plain(cfg.backbone))
-    kwargs["dropout"] = cfg.head.get("dropout", 0.2)
-    return kwargs
+    """Builder arguments of the configured task's network: the task's own translation of the
+    backbone and head groups (:meth:`mnv3.tasks.base.BaseTask.network_kwargs`)."""
+    from mnv3.tasks import TASKS
+
+    return TASKS[str(cfg.head.task)].network_kwargs(to_plain(cfg))
 
 
 def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:

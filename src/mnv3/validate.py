@@ -14,7 +14,6 @@ foreign file, and a checkpoint of another architecture, fail at start with one s
 from __future__ import annotations
 
 import fnmatch
-import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -126,7 +125,7 @@ TEXT = Rule("a string", lambda v: isinstance(v, str) and v != "")
 
 
 def _models() -> Rule:
-    from mnv3.models import MODELS
+    from mnv3.models import BACKBONES as MODELS
 
     return one_of(*MODELS)
 
@@ -306,11 +305,10 @@ def check_values(cfg: DictConfig) -> None:
 
 
 def check_backbone_keys(cfg: DictConfig) -> None:
-    """Every backbone key must be an argument of the chosen builder (e.g. no ``minimal`` on V2)."""
-    from mnv3.models import MODELS
+    """Every backbone key must be an option of the chosen backbone (e.g. no ``minimal`` on V2)."""
+    from mnv3.models.backbone import backbone_options
 
-    builder = MODELS[cfg.backbone.name]
-    accepted = set(inspect.signature(builder).parameters) - {"num_classes"} | {"name"}
+    accepted = set(backbone_options(cfg.backbone.name)) - {"num_classes"} | {"name"}
     for key in cfg.backbone:
         if key not in accepted:
             raise ConfigError(
@@ -320,21 +318,21 @@ def check_backbone_keys(cfg: DictConfig) -> None:
 
 
 def check_backbone_weights(cfg: DictConfig) -> None:
-    """Load ``backbone.weights`` into the configured network now, as the task will later.
+    """Load ``backbone.weights`` into the configured backbone now, as the task will later.
 
     Reading it before the data means a missing, unsafe or ill-fitting file, or a known name that
     cannot be downloaded, fails in a second instead of after the dataset was scanned.
     """
-    from mnv3.models import build_model
+    from mnv3.models.backbone import build_backbone
     from mnv3.models.checkpoints import CheckpointError
 
     weights = cfg.backbone.get("weights")
     if not weights:
         return
-    kwargs = model_kwargs(cfg)
+    backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     try:
         # One logit: a checkpoint's classifier of any class count is re-initialised, as in fine-tuning.
-        build_model(**kwargs, num_classes=1)
+        build_backbone(**backbone, num_classes=1)  # type: ignore[arg-type]
     except CheckpointError as exc:
         raise CheckpointError(f"backbone.weights: {exc}") from exc
 
@@ -360,24 +358,28 @@ def lightning_checkpoint(path: Path, key: str) -> dict[str, Any]:
     return dict(checkpoint)
 
 
-def _arch(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The architecture settings of builder kwargs (``in_channels`` null means RGB, 3)."""
-    arch = {k: kwargs[k] for k in ARCH_KEYS if k in kwargs}
-    if arch.get("in_channels") is None:
-        arch["in_channels"] = 3
+def _arch(kwargs: Mapping[str, Any], task: Any) -> dict[str, Any]:
+    """A task's network kwargs as its name and its architecture settings by config key
+    (``task.architecture_keys``; ``backbone.in_channels`` null means RGB, 3)."""
+    arch = {"name": task.network_name(kwargs)}
+    arch.update({key: kwargs[k] for k, key in task.architecture_keys.items() if k in kwargs})
+    if "backbone.in_channels" in arch and arch["backbone.in_channels"] is None:
+        arch["backbone.in_channels"] = 3
     return arch
 
 
-def _arch_differences(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str]:
-    """Architecture keys both sides set to different values (the name always first)."""
-    a, b = _arch(theirs), _arch(ours)
-    return ["name"] + [k for k in ARCH_KEYS[1:] if k in a and k in b and a[k] != b[k]]
+def _arch_differences(theirs: Mapping[str, Any], ours: Mapping[str, Any], task: Any) -> list[str]:
+    """Architecture settings both sides set to different values (the name always first)."""
+    a, b = _arch(theirs, task), _arch(ours, task)
+    return ["name"] + [k for k in a if k != "name" and k in b and a[k] != b[k]]
 
 
-def _describe(kwargs: Mapping[str, Any], keys: list[str]) -> str:
-    """``mobilenet_v3_large`` plus the architecture settings that differ, e.g. ``width_mult=0.75``."""
-    arch = _arch(kwargs)
-    return " ".join([str(arch.get("name")), *(f"{k}={_shown(arch[k])}" for k in keys[1:])])
+def _describe(kwargs: Mapping[str, Any], keys: list[str], task: Any) -> str:
+    """The network's name plus the settings that differ and it does not show, e.g.
+    ``mobilenet_v3_large width_mult=0.75``."""
+    arch = _arch(kwargs, task)
+    shown = [k for k in keys[1:] if k in arch and str(arch[k]) not in str(arch["name"])]
+    return " ".join([str(arch["name"]), *(f"{k.split('.')[-1]}={_shown(arch[k])}" for k in shown)])
 
 
 def shape_differences(checkpoint: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
@@ -404,12 +406,13 @@ def _mismatch(
 def check_resume_checkpoint(cfg: DictConfig) -> None:
     """``ckpt_path`` must be a readable mnv3.train checkpoint of the architecture ``cfg`` builds.
 
-    Compared as the network's tensor shapes, built from the config with the checkpoint's class
-    count (so only the architecture can differ); the data-dependent rest (class count, EMA) is
+    Every task alike: compared as the network's tensor shapes, built from the config by the
+    task's own translation (``network_kwargs``, as its ``from_config``) with the checkpoint's
+    class count (so only the architecture can differ); the data-dependent rest (class count, EMA) is
     compared by :func:`check_checkpoint_fits` once the task exists.
     """
-    from mnv3.models import build_model
     from mnv3.models.checkpoints import CheckpointError
+    from mnv3.tasks import TASKS
 
     ckpt = cfg.get("ckpt_path")
     if not ckpt or (str(ckpt) in LIGHTNING_CKPT_NAMES and not Path(str(ckpt)).exists()):
@@ -417,19 +420,23 @@ def check_resume_checkpoint(cfg: DictConfig) -> None:
     path = Path(str(ckpt)).expanduser()
     checkpoint = lightning_checkpoint(path, "ckpt_path")
     hparams = checkpoint["hyper_parameters"]
-    if cfg.head.get("task") != "classification" or not isinstance(hparams["model"], Mapping):
-        return  # other tasks' networks are not a bare backbone: check_checkpoint_fits compares them
+    task = TASKS.get(str(cfg.head.get("task")))
+    if task is None or not isinstance(hparams["model"], Mapping):
+        return
     theirs = dict(hparams["model"])
-    ours = {k: v for k, v in model_kwargs(cfg).items() if k != "weights"}
-    network = build_model(**ours, num_classes=int(hparams.get("num_classes", 1)))
+    ours = model_kwargs(cfg)
+    # The pretrained weights the run started from are not read: the checkpoint replaces them.
+    unloaded = {k: None for k in ("weights", "backbone_weights") if k in ours}
+    network = task.network({**ours, **unloaded}, int(hparams.get("num_classes", 1)))
     state = {
         k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")
     }
     differences = shape_differences(state, network.state_dict())
     if differences:
-        keys = _arch_differences(theirs, ours)
-        arch = _arch(theirs)
-        overrides = " ".join(f"backbone.{k}={_shown(arch[k])}" for k in keys if k in arch)
+        keys = _arch_differences(theirs, ours, task)
+        arch = _arch(theirs, task)
+        settings = [k for k in arch if k == "backbone.name" or k in keys[1:]]
+        overrides = " ".join(f"{k}={_shown(arch[k])}" for k in settings)
         advice = (
             f"resume with that run's settings ({overrides}) or start a new run without ckpt_path"
         )
@@ -438,8 +445,8 @@ def check_resume_checkpoint(cfg: DictConfig) -> None:
                 "ckpt_path",
                 path,
                 differences,
-                _describe(theirs, keys),
-                _describe(ours, keys),
+                _describe(theirs, keys, task),
+                _describe(ours, keys, task),
                 advice,
             )
         )

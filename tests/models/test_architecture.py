@@ -236,7 +236,7 @@ def test_models_modules_import_in_one_direction() -> None:
         if isinstance(node, ast.ImportFrom) and node.module is not None
     }
     assert "mnv3.models.checkpoints" not in imported
-    for module in ("checkpoints", "mobilenet", "build", "detection", "segmentation"):
+    for module in ("checkpoints", "mobilenet", "backbone", "detection", "segmentation"):
         code = f"import mnv3.models.{module}"
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mnv3.models import build_model, count_madds, mobilenet_v3_large, mobilenet_v3_small
+from mnv3.models import build_backbone as build_model
+from mnv3.models import count_madds, mobilenet_v3_large, mobilenet_v3_small
 
 BUILDERS = ("mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v2")
 

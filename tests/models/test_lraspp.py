@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,8 @@ from torch import nn
 from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
 from mnv3.models import (
-    SEGMENTERS,
-    build_segmenter,
+    MODELS,
+    build_model,
     count_params,
     load_segmentation_weights,
     lraspp,
@@ -20,7 +21,10 @@ from mnv3.models import (
     raspp,
 )
 from mnv3.models.checkpoints import CheckpointError
-from mnv3.models.heads.lraspp import LRASPPHead
+from mnv3.models.segmentation.heads import LRASPPHead
+
+SEGMENTERS = MODELS["segmenter"]
+build_segmenter = partial(build_model, "segmenter")
 
 TORCHVISION_PARAMS = 3_221_538  # torchvision's LRASPP_MobileNet_V3_Large_Weights meta, 21 classes
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,12 @@ import torch
 import torchvision
 from torch import nn
 
-from mnv3.models import build_detector, count_madds, count_params, mobilenet_v3_small, ssdlite320
+from mnv3.models import build_model, count_madds, count_params, mobilenet_v3_small, ssdlite320
 from mnv3.models.checkpoints import CheckpointError
 from mnv3.models.detection import BoxCoder, detection_loss, match_anchors
 from mnv3.models.detection.loss import hard_negative_mask
+
+build_detector = partial(build_model, "detector")
 
 
 def _torchvision_ssdlite() -> nn.Module:

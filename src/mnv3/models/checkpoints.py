@@ -46,7 +46,12 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class KnownWeights:
-    """A published checkpoint: where it lives, what it expects, and what it should score."""
+    """A published checkpoint: where it lives, what it expects, and what it should score.
+
+    The one record type of every known checkpoint (classifiers, detectors, segmenters).
+    ``arch``: the builder name it fits (``model.arch.name`` of a classifier, ``model.name`` of
+    a detector or segmenter); ``build``: the builder arguments it needs beyond the defaults.
+    """
 
     name: str
     arch: str
@@ -56,54 +61,47 @@ class KnownWeights:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     num_classes: int = 1000
     source: str = "torchvision"
+    build: Mapping[str, Any] = field(default_factory=dict)
 
 
-# Published top-1 / top-5 on ImageNet-1K val (torchvision's weight tables).
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+
+
+# torchvision's ImageNet-1K classifiers: name -> (file hash, parameters, top-1, top-5); the V2
+# recipe evaluates at resize 232.
+IMAGENET_RELEASES = {
+    "mobilenet_v3_large.IMAGENET1K_V1": ("8738ca79", 5_483_032, 74.042, 91.340),
+    "mobilenet_v3_large.IMAGENET1K_V2": ("5c1a4163", 5_483_032, 75.274, 92.566),
+    "mobilenet_v3_small.IMAGENET1K_V1": ("047dcff4", 2_542_856, 67.668, 87.402),
+    "mobilenet_v2.IMAGENET1K_V1": ("b0353104", 3_504_872, 71.878, 90.286),
+    "mobilenet_v2.IMAGENET1K_V2": ("7ebf99e0", 3_504_872, 72.154, 90.822),
+}
+
+
+def _imagenet(name: str) -> KnownWeights:
+    file_hash, params, top1, top5 = IMAGENET_RELEASES[name]
+    arch, _, tag = name.partition(".")
+    return KnownWeights(
+        name,
+        arch,
+        f"{TORCHVISION_URL}{arch}-{file_hash}.pth",
+        params,
+        {"acc1": top1, "acc5": top5},
+        Preprocessing(resize_size=232) if tag == "IMAGENET1K_V2" else Preprocessing(),
+    )
+
+
+# Published top-1 / top-5 on ImageNet-1K val (torchvision's weight tables), box mAP on COCO
+# val2017. Segmenters' are in mnv3.models.segmentation.checkpoints (same record type).
 KNOWN_WEIGHTS: dict[str, KnownWeights] = {
     w.name: w
     for w in (
-        KnownWeights(
-            "mobilenet_v3_large.IMAGENET1K_V1",
-            "mobilenet_v3_large",
-            "https://download.pytorch.org/models/mobilenet_v3_large-8738ca79.pth",
-            5_483_032,
-            {"acc1": 74.042, "acc5": 91.340},
-        ),
-        KnownWeights(
-            "mobilenet_v3_large.IMAGENET1K_V2",
-            "mobilenet_v3_large",
-            "https://download.pytorch.org/models/mobilenet_v3_large-5c1a4163.pth",
-            5_483_032,
-            {"acc1": 75.274, "acc5": 92.566},
-            Preprocessing(resize_size=232),
-        ),
-        KnownWeights(
-            "mobilenet_v3_small.IMAGENET1K_V1",
-            "mobilenet_v3_small",
-            "https://download.pytorch.org/models/mobilenet_v3_small-047dcff4.pth",
-            2_542_856,
-            {"acc1": 67.668, "acc5": 87.402},
-        ),
-        KnownWeights(
-            "mobilenet_v2.IMAGENET1K_V1",
-            "mobilenet_v2",
-            "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
-            3_504_872,
-            {"acc1": 71.878, "acc5": 90.286},
-        ),
-        KnownWeights(
-            "mobilenet_v2.IMAGENET1K_V2",
-            "mobilenet_v2",
-            "https://download.pytorch.org/models/mobilenet_v2-7ebf99e0.pth",
-            3_504_872,
-            {"acc1": 72.154, "acc5": 90.822},
-            Preprocessing(resize_size=232),
-        ),
-        # SSDLite detector (mnv3.models.ssdlite320): COCO box mAP on val2017, inputs in [-1, 1].
+        *(_imagenet(name) for name in IMAGENET_RELEASES),
+        # SSDLite detector (mnv3.models.ssdlite320), inputs in [-1, 1].
         KnownWeights(
             "ssdlite320_mobilenet_v3_large.COCO_V1",
             "ssdlite320_mobilenet_v3_large",
-            "https://download.pytorch.org/models/ssdlite320_mobilenet_v3_large_coco-a79551df.pth",
+            TORCHVISION_URL + "ssdlite320_mobilenet_v3_large_coco-a79551df.pth",
             3_440_060,
             {"box_map": 21.3},
             Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resize_size=320, crop_size=320),
@@ -251,21 +249,25 @@ def _download(url: str, name: str, check_hash: bool, progress: bool) -> Path:
 
 
 def read_checkpoint(
-    source: str | os.PathLike[str], progress: bool = True, arch: str | None = None
+    source: str | os.PathLike[str],
+    progress: bool = True,
+    arch: str | None = None,
+    known_weights: Mapping[str, KnownWeights] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read a state dict from a known weights name, a URL (torch.hub cache) or a local file.
 
     Lightning checkpoints are unwrapped to the network's own state dict. Every failure (missing,
     empty, truncated or unsafe file; no network for a known name; a known name whose
     architecture is not ``arch``, when given) is one :class:`CheckpointError`.
+    ``known_weights``: the table names are looked up in (default :data:`KNOWN_WEIGHTS`).
     """
     name = source = str(source)
-    known = KNOWN_WEIGHTS.get(source)
+    known = (KNOWN_WEIGHTS if known_weights is None else known_weights).get(source)
     if arch is not None and known is not None and known.arch != arch:
         raise CheckpointError(f"weights {source} are for {known.arch}, not {arch}")
     check_hash = False
-    if source in KNOWN_WEIGHTS:
-        source, check_hash = KNOWN_WEIGHTS[source].url, True
+    if known is not None:
+        source, check_hash = known.url, True
     path = _download(source, name, check_hash, progress) if _is_url(source) else Path(source)
     return unwrap_state_dict(load_checkpoint_file(path), str(path))
 

@@ -7,9 +7,8 @@ channels), n (repeats) and s (stride of the first repeat). Blocks use ReLU6, no 
 
 from __future__ import annotations
 
-from mnv3.models.build import build_mobilenet
 from mnv3.models.layers import make_divisible
-from mnv3.models.mobilenet import ArchSpec, BlockSpec, MobileNet
+from mnv3.models.mobilenet import ArchSpec, BlockSpec
 
 # MobileNetV2 paper, Table 2. Stem: conv2d 3x3, 32, s2. Tail: conv2d 1x1 1280, pool, conv2d 1x1 k.
 V2_TABLE = (
@@ -57,25 +56,4 @@ def mobilenet_v2_arch(width_mult: float = 1.0, output_stride: int = 32) -> ArchS
         head_hidden_channels=None,
         head_activation="none",
         output_stride=output_stride,
-    )
-
-
-def mobilenet_v2(
-    *,
-    num_classes: int = 1000,
-    width_mult: float = 1.0,
-    output_stride: int = 32,
-    dropout: float = 0.2,
-    weights: str | None = None,
-    bn_momentum: float | None = None,
-    in_channels: int | None = None,
-) -> MobileNet:
-    """MobileNetV2 with the same tap API as MobileNetV3; other arguments as ``mobilenet_v3_large``."""
-    return build_mobilenet(
-        mobilenet_v2_arch(width_mult, output_stride),
-        num_classes,
-        dropout,
-        weights,
-        bn_momentum,
-        in_channels,
     )

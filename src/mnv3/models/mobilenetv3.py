@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mnv3.models.build import build_mobilenet
-from mnv3.models.layers import BN_EPS_V3, BN_MOMENTUM_V3, make_divisible
-from mnv3.models.mobilenet import ArchSpec, BlockSpec, MobileNet
+from mnv3.models.layers import BN_EPS_V3, BN_MOMENTUM_V3, ActivationName, make_divisible
+from mnv3.models.mobilenet import ArchSpec, BlockSpec
 
 WidthRounding = Literal["paper", "torchvision"]
+ReducedTailStyle = Literal["torchvision", "deeplab"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,6 @@ LARGE_TABLE = (
     Bneck(5, 960, 160, True, "HS", 1),
     Bneck(5, 960, 160, True, "HS", 1),
 )
-LARGE_STEM, LARGE_LAST, LARGE_HEAD = 16, 960, 1280
 
 # Table 2: MobileNetV3-Small. Stem: conv2d 3x3, 16, HS, s2. Tail: conv2d 1x1 576 HS, pool,
 # conv2d 1x1 NBN 1024 HS, conv2d 1x1 NBN k. Table 2 also ticks SE on the 576 conv: a known
@@ -69,65 +68,66 @@ SMALL_TABLE = (
     Bneck(5, 576, 96, True, "HS", 1),
     Bneck(5, 576, 96, True, "HS", 1),
 )
-SMALL_STEM, SMALL_LAST, SMALL_HEAD = 16, 576, 1024
+
+
+@dataclass(frozen=True)
+class V3Table:
+    """A MobileNetV3-style network as data: its bneck rows plus the stem, last-conv and head widths.
+
+    Large and Small are two such tables; a searched network is a third, built by the same
+    :func:`mobilenet_v3_arch` (and :func:`mnv3.models.backbone.build_backbone`).
+    """
+
+    name: str
+    rows: tuple[Bneck, ...]
+    stem: int
+    last: int
+    head: int
+
+
+MOBILENET_V3_LARGE = V3Table("mobilenet_v3_large", LARGE_TABLE, stem=16, last=960, head=1280)
+MOBILENET_V3_SMALL = V3Table("mobilenet_v3_small", SMALL_TABLE, stem=16, last=576, head=1024)
+VARIANTS = {"large": MOBILENET_V3_LARGE, "small": MOBILENET_V3_SMALL}
 
 
 def _scale(channels: float, width_mult: float) -> int:
     return make_divisible(channels * width_mult, 8)
 
 
-def mobilenet_v3_arch(
-    variant: Literal["large", "small"],
-    width_mult: float = 1.0,
-    minimal: bool = False,
-    reduced_tail: bool = False,
-    output_stride: int = 32,
-    width_rounding: WidthRounding = "paper",
-) -> ArchSpec:
-    """Turn Table 1 or 2 into concrete widths.
+def reduce_tail(
+    table: V3Table, style: ReducedTailStyle = "torchvision"
+) -> tuple[list[tuple[Bneck, int, int]], int, int]:
+    """The paper's reduced tail (§6.2-6.4): the last stage's channels halved, at width 1.0.
 
-    width_rounding="paper" follows the paper's (TensorFlow's) rule: each #out is scaled and
-    rounded to a multiple of 8, an expansion width is the table's expansion *factor*
-    (exp / input) times the already-rounded input width, and the 1280 / 1024 head keeps its
-    width below 1.0. width_rounding="torchvision" scales every number of the table directly
-    (head included); at 1.0 both give the same network.
-
-    minimal: the paper's minimalistic models (§6.1 / TF release): no SE, ReLU everywhere,
-    3x3 depthwise kernels. reduced_tail: §6.2-6.3, the last stage's channels are halved (as
-    torchvision: the first block's expansion stays, the head halves too).
+    Returns (row, exp, out) per row, and the last-conv and head widths. ``style="torchvision"``
+    (torchvision's and TF's detection ``reduced_tail``) keeps the expansion of the last stage's
+    first block; ``"deeplab"`` (TF DeepLab's ``mobilenet_v3_*_seg``, Table 7's RF2 rows) halves
+    it too (672 -> 336 in Large, 288 -> 144 in Small), which gives the paper's parameter counts.
     """
-    if variant not in ("large", "small"):
-        raise ValueError(f"variant must be 'large' or 'small', got {variant!r}")
-    if width_mult <= 0:
-        raise ValueError(f"width_mult must be positive, got {width_mult}")
-    if width_rounding not in ("paper", "torchvision"):
-        raise ValueError(f"width_rounding must be 'paper' or 'torchvision', got {width_rounding!r}")
-    table, stem, last, head = (
-        (LARGE_TABLE, LARGE_STEM, LARGE_LAST, LARGE_HEAD)
-        if variant == "large"
-        else (SMALL_TABLE, SMALL_STEM, SMALL_LAST, SMALL_HEAD)
-    )
-    divider = 2 if reduced_tail else 1
-    last_stage = max(i for i, row in enumerate(table) if row.s == 2)
-
-    # Widths at 1.0 after the optional tail reduction; expansion factors come from these.
+    if style not in ("torchvision", "deeplab"):
+        raise ValueError(f"reduced_tail_style must be 'deeplab' or 'torchvision', got {style!r}")
+    last_stage = max(i for i, row in enumerate(table.rows) if row.s == 2)
     rows = []
-    for i, row in enumerate(table):
+    for i, row in enumerate(table.rows):
         exp, out = row.exp, row.out
         if i >= last_stage:
-            out //= divider
-            if i > last_stage:
-                exp //= divider
+            out //= 2
+            if i > last_stage or style == "deeplab":
+                exp //= 2
         rows.append((row, exp, out))
-    last_1x = last // divider
-    head_1x = head // divider
+    return rows, table.last // 2, table.head // 2
 
-    def act(nl: str) -> str:
-        return "relu" if minimal or nl == "RE" else "hswish"
 
+def _blocks(
+    rows: list[tuple[Bneck, int, int]],
+    stem_1x: int,
+    width_mult: float,
+    width_rounding: WidthRounding,
+    minimal: bool,
+) -> tuple[list[BlockSpec], int, int]:
+    """Concrete blocks of (row, exp, out) at ``width_mult``; also the last (1x, real) widths."""
     blocks: list[BlockSpec] = []
-    in_1x, in_ch = stem, _scale(stem, width_mult)
-    stem_ch = in_ch
+    in_1x, in_ch = stem_1x, _scale(stem_1x, width_mult)
     for row, exp_1x, out_1x in rows:
         out_ch = _scale(out_1x, width_mult)
         if width_rounding == "paper":
@@ -142,79 +142,67 @@ def mobilenet_v3_arch(
                 kernel_size=3 if minimal else row.kernel,
                 stride=row.s,
                 use_se=row.se and not minimal,
-                activation=act(row.nl),
+                activation=_activation(row.nl, minimal),
             )
         )
         in_1x, in_ch = out_1x, out_ch
+    return blocks, in_1x, in_ch
 
+
+def _activation(nl: str, minimal: bool) -> ActivationName:
+    return "relu" if minimal or nl == "RE" else "hswish"
+
+
+def mobilenet_v3_arch(
+    variant: Literal["large", "small"] | V3Table,
+    width_mult: float = 1.0,
+    minimal: bool = False,
+    reduced_tail: bool = False,
+    output_stride: int = 32,
+    width_rounding: WidthRounding = "paper",
+    reduced_tail_style: ReducedTailStyle = "torchvision",
+) -> ArchSpec:
+    """Turn Table 1 or 2 (``"large"`` / ``"small"``, or any :class:`V3Table`) into concrete widths.
+
+    width_rounding="paper" follows the paper's (TensorFlow's) rule: each #out is scaled and
+    rounded to a multiple of 8, an expansion width is the table's expansion *factor*
+    (exp / input) times the already-rounded input width, and the 1280 / 1024 head keeps its
+    width below 1.0. width_rounding="torchvision" scales every number of the table directly
+    (head included); at 1.0 both give the same network.
+
+    minimal: the paper's minimalistic models (§6.1 / TF release): no SE, ReLU everywhere,
+    3x3 depthwise kernels. reduced_tail: §6.2-6.4, the last stage's channels are halved
+    (:func:`reduce_tail`; ``reduced_tail_style`` picks torchvision's or TF DeepLab's).
+    """
+    table = VARIANTS.get(variant) if isinstance(variant, str) else variant
+    if table is None:
+        raise ValueError(f"variant must be 'large' or 'small', got {variant!r}")
+    if width_mult <= 0:
+        raise ValueError(f"width_mult must be positive, got {width_mult}")
+    if width_rounding not in ("paper", "torchvision"):
+        raise ValueError(f"width_rounding must be 'paper' or 'torchvision', got {width_rounding!r}")
+    if reduced_tail:
+        rows, last_1x, head_1x = reduce_tail(table, reduced_tail_style)
+    else:
+        rows, last_1x, head_1x = [(r, r.exp, r.out) for r in table.rows], table.last, table.head
+    blocks, in_1x, in_ch = _blocks(rows, table.stem, width_mult, width_rounding, minimal)
     if width_rounding == "paper":
         last_ch = make_divisible(in_ch * last_1x / in_1x, 8)
         head_ch = _scale(head_1x, max(1.0, width_mult))
     else:
         last_ch = _scale(last_1x, width_mult)
         head_ch = _scale(head_1x, width_mult)
-
-    name = f"mobilenet_v3_{variant}"
+    act = _activation("HS", minimal)
     return ArchSpec(
-        name=name,
-        stem_channels=stem_ch,
-        stem_activation=act("HS"),
+        name=table.name,
+        stem_channels=_scale(table.stem, width_mult),
+        stem_activation=act,
         blocks=tuple(blocks),
         last_channels=last_ch,
-        last_activation=act("HS"),
+        last_activation=act,
         head_hidden_channels=head_ch,
-        head_activation=act("HS"),
+        head_activation=act,
         bn_eps=BN_EPS_V3,
         bn_momentum=BN_MOMENTUM_V3,
         output_stride=output_stride,
     )
-
-
-def mobilenet_v3_large(
-    *,
-    num_classes: int = 1000,
-    width_mult: float = 1.0,
-    minimal: bool = False,
-    reduced_tail: bool = False,
-    output_stride: int = 32,
-    dropout: float = 0.2,
-    weights: str | None = None,
-    width_rounding: WidthRounding = "paper",
-    bn_momentum: float | None = None,
-    in_channels: int | None = None,
-) -> MobileNet:
-    """MobileNetV3-Large (Table 1). ``num_classes=0`` builds the backbone without classifier.
-
-    ``weights``: None, a file path, a URL (fetched through torch.hub's cache), or the name of a
-    known checkpoint (see ``mnv3.models.checkpoints.KNOWN_WEIGHTS``). A checkpoint with another
-    class count loads the backbone and re-initialises the logits layer.
-
-    ``bn_momentum``: None keeps the paper's 0.01; see :func:`mnv3.models.build.build_mobilenet`.
-
-    ``in_channels``: None or 3 for RGB input; 1 for gray images (RGB weights are adapted by
-    summing the stem's kernels, see :func:`mnv3.models.build.build_mobilenet`).
-    """
-    arch = mobilenet_v3_arch(
-        "large", width_mult, minimal, reduced_tail, output_stride, width_rounding
-    )
-    return build_mobilenet(arch, num_classes, dropout, weights, bn_momentum, in_channels)
-
-
-def mobilenet_v3_small(
-    *,
-    num_classes: int = 1000,
-    width_mult: float = 1.0,
-    minimal: bool = False,
-    reduced_tail: bool = False,
-    output_stride: int = 32,
-    dropout: float = 0.2,
-    weights: str | None = None,
-    width_rounding: WidthRounding = "paper",
-    bn_momentum: float | None = None,
-    in_channels: int | None = None,
-) -> MobileNet:
-    """MobileNetV3-Small (Table 2); arguments as :func:`mobilenet_v3_large`."""
-    arch = mobilenet_v3_arch(
-        "small", width_mult, minimal, reduced_tail, output_stride, width_rounding
-    )
-    return build_mobilenet(arch, num_classes, dropout, weights, bn_momentum, in_channels)

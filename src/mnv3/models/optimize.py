@@ -9,6 +9,30 @@ memory-bound at batch 1, so this matters more than for big-kernel networks).
 format (what oneDNN's depthwise and 1x1 kernels prefer) and a graph compiler that pre-packs
 weights and fuses conv + activation (+ residual add). Nothing here imports Hydra, Lightning
 or wandb.
+
+Why "freeze" is the default. mobilenet_v3_large, 1x3x224x224, ``torch.set_num_threads(1)``,
+``torch.inference_mode()``, AMD EPYC (Zen 3) 2-vCPU VM, torch 2.14.1, same weights in
+all; medians of 250 rounds, order shuffled every round, glibc malloc thresholds pinned as
+in ``bench/bench_models.py``; another process kept the second core busy. Channels-last
+rows include converting the NCHW input:
+
+============================================  ========  ==============
+path                                          latency   vs torchvision
+============================================  ========  ==============
+torchvision eager                             24.4 ms   1.00
+ours eager (BatchNorm, NCHW)                  24.6 ms   1.01
+``"eager"`` (BN folded + NHWC)                19.2 ms   0.79
+trace + freeze + optimize_for_inference       18.3 ms   0.75
+``"compile"`` (Inductor, freezing, NHWC)      16.9 ms   0.69
+``"freeze"`` (oneDNN Graph), NCHW             12.6 ms   0.52
+``"freeze"`` (oneDNN Graph), NHWC             11.7 ms   0.48
+============================================  ========  ==============
+
+The per-row numbers of every model are in ``bench/results/bench_models.md`` (written by
+``bench/bench_models.py``). Eager CPU convolutions re-pack weights and reorder activations
+on every call; the frozen oneDNN Graph path does that once, which at batch 1 is most of
+the gain. TorchScript is deprecated upstream (torch >= 2.11) but still shipped; should it
+go, ``mode="compile"`` is the next-fastest path.
 """
 
 from __future__ import annotations
@@ -121,6 +145,22 @@ def _freeze(module: nn.Module, example_input: torch.Tensor) -> torch.jit.ScriptM
 _WARMUP_CALLS = 3
 
 
+def _fused(
+    model: nn.Module, channels_last: bool, example_input: torch.Tensor | None
+) -> tuple[nn.Module, torch.Tensor]:
+    """Steps 1 and 2 of :func:`optimize_for_inference`: BN folded, memory format; the example
+    input (default 1xCx224x224 zeros) on the model's device in that format."""
+    fused = fuse_conv_bn(model)
+    param = next(fused.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    if example_input is None:
+        example_input = torch.zeros(1, model_in_channels(model), 224, 224, device=device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        fused = fused.to(memory_format=memory_format)
+    return fused, example_input.to(device=device).contiguous(memory_format=memory_format)
+
+
 def optimize_for_inference(
     model: nn.Module,
     mode: OptimizeMode = "freeze",
@@ -151,29 +191,7 @@ def optimize_for_inference(
          C++ compiler.
        - ``"eager"``: steps 1 and 2 only; a plain ``nn.Module`` (keeps ``forward_taps``).
 
-    Why "freeze" is the default. mobilenet_v3_large, 1x3x224x224, ``torch.set_num_threads(1)``,
-    ``torch.inference_mode()``, AMD EPYC (Zen 3) 2-vCPU VM, torch 2.14.1, same weights in
-    all; medians of 250 rounds, order shuffled every round, glibc malloc thresholds pinned as
-    in ``bench/bench_models.py``; another process kept the second core busy. Channels-last
-    rows include converting the NCHW input:
-
-    ============================================  ========  ==============
-    path                                          latency   vs torchvision
-    ============================================  ========  ==============
-    torchvision eager                             24.4 ms   1.00
-    ours eager (BatchNorm, NCHW)                  24.6 ms   1.01
-    ``"eager"`` (BN folded + NHWC)                19.2 ms   0.79
-    trace + freeze + optimize_for_inference       18.3 ms   0.75
-    ``"compile"`` (Inductor, freezing, NHWC)      16.9 ms   0.69
-    ``"freeze"`` (oneDNN Graph), NCHW             12.6 ms   0.52
-    ``"freeze"`` (oneDNN Graph), NHWC             11.7 ms   0.48
-    ============================================  ========  ==============
-
-    The per-row numbers of every model are in ``bench/results/bench_models.md`` (written by
-    ``bench/bench_models.py``). Eager CPU convolutions re-pack weights and reorder activations
-    on every call; the frozen oneDNN Graph path does that once, which at batch 1 is most of
-    the gain. TorchScript is deprecated upstream (torch >= 2.11) but still shipped; should it
-    go, ``mode="compile"`` is the next-fastest path.
+    Why "freeze" is the default: the measurements in the module docstring.
 
     ``example_input`` drives tracing / compiling (default: a 1xCx224x224 zero tensor on the
     model's device, C the model's input channels, 3 unless built with ``in_channels=1``); use the
@@ -186,16 +204,7 @@ def optimize_for_inference(
     """
     if mode not in ("freeze", "compile", "eager"):
         raise ValueError(f"mode must be 'freeze', 'compile' or 'eager', got {mode!r}")
-    fused = fuse_conv_bn(model)
-    param = next(fused.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    if example_input is None:
-        example_input = torch.zeros(1, model_in_channels(model), 224, 224, device=device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        fused = fused.to(memory_format=memory_format)
-    example_input = example_input.to(device=device).contiguous(memory_format=memory_format)
-
+    fused, example_input = _fused(model, channels_last, example_input)
     if mode == "eager":
         return fused
     if mode == "compile":

@@ -15,13 +15,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from mnv3.models import count_madds, count_params
+from mnv3.errors import ConfigError
+from mnv3.models import build_model, count_madds, count_params
+from mnv3.models.backbone import check_backbone_limits
 from mnv3.tasks.common import NonFiniteLossError, check_plain
 from mnv3.tasks.ema import ModelEma
 from mnv3.tasks.optim import build_optimizer, build_scheduler
@@ -64,8 +66,9 @@ class BaseTask(pl.LightningModule):
     """A LightningModule around one network built from plain keyword arguments.
 
     Args:
-        model: the network's builder keyword arguments (its ``name`` plus plain values);
+        model: the network's builder keyword arguments (plain values, :meth:`network_kwargs`);
             :meth:`build_network` turns them into a module.
+        num_classes: the dataset's classes (:meth:`network_classes` gives the network's outputs).
         optimizer: ``name`` (rmsprop_tf, sgd, adamw), ``lr``, ``weight_decay``... and optionally
             ``reference_batch_size``: ``lr`` is then scaled linearly to the real global batch.
         scheduler: ``name`` (exponential, cosine, constant), ``warmup_epochs`` and its knobs.
@@ -83,9 +86,17 @@ class BaseTask(pl.LightningModule):
     #: the config key naming published weights of the whole network (``mnv3.eval`` without a run)
     weights_key = "head.weights"
 
+    #: network builder argument -> the config key it comes from (what decides tensor shapes);
+    #: the resume check names these when a checkpoint's architecture differs from the config's
+    architecture_keys: ClassVar[dict[str, str]] = {}
+    #: the network's kind in mnv3.models.MODELS, and the name built when the config names none
+    network_kind: ClassVar[str] = "classifier"
+    default_network: ClassVar[str] = "mobilenet_v3_large"
+
     def __init__(
         self,
         model: dict[str, Any],
+        num_classes: int,
         optimizer: dict[str, Any],
         scheduler: dict[str, Any] | None = None,
         ema_decay: float | None = None,
@@ -96,7 +107,7 @@ class BaseTask(pl.LightningModule):
     ) -> None:
         super().__init__()
         check_plain({"model": model, "optimizer": optimizer, "scheduler": scheduler})
-        self.model = self.build_network(dict(model))
+        self.model = self.network(model, num_classes)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = ModelEma(self.model, ema_decay) if ema_decay else None
@@ -113,9 +124,48 @@ class BaseTask(pl.LightningModule):
         self.predictions_dir: Path | None = None
 
     # -- what a subclass provides ----------------------------------------------------------
-    def build_network(self, model: dict[str, Any]) -> nn.Module:
-        """The network from its plain builder arguments."""
+    @classmethod
+    def network_kwargs(cls, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The network's plain builder arguments from the run config's ``backbone`` and ``head``
+        groups: the one translation, used by :meth:`from_config` and the resume check alike."""
         raise NotImplementedError
+
+    @classmethod
+    def build_network(cls, model: dict[str, Any]) -> nn.Module:
+        """The network from its plain builder arguments (``num_classes`` included): the
+        :data:`~mnv3.models.MODELS` builder of kind :attr:`network_kind` that ``model`` names
+        under that key (default :attr:`default_network`)."""
+        model = dict(model)
+        name = model.pop(cls.network_kind, cls.default_network)
+        return build_model(cls.network_kind, name, **model)
+
+    @classmethod
+    def network_name(cls, model: Mapping[str, Any]) -> str:
+        """The network's name from its builder arguments (``ssdlite320_mobilenet_v3_large``)."""
+        return f"{model.get(cls.network_kind, cls.default_network)}_{model.get('backbone')}"
+
+    @staticmethod
+    def checked_backbone(
+        cfg: Mapping[str, Any], limits: Mapping[str, Any], why: str = ""
+    ) -> dict[str, Any]:
+        """The backbone group, refused in one :class:`ConfigError` sentence where it sets an
+        option the head cannot use (``limits``: the head's ``BACKBONE_LIMITS``)."""
+        backbone = dict(cfg["backbone"])
+        try:
+            check_backbone_limits(cfg["head"]["name"], limits, backbone, why)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        return backbone
+
+    @staticmethod
+    def network_classes(num_classes: int) -> int:
+        """The network's output count for ``num_classes`` dataset classes."""
+        return num_classes
+
+    @classmethod
+    def network(cls, model: Mapping[str, Any], num_classes: int) -> nn.Module:
+        """The task's network for the dataset's ``num_classes``, as the constructor builds it."""
+        return cls.build_network({**model, "num_classes": cls.network_classes(num_classes)})
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], datamodule: Any) -> BaseTask:

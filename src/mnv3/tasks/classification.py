@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mnv3.errors import ConfigError
-from mnv3.models import build_model
+from mnv3.models.backbone import SHAPE_OPTIONS, build_backbone
 from mnv3.tasks.base import BaseTask, QATObjective
 from mnv3.tasks.common import check_plain, log_images, save_figure
 
@@ -57,30 +57,16 @@ class ClassificationTask(BaseTask):
         model: dict[str, Any],
         num_classes: int,
         optimizer: dict[str, Any],
-        scheduler: dict[str, Any] | None = None,
         label_smoothing: float = 0.1,
-        ema_decay: float | None = None,
-        channels_last: bool = False,
-        compile: bool = False,
         class_names: list[str] | None = None,
         max_classes_for_plots: int = 50,
         label_type: str = "multiclass",
         class_weights: list[float] | None = None,
-        freeze_backbone_epochs: int = 0,
-        backbone_lr_factor: float = 1.0,
+        **shared: Any,
     ) -> None:
         if label_type not in ("multiclass", "multilabel"):
             raise ValueError(f"label_type must be multiclass or multilabel, got {label_type!r}")
-        super().__init__(
-            model={**model, "num_classes": num_classes},
-            optimizer=optimizer,
-            scheduler=scheduler,
-            ema_decay=ema_decay,
-            channels_last=channels_last,
-            compile=compile,
-            freeze_backbone_epochs=freeze_backbone_epochs,
-            backbone_lr_factor=backbone_lr_factor,
-        )
+        super().__init__(model, num_classes, optimizer, **shared)
         check_plain({"class_names": class_names, "class_weights": class_weights})
         self.save_hyperparameters()
         self.num_classes = num_classes
@@ -93,32 +79,50 @@ class ClassificationTask(BaseTask):
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
         # Binary decision threshold on P(class 1), chosen on validation (Youden's J).
         self.register_buffer("decision_threshold", torch.tensor(0.5))
+        self.val_metrics = self._metrics(num_classes)
+        self.test_metrics = nn.ModuleDict({k: m.clone() for k, m in self.val_metrics.items()})
+        if not self.multilabel:
+            mc = {"task": "multiclass", "num_classes": num_classes}
+            self.train_acc1 = torchmetrics.Accuracy(**mc, top_k=1)
 
+    def _metrics(self, num_classes: int) -> nn.ModuleDict:
+        """Validation metrics: AUROC per label (multi-label), else top-1/top-5, per-class
+        accuracy and the confusion matrix, plus the probabilities a binary ROC needs."""
         if self.multilabel:
             ml = {"num_labels": num_classes, "ignore_index": -1}
-            self.val_metrics = nn.ModuleDict(
+            return nn.ModuleDict(
                 {"auroc": torchmetrics.classification.MultilabelAUROC(**ml, average=None)}
             )
-            self.test_metrics = nn.ModuleDict({k: m.clone() for k, m in self.val_metrics.items()})
-            return
-        top5 = min(5, num_classes)
         mc = {"task": "multiclass", "num_classes": num_classes}
-        self.train_acc1 = torchmetrics.Accuracy(**mc, top_k=1)
-        self.val_metrics = nn.ModuleDict(
+        metrics = nn.ModuleDict(
             {
                 "acc1": torchmetrics.Accuracy(**mc, top_k=1),
-                "acc5": torchmetrics.Accuracy(**mc, top_k=top5),
+                "acc5": torchmetrics.Accuracy(**mc, top_k=min(5, num_classes)),
                 "per_class": torchmetrics.Accuracy(**mc, average=None),
                 "confusion": torchmetrics.ConfusionMatrix(**mc),
             }
         )
         if self.binary:
-            self.val_metrics["probs"] = torchmetrics.CatMetric()
-            self.val_metrics["targets"] = torchmetrics.CatMetric()
-        self.test_metrics = nn.ModuleDict({k: m.clone() for k, m in self.val_metrics.items()})
+            metrics["probs"] = torchmetrics.CatMetric()
+            metrics["targets"] = torchmetrics.CatMetric()
+        return metrics
 
-    def build_network(self, model: dict[str, Any]) -> nn.Module:
-        return build_model(**model)
+    architecture_keys: ClassVar[dict[str, str]] = {
+        key: f"backbone.{key}" for key in ("name", *SHAPE_OPTIONS)
+    }
+
+    @classmethod
+    def network_kwargs(cls, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The classifier's builder arguments: the backbone group plus the head's dropout."""
+        return {**cfg["backbone"], "dropout": cfg["head"].get("dropout", 0.2)}
+
+    @classmethod
+    def build_network(cls, model: dict[str, Any]) -> nn.Module:
+        return build_backbone(**model)
+
+    @classmethod
+    def network_name(cls, model: Mapping[str, Any]) -> str:
+        return str(model.get("name"))
 
     def load_weights(self, weights: str) -> Any:
         from mnv3.models.checkpoints import load_weights
@@ -132,7 +136,7 @@ class ClassificationTask(BaseTask):
         head = cfg["head"]
         label_type = getattr(datamodule, "label_type", "multiclass")
         return cls(
-            model={**cfg["backbone"], "dropout": head.get("dropout", 0.2)},
+            model=cls.network_kwargs(cfg),
             num_classes=datamodule.num_classes,
             class_names=list(datamodule.class_names),
             label_smoothing=float(head.get("label_smoothing", 0.0)),

@@ -12,7 +12,7 @@ import csv
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -21,22 +21,20 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from mnv3.data.coco import COCO_SUMMARY_KEYS
 from mnv3.errors import ConfigError
-from mnv3.models.registry import build_detector
+from mnv3.models.detection.builders import BACKBONE_LIMITS, use_reduced_tail
 from mnv3.tasks.base import BaseTask, QATObjective
 from mnv3.tasks.common import check_plain, log_images, save_figure
 
 log = logging.getLogger(__name__)
-
-# Backbone-group keys the detector builder has no use for, with the only value it supports.
-_UNSUPPORTED_BACKBONE_KEYS = {"minimal": False, "output_stride": 32, "in_channels": 3}
 
 
 class DetectionTask(BaseTask):
     """SSDLite (or any detector with ``loss`` / ``postprocess``) trained and scored by COCO mAP.
 
     Args:
-        model: detector builder kwargs: ``detector`` (a :data:`~mnv3.models.registry.DETECTORS`
-            name, default ``"ssdlite320"``), ``backbone``, ``reduced_tail``, ``loss``...
+        model: detector builder kwargs (:meth:`network_kwargs`): ``detector`` (a name of
+            ``mnv3.models.MODELS["detector"]``, default ``"ssdlite320"``), ``backbone``,
+            ``reduced_tail``, ``loss``...
         num_classes: object classes of the dataset, background excluded (the network predicts
             ``num_classes + 1`` scores: label 0 is the background).
         class_names: the object classes' names, label 1 first.
@@ -51,33 +49,27 @@ class DetectionTask(BaseTask):
     monitor = "val/map"
     monitor_mode = "max"
 
+    network_kind, default_network = "detector", "ssdlite320"
+    architecture_keys: ClassVar[dict[str, str]] = {
+        "detector": "head.detector",
+        "backbone": "backbone.name",
+        "width_mult": "backbone.width_mult",
+        "reduced_tail": "backbone.reduced_tail",
+    }
+
     def __init__(
         self,
         model: dict[str, Any],
         num_classes: int,
         optimizer: dict[str, Any],
-        scheduler: dict[str, Any] | None = None,
         class_names: list[str] | None = None,
         label_to_category_id: list[int] | None = None,
-        ema_decay: float | None = None,
-        channels_last: bool = False,
-        compile: bool = False,
-        freeze_backbone_epochs: int = 0,
-        backbone_lr_factor: float = 1.0,
         map_backend: str = "pycocotools",
         box_images: int = 4,
         box_score_thresh: float = 0.3,
+        **shared: Any,
     ) -> None:
-        super().__init__(
-            model={**model, "num_classes": num_classes + 1},
-            optimizer=optimizer,
-            scheduler=scheduler,
-            ema_decay=ema_decay,
-            channels_last=channels_last,
-            compile=compile,
-            freeze_backbone_epochs=freeze_backbone_epochs,
-            backbone_lr_factor=backbone_lr_factor,
-        )
+        super().__init__(model, num_classes, optimizer, **shared)
         check_plain({"class_names": class_names, "label_to_category_id": label_to_category_id})
         self.save_hyperparameters()
         self.num_classes = num_classes
@@ -104,8 +96,9 @@ class DetectionTask(BaseTask):
         self._results: list[dict[str, Any]] = []
         self._pictures: dict[str, Any] | None = None
 
-    def build_network(self, model: dict[str, Any]) -> nn.Module:
-        return build_detector(model.pop("detector", "ssdlite320"), **model)
+    @staticmethod
+    def network_classes(num_classes: int) -> int:
+        return num_classes + 1  # label 0 is the background
 
     def load_weights(self, weights: str) -> Any:
         from mnv3.models.detection.checkpoints import load_ssdlite_weights
@@ -114,36 +107,41 @@ class DetectionTask(BaseTask):
         return load_ssdlite_weights(self.model, weights, category_ids=self.label_to_category_id)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], datamodule: Any) -> DetectionTask:
-        """The task for ``head=ssdlite``: the backbone group becomes the detector's backbone
-        arguments (its ``weights`` are ImageNet weights for the backbone only), the head group
-        the detector's own (loss, thresholds, whole-detector ``weights``)."""
-        backbone = dict(cfg["backbone"])
-        for key, supported in _UNSUPPORTED_BACKBONE_KEYS.items():
-            if backbone.get(key, supported) not in (supported, None):
-                raise ConfigError(
-                    f"backbone.{key}={backbone[key]!r} is not supported by head="
-                    f"{cfg['head']['name']}; expected {supported!r}"
-                )
-        head = dict(cfg["head"])
+    def network_kwargs(cls, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The detector's arguments: the backbone group gives its backbone (``weights`` are
+        ImageNet weights for the backbone only, the tail resolved as the builder resolves it),
+        the head group the detector's own (loss, thresholds, whole-detector ``weights``)."""
+        backbone, head = cls.checked_backbone(cfg, BACKBONE_LIMITS), dict(cfg["head"])
+        try:
+            reduced_tail = use_reduced_tail(
+                backbone["name"], backbone.get("reduced_tail"), backbone.get("weights")
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         model: dict[str, Any] = {
             "detector": head.get("detector", "ssdlite320"),
             "backbone": backbone["name"],
             "width_mult": float(backbone.get("width_mult", 1.0)),
-            "reduced_tail": backbone.get("reduced_tail"),
+            "reduced_tail": reduced_tail,
             "backbone_weights": backbone.get("weights"),
             "weights": head.get("weights"),
             "loss": head.get("loss", "softmax_hnm"),
-            "image_size": list(datamodule.input_size),
         }
         if backbone.get("bn_momentum") is not None:
             model["bn_momentum"] = float(backbone["bn_momentum"])
         for key in ("score_thresh", "nms_thresh", "detections_per_img", "topk_candidates"):
             if head.get(key) is not None:
                 model[key] = head[key]
+        return model
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], datamodule: Any) -> DetectionTask:
+        """The task for ``head=ssdlite``: :meth:`network_kwargs` at the data's input size, and
+        the data's classes and category ids."""
+        head = cfg["head"]
         category_ids = getattr(datamodule, "classes", None)
         return cls(
-            model=model,
+            model={**cls.network_kwargs(cfg), "image_size": list(datamodule.input_size)},
             num_classes=datamodule.num_classes,
             class_names=list(datamodule.class_names),
             label_to_category_id=[0, *(int(c) for c in category_ids)] if category_ids else None,

@@ -10,23 +10,20 @@ import csv
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from mnv3.errors import ConfigError
-from mnv3.models.registry import build_segmenter
+from mnv3.models.segmentation.builders import BACKBONE_LIMITS, BACKBONE_LIMITS_WHY
 from mnv3.tasks.base import BaseTask, QATObjective
 from mnv3.tasks.common import check_plain, log_images, save_figure
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
-# Backbone-group keys the segmenter builders have no use for, with the only value they support.
-_UNSUPPORTED_BACKBONE_KEYS = {"minimal": False, "in_channels": 3}
 
 
 def default_palette(num_classes: int) -> list[list[int]]:
@@ -47,8 +44,8 @@ class SegmentationTask(BaseTask):
     the official script's NaN classes are). Also logged: per-class IoU and pixel accuracy.
 
     Args:
-        model: segmenter builder kwargs: ``segmenter`` (a :data:`~mnv3.models.registry.SEGMENTERS`
-            name, default ``"lraspp"``), ``backbone``, ``pool``, ``inter_channels``...
+        model: segmenter builder kwargs: ``segmenter`` (a name of
+            ``mnv3.models.MODELS["segmenter"]``, default ``"lraspp"``), ``backbone``, ``pool``, ``inter_channels``...
         num_classes: classes predicted (Cityscapes: 19 train ids).
         class_names: the classes' names, in train-id order.
         label_ids: each class's id in the dataset's own label files (Cityscapes labelIds), for
@@ -61,32 +58,29 @@ class SegmentationTask(BaseTask):
     monitor = "val/miou"
     monitor_mode = "max"
 
+    network_kind, default_network = "segmenter", "lraspp"
+    architecture_keys: ClassVar[dict[str, str]] = {
+        "segmenter": "head.segmenter",
+        "backbone": "backbone.name",
+        "reduced_tail": "backbone.reduced_tail",
+        "output_stride": "head.output_stride",
+        "inter_channels": "head.inter_channels",
+        "low_tap": "head.low_tap",
+        "reduced_tail_style": "head.reduced_tail_style",
+    }
+
     def __init__(
         self,
         model: dict[str, Any],
         num_classes: int,
         optimizer: dict[str, Any],
-        scheduler: dict[str, Any] | None = None,
         class_names: list[str] | None = None,
         label_ids: list[int] | None = None,
         palette: list[list[int]] | None = None,
-        ema_decay: float | None = None,
-        channels_last: bool = False,
-        compile: bool = False,
-        freeze_backbone_epochs: int = 0,
-        backbone_lr_factor: float = 1.0,
         mask_images: int = 4,
+        **shared: Any,
     ) -> None:
-        super().__init__(
-            model={**model, "num_classes": num_classes},
-            optimizer=optimizer,
-            scheduler=scheduler,
-            ema_decay=ema_decay,
-            channels_last=channels_last,
-            compile=compile,
-            freeze_backbone_epochs=freeze_backbone_epochs,
-            backbone_lr_factor=backbone_lr_factor,
-        )
+        super().__init__(model, num_classes, optimizer, **shared)
         check_plain({"class_names": class_names, "label_ids": label_ids, "palette": palette})
         self.save_hyperparameters()
         self.num_classes = num_classes
@@ -107,31 +101,17 @@ class SegmentationTask(BaseTask):
         self.test_accuracy = MulticlassAccuracy(**accuracy)
         self._pictures: dict[str, Any] | None = None
 
-    def build_network(self, model: dict[str, Any]) -> nn.Module:
-        return build_segmenter(model.pop("segmenter", "lraspp"), **model)
-
     def load_weights(self, weights: str) -> Any:
         from mnv3.models.segmentation import load_segmentation_weights
 
         return load_segmentation_weights(self.model, weights)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], datamodule: Any) -> SegmentationTask:
-        """The task for ``head=lraspp`` / ``head=raspp``: the backbone group gives the backbone
-        (``weights`` are ImageNet weights for it), the head group the segmenter's own settings."""
-        backbone = dict(cfg["backbone"])
+    def network_kwargs(cls, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The segmenter's arguments: the backbone group gives the backbone (``weights`` are
+        ImageNet weights for it), the head group the segmenter's own settings."""
+        backbone = cls.checked_backbone(cfg, BACKBONE_LIMITS, BACKBONE_LIMITS_WHY)
         head = dict(cfg["head"])
-        for key, supported in _UNSUPPORTED_BACKBONE_KEYS.items():
-            if backbone.get(key, supported) not in (supported, None):
-                raise ConfigError(
-                    f"backbone.{key}={backbone[key]!r} is not supported by head={head['name']}; "
-                    f"expected {supported!r}"
-                )
-        if backbone.get("width_mult", 1.0) != 1.0:
-            raise ConfigError(
-                f"backbone.width_mult={backbone['width_mult']} is not supported by head="
-                f"{head['name']}; expected 1.0 (the paper's segmentation models)"
-            )
         model: dict[str, Any] = {
             "segmenter": head.get("segmenter", head["name"]),
             "backbone": backbone["name"],
@@ -145,12 +125,19 @@ class SegmentationTask(BaseTask):
             model["bn_momentum"] = float(backbone["bn_momentum"])
         skip = {"name", "task", "segmenter", "weights", "mask_images", "output_stride"}
         model.update({k: v for k, v in head.items() if k not in skip and v is not None})
+        return model
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], datamodule: Any) -> SegmentationTask:
+        """The task for ``head=lraspp`` / ``head=raspp``: :meth:`network_kwargs`, and the data's
+        classes, label ids and palette."""
+        head = cfg["head"]
         # Class ids that are numbers (Cityscapes labelIds) are what predictions are written as.
         ids = list(getattr(datamodule, "classes", []) or [])
         label_ids = [int(i) for i in ids] if ids and all(str(i).isdigit() for i in ids) else None
         palette = getattr(datamodule, "palette", None)
         return cls(
-            model=model,
+            model=cls.network_kwargs(cfg),
             num_classes=datamodule.num_classes,
             class_names=list(datamodule.class_names),
             label_ids=label_ids,

@@ -28,7 +28,7 @@ from mnv3.models.checkpoints import (
     rename_modules,
     torchvision_module_map,
 )
-from mnv3.models.detection.ssdlite import INIT_STD, SSDLite
+from mnv3.models.detection.ssdlite import SSDLite
 
 
 def torchvision_ssdlite_module_map(model: SSDLite) -> dict[str, str]:
@@ -163,10 +163,5 @@ def load_ssdlite_weights(
         report.reinitialized = predictors
         state = {k: v for k, v in state.items() if k not in predictors}
 
-    def reset_predictors() -> None:
-        for predictor in model.head.classification:
-            torch.nn.init.normal_(predictor.project.weight, std=INIT_STD)
-            torch.nn.init.zeros_(predictor.project.bias)
-
     describe = f"{model.name} ({model.num_classes} classes)"
-    return load_mapped_state_dict(model, state, report, describe, reset_predictors)
+    return load_mapped_state_dict(model, state, report, describe, model.reset_class_predictors)

@@ -22,8 +22,6 @@ Class 0 is the background (torchvision's convention; COCO has 91 with it).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
-from typing import Literal
 
 import torch
 from torch import nn
@@ -35,11 +33,6 @@ from mnv3.models.detection.box_coder import BoxCoder
 from mnv3.models.detection.loss import LOSSES, LossName, detection_loss
 from mnv3.models.layers import ConvBNAct
 from mnv3.models.mobilenet import MobileNet
-from mnv3.models.mobilenetv2 import mobilenet_v2_arch
-from mnv3.models.mobilenetv3 import mobilenet_v3_arch
-
-DetectionBackbone = Literal["mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v2"]
-BACKBONES: tuple[str, ...] = ("mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v2")
 
 # SSDLite's feature maps: the backbone's C4 expansion and C5, then four extra blocks.
 TAPS = ("C4_expansion", "C5")
@@ -112,6 +105,17 @@ class ExtraBlock(nn.Sequential):
         self.depthwise = ConvBNAct(mid, mid, 3, stride=2, groups=mid, **bn)
         self.project = ConvBNAct(mid, out_channels, 1, **bn)
         self.out_channels = out_channels
+
+
+def extra_blocks(
+    in_channels: int, channels: Sequence[int], bn_eps: float, bn_momentum: float
+) -> nn.ModuleList:
+    """The extra feature blocks after C5, each halving the resolution (§6.3)."""
+    blocks = []
+    for out in channels:
+        blocks.append(ExtraBlock(in_channels, out, bn_eps, bn_momentum))
+        in_channels = out
+    return nn.ModuleList(blocks)
 
 
 class PredictionBlock(nn.Sequential):
@@ -217,40 +221,32 @@ class SSDLite(nn.Module):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         self.backbone = backbone
-        in_channels = [backbone.tap(name).channels for name in TAPS]
-        blocks, prev = [], in_channels[-1]
-        for out in extra_channels:
-            blocks.append(ExtraBlock(prev, out, bn_eps, bn_momentum))
-            prev = out
-        self.extra = nn.ModuleList(blocks)
-        in_channels += list(extra_channels)
+        in_channels = [backbone.tap(name).channels for name in TAPS] + list(extra_channels)
+        self.extra = extra_blocks(in_channels[1], extra_channels, bn_eps, bn_momentum)
         if aspect_ratios is None:
             aspect_ratios = [[2, 3]] * len(in_channels)
         self.default_boxes = DefaultBoxes(aspect_ratios, min_ratio, max_ratio)
-        self.head = SSDLiteHead(
-            in_channels,
-            self.default_boxes.num_anchors_per_location(),
-            num_classes,
-            bn_eps,
-            bn_momentum,
-        )
+        anchors = self.default_boxes.num_anchors_per_location()
+        self.head = SSDLiteHead(in_channels, anchors, num_classes, bn_eps, bn_momentum)
         self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
         self.num_classes = num_classes
         self.loss_name = loss
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.image_mean, self.image_std = IMAGE_MEAN, IMAGE_STD
-        self.score_thresh = score_thresh
-        self.nms_thresh = nms_thresh
-        self.detections_per_img = detections_per_img
-        self.topk_candidates = topk_candidates
-        self.iou_threshold = iou_threshold
-        self.neg_to_pos_ratio = neg_to_pos_ratio
-        self.focal_alpha = focal_alpha
-        self.focal_gamma = focal_gamma
+        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
+        self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
+        self.iou_threshold, self.neg_to_pos_ratio = iou_threshold, neg_to_pos_ratio
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         # The builder's name (what known weights record); weights fit any input size.
         self.name = f"ssdlite320_{backbone.arch.name}"
         normal_init_(self.extra)
         normal_init_(self.head)
+
+    def reset_class_predictors(self) -> None:
+        """Re-initialise the class predictors' last 1x1 convs (a new class count)."""
+        for predictor in self.head.classification:
+            nn.init.normal_(predictor.project.weight, std=INIT_STD)
+            nn.init.zeros_(predictor.project.bias)
 
     # ---- the tensor interface ---------------------------------------------------------------
 
@@ -397,86 +393,3 @@ class SSDLite(nn.Module):
         if self.training:
             return self.loss(outputs, scaled)
         return self.postprocess(outputs, sizes)
-
-
-def _backbone(
-    name: str, reduced_tail: bool, width_mult: float, bn_eps: float, bn_momentum: float
-) -> MobileNet:
-    if name == "mobilenet_v2":
-        if reduced_tail:
-            raise ValueError(
-                "reduced_tail applies to MobileNetV3 only (the paper's dagger rows); "
-                "pass reduced_tail=False or None for mobilenet_v2"
-            )
-        arch = mobilenet_v2_arch(width_mult)
-    elif name in ("mobilenet_v3_large", "mobilenet_v3_small"):
-        arch = mobilenet_v3_arch(name.rsplit("_", 1)[1], width_mult, reduced_tail=reduced_tail)
-    else:
-        raise ValueError(
-            f"unknown detection backbone {name!r}; expected one of {', '.join(BACKBONES)}"
-        )
-    return MobileNet(replace(arch, bn_eps=bn_eps, bn_momentum=bn_momentum), num_classes=0)
-
-
-def ssdlite320(
-    backbone: DetectionBackbone = "mobilenet_v3_large",
-    num_classes: int = 91,
-    reduced_tail: bool | None = None,
-    weights: str | None = None,
-    backbone_weights: str | None = None,
-    width_mult: float = 1.0,
-    loss: LossName = "softmax_hnm",
-    bn_momentum: float = BN_MOMENTUM,
-    **kwargs: float | int,
-) -> SSDLite:
-    """SSDLite at 320x320 on MobileNetV3-Large / -Small or MobileNetV2 (paper Table 6).
-
-    ``reduced_tail``: halve the channels of the last stage (the paper's dagger rows). None: on
-    for MobileNetV3 trained from scratch, off with ``backbone_weights`` (ImageNet checkpoints
-    have the full tail) and for MobileNetV2, torchvision's choice. ``reduced_tail=True`` with
-    ``backbone_weights`` is refused: no ImageNet weights exist for the halved last stage, and a
-    backbone half pretrained is not what either reference trains.
-
-    ``weights``: a whole detector (a path, a URL, or ``ssdlite320_mobilenet_v3_large.COCO_V1``),
-    loaded by :func:`mnv3.models.detection.checkpoints.load_ssdlite_weights`; another class
-    count keeps everything but the class predictors' last convs. ``backbone_weights``: an
-    ImageNet classifier checkpoint for the backbone only (its classifier is ignored).
-    From scratch every conv is initialised normal(0, 0.03), TensorFlow's and torchvision's choice.
-
-    ``width_mult`` scales the backbone and the extra blocks (``max(16, int(c * width_mult))``,
-    TF's min_depth). ``bn_momentum`` 0.03 is torchvision's (TF decay 0.97); BN eps is 1e-3
-    everywhere. Other keyword arguments go to :class:`SSDLite` (score_thresh, nms_thresh,
-    detections_per_img, topk_candidates, iou_threshold, neg_to_pos_ratio, focal_alpha, ...).
-    """
-    if backbone == "mobilenet_v2":
-        use_reduced = bool(reduced_tail)
-    else:
-        use_reduced = backbone_weights is None if reduced_tail is None else bool(reduced_tail)
-    if use_reduced and backbone_weights is not None:
-        raise ValueError(
-            f"backbone_weights={backbone_weights!r} cannot go with reduced_tail=True: ImageNet "
-            "checkpoints have the full last stage; pass reduced_tail=False (or None)"
-        )
-    if width_mult <= 0:
-        raise ValueError(f"width_mult must be positive, got {width_mult}")
-    net = _backbone(backbone, use_reduced, width_mult, BN_EPS, bn_momentum)
-    extra = tuple(max(16, int(c * width_mult)) for c in EXTRA_CHANNELS)
-    model = SSDLite(
-        net,
-        num_classes=num_classes,
-        extra_channels=extra,
-        loss=loss,
-        bn_momentum=bn_momentum,
-        **kwargs,  # type: ignore[arg-type]
-    )
-    if backbone_weights is None:
-        normal_init_(model.backbone)
-    else:
-        from mnv3.models.checkpoints import load_weights
-
-        load_weights(model.backbone, backbone_weights)
-    if weights is not None:
-        from mnv3.models.detection.checkpoints import load_ssdlite_weights
-
-        load_ssdlite_weights(model, weights)
-    return model
