@@ -21,8 +21,9 @@ from helpers import (
     run_cli,
     train_for_epochs,
 )
-from mnv3.cli import ConfigError, check_head_and_data
+from mnv3.cli import ConfigError
 from mnv3.train import train
+from mnv3.validate import check_head_and_data
 
 # 24 train / 8 val images (1 empty) of 96 px; SSDLite-Small at 96x96 input: seconds per epoch.
 TINY_DETECT = [

@@ -19,7 +19,8 @@ from helpers import (
     run_cli,
     train_for_epochs,
 )
-from mnv3.cli import ConfigError, check_head_and_data
+from mnv3.cli import ConfigError
+from mnv3.validate import check_head_and_data
 
 # 12 train / 4 val frames of 64x128; LR-ASPP-Small: a second or two per epoch.
 TINY_SEGMENT = [
