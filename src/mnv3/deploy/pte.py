@@ -80,8 +80,9 @@ def export_pte(
     with torch.no_grad():
         program = torch.export.export(graph, (example_input,))
     lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    # Counted before to_executorch(), which adds its memory-planning ops to the graph.
+    delegation = xnnpack_delegation(lowered.exported_program().graph_module)
     buffer = lowered.to_executorch().buffer
-    path = Path(path)
     with atomic_output(path) as tmp:
         tmp.write_bytes(buffer)
         if metadata is not None:
@@ -91,10 +92,10 @@ def export_pte(
                 "quantize": quantize,
                 "batch_size": int(example_input.shape[0]),
                 "outputs": output_names,
-                "xnnpack": xnnpack_delegation(lowered.exported_program().graph_module),
+                "xnnpack": delegation,
             }
             write_sidecar(path, _with_postprocess(sidecar, module))
-    return path
+    return Path(path)
 
 
 def _with_postprocess(sidecar: dict[str, Any], module: nn.Module) -> dict[str, Any]:
