@@ -18,7 +18,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
-from mnv3.run_folder import RunFolder
+from mnv3.run_folder import WANDB_ID_FILE
 
 
 def _row_step(row: dict[str, Any]) -> int:
@@ -116,7 +116,7 @@ def wandb_run_id(output_dir: Path, resume: bool) -> str:
     ``wandb/offline-run-*-<id>`` folder under the same id, and ``wandb sync`` of all of them
     uploads them into that one run.
     """
-    path = RunFolder(output_dir).wandb_id_file
+    path = output_dir / WANDB_ID_FILE
     if resume and path.is_file():
         saved = path.read_text().strip()
         if saved:

@@ -64,18 +64,6 @@ class RunFolder:
                 return self.path / name
         return None
 
-    @property
-    def wandb_id_file(self) -> Path:
-        return self.path / WANDB_ID_FILE
-
-    @property
-    def latency_file(self) -> Path:
-        return self.path / LATENCY_FILE
-
-    @property
-    def hydra_overrides(self) -> Path:
-        return self.path / HYDRA_OVERRIDES
-
     def export_path(self, ckpt_path: Path, fmt: str, quantized: bool) -> Path:
         """``export/<checkpoint stem>[_int8].<fmt>``: where ``mnv3.export`` writes by default."""
         suffix = "_int8" if quantized else ""

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from mnv3.run_folder import RunFolder
+from mnv3.run_folder import LATENCY_FILE, RunFolder
 from mnv3.run_records import Run
 
 
@@ -53,13 +53,12 @@ def run_latency(run: Run, repeats: int = 7, threads: int = 1, refresh: bool = Fa
     ``source`` is "measured", "cached" or "no checkpoint" (latency NaN then).
     """
     size = input_size_of(run.config)
-    folder = RunFolder(run.path)
-    cache = folder.latency_file
+    cache = run.path / LATENCY_FILE
     if cache.is_file() and not refresh:
         cached = json.loads(cache.read_text())
         if cached.get("input_size") == list(size) and cached.get("threads") == threads:
             return {**cached, "source": "cached"}
-    ckpt = folder.trained_checkpoint
+    ckpt = RunFolder(run.path).trained_checkpoint
     if ckpt is None:
         return {"latency_ms": math.nan, "input_size": list(size), "source": "no checkpoint"}
     import torch

@@ -25,10 +25,10 @@ import yaml
 from mnv3.run_folder import (
     CSV_DIR,
     HPARAMS_YAML,
+    HYDRA_OVERRIDES,
     METRICS_CSV,
     RUN_CONFIG,
     WANDB_OFFLINE_RUNS,
-    RunFolder,
 )
 
 # What each task monitors for its best checkpoint (the tasks' ``monitor``); binary and multi-label
@@ -58,7 +58,7 @@ class Run:
     @property
     def experiment(self) -> str:
         """The ``experiment=`` the run was started with (Hydra's record), else its run name."""
-        overrides = RunFolder(self.path).hydra_overrides
+        overrides = self.path / HYDRA_OVERRIDES
         if overrides.is_file():
             for item in yaml.safe_load(overrides.read_text()) or []:
                 key, _, value = str(item).lstrip("+~").partition("=")
