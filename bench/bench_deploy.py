@@ -554,30 +554,18 @@ class Accuracy:
 def measure_accuracy(ckpt: Path, workdir: Path) -> Accuracy:
     """Top-1 of a trained classifier on its test split: fp32 eager vs every int8 path.
 
-    The network and data module are rebuilt as ``mnv3.export`` rebuilds them; int8 paths are
-    calibrated on the first :data:`ACCURACY_CALIBRATION` images of the val split.
+    The network and data module are the run's :class:`mnv3.trained_run.TrainedRun` ones, as
+    ``mnv3.export`` opens them; int8 paths are calibrated on the first
+    :data:`ACCURACY_CALIBRATION` images of the val split.
     """
-    from mnv3.cli import build_datamodule
     from mnv3.deploy import calibration_batches
-    from mnv3.rundir import find_run_config
-    from mnv3.tasks import TASKS
-    from mnv3.validate import lightning_checkpoint
+    from mnv3.trained_run import TrainedRun
 
-    checkpoint = lightning_checkpoint(ckpt, "--ckpt")
-    run_cfg = find_run_config(ckpt)
-    if run_cfg.head.task != "classification":
-        raise ValueError(f"--ckpt {ckpt} is a {run_cfg.head.task} model; expected a classifier")
-    hp = checkpoint["hyper_parameters"].get("model")
-    overrides = {}
-    if isinstance(hp, dict):
-        pretrained = {k: None for k in ("weights", "backbone_weights") if hp.get(k)}
-        overrides = {"model": {**hp, **pretrained}} if pretrained else {}
-    task = TASKS["classification"].load_from_checkpoint(
-        ckpt, map_location="cpu", weights_only=True, **overrides
-    )
-    net = task.ema.module if getattr(task, "ema", None) is not None else task.model
-    net = net.eval().to(memory_format=torch.contiguous_format)
-    datamodule = build_datamodule(run_cfg.data)
+    run = TrainedRun.open(ckpt, key="--ckpt")
+    if run.task_name != "classification":
+        raise ValueError(f"--ckpt {ckpt} is a {run.task_name} model; expected a classifier")
+    net = run.network
+    datamodule = run.datamodule()
     calibration = calibration_batches(datamodule, ACCURACY_CALIBRATION, "val")
     dataset = datamodule.get_dataset("test")
     samples = [s for s in (dataset[i] for i in range(len(dataset))) if s is not None]

@@ -20,11 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torchmetrics import Metric
 
-from mnv3.cli import build_datamodule
 from mnv3.data.coco import COCO_IOU_THRESHOLDS, COCO_RECALL_THRESHOLDS
 from mnv3.deploy import (
     DetectorForExport,
@@ -33,6 +31,7 @@ from mnv3.deploy import (
     export_pte,
     load_pte,
     onnx_session,
+    qat_network,
     quantize_onnx,
     quantize_ptq,
     run_onnx,
@@ -41,8 +40,7 @@ from mnv3.deploy import (
     run_pte_outputs,
 )
 from mnv3.deploy.onnx_export import CalibrationMethod
-from mnv3.export import qat_network
-from mnv3.tasks import TASKS
+from mnv3.trained_run import TrainedRun
 
 # (row name, per-channel weights, calibration method, post-processing kept in float)
 RECIPES: tuple[tuple[str, bool, CalibrationMethod, bool], ...] = (
@@ -150,17 +148,10 @@ def main() -> None:
         help="also score the ExecuTorch XNNPACK int8 program (export_pte; a minute or two more)",
     )
     args = parser.parse_args()
-    run = args.ckpt.parent.parent
-    cfg = OmegaConf.load(run / "config_resolved.yaml")
-    cfg.data.num_workers = 0
-    task_name = str(cfg.head.task)
-    hparams = torch.load(args.ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
-    model = {**hparams["model"], "weights": None, "backbone_weights": None}  # nothing downloaded
-    task = TASKS[task_name].load_from_checkpoint(
-        args.ckpt, map_location="cpu", weights_only=True, model=model
-    )
-    net = task.model.eval()
-    datamodule = build_datamodule(cfg.data)
+    run = TrainedRun.open(args.ckpt, {"num_workers": 0}, key="ckpt")
+    task, task_name, net = run.task, run.task_name, run.network
+    num_classes = int(run.checkpoint["hyper_parameters"]["num_classes"])
+    datamodule = run.datamodule()
     datamodule.setup("fit" if args.qat_steps else "validate")
     loader = datamodule.val_dataloader()
     batches = list(loader)
@@ -186,10 +177,8 @@ def main() -> None:
             pte = export_pte(exportable, Path(tmp) / "int8.pte", first[:1], "int8", calibration)
             programs[PTE_ROW] = load_pte(pte)
         graphs = pt2e_graphs(task, net, datamodule, calibration, args.qat_steps, args.qat_backends)
-        metrics = {"eager": metric(task_name, hparams["num_classes"])}
-        metrics.update(
-            {k: metric(task_name, hparams["num_classes"]) for k in [*sessions, *programs, *graphs]}
-        )
+        metrics = {"eager": metric(task_name, num_classes)}
+        metrics.update({k: metric(task_name, num_classes) for k in [*sessions, *programs, *graphs]})
         for batch in batches:
             images = batch["image"]
             if detection:

@@ -16,8 +16,9 @@ import torch
 
 from dense_suite import DETECT, TINY_DETECT, DenseRunSuite
 from helpers import QUIET, compose_train, last_metric, metrics_rows, run_cli
-from mnv3.cli import ConfigError, check_head_and_data
+from mnv3.cli import ConfigError
 from mnv3.train import train
+from mnv3.validate import check_head_and_data
 
 
 class TestDetectionRun(DenseRunSuite):

@@ -32,7 +32,7 @@ from mnv3.models.ood import (
     max_softmax_score,
 )
 from mnv3.tasks import ClassificationTask
-from mnv3.tasks.callbacks import GradCamImages, OODCalibration
+from mnv3.tasks.classifier_callbacks import GradCamImages, OODCalibration
 from mnv3.train import train
 
 # -- Grad-CAM ------------------------------------------------------------------------------------

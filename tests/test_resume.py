@@ -15,13 +15,10 @@ import torch
 
 from helpers import QUIET, TINY_DATA, metrics_rows, run_cli, start_cli, wait_for_file
 from mnv3.cli import ConfigError
-from mnv3.runs import (
-    AtomicCheckpointIO,
-    ResumableExperimentWriter,
-    check_output_dir,
-    restore_run_config,
-    resume_argv,
-)
+from mnv3.output_dir_check import check_output_dir
+from mnv3.preemption import AtomicCheckpointIO
+from mnv3.resumable_logs import ResumableExperimentWriter
+from mnv3.resume import restore_run_config, resume_argv
 
 # 6 classes x 16 images / batch 8 = 12 steps per epoch, 2 epochs = 24 optimizer steps; a row
 # every 2 steps and last.ckpt every 3, so a kill lands between checkpoints and rows are replayed.

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from helpers import QUIET, TINY_DATA, compose_train, run_cli
-from mnv3.cli import CONFIG_DIR, ConfigError, check_head_and_data
+from mnv3.cli import CONFIG_DIR, ConfigError
 from mnv3.train import train
+from mnv3.validate import check_head_and_data
 
 BACKBONES = sorted(p.stem for p in (CONFIG_DIR / "backbone").glob("*.yaml"))
 DATASETS = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
@@ -299,7 +300,7 @@ def test_truncated_and_empty_images_are_skipped_counted_and_training_continues(
 
 
 def test_gray_data_with_rgb_backbone_fails_at_start(tmp_path: Path) -> None:
-    from mnv3.cli import check_channels
+    from mnv3.validate import check_channels
 
     cfg = compose_train(tmp_path, ["data=chestxray14", "data.channels=1"])
     with pytest.raises(ConfigError, match=r"data.channels=1 but backbone.in_channels=3"):

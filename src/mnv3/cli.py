@@ -1,7 +1,8 @@
-"""What the Hydra entry points share: config checks, object building, printing, error exits.
+"""The Hydra plumbing the entry points share: command lines, error exits, printing, building.
 
-Only the entry points (``mnv3.train``, ``mnv3.eval``) and this module know Hydra/OmegaConf;
-everything they hand to tasks and data modules is converted to plain Python types first.
+Only the entry points (``mnv3.train``, ``mnv3.eval``, ...) and this module know Hydra/OmegaConf;
+everything they hand to tasks and data modules is converted to plain Python types first. The
+config checks are :mod:`mnv3.validate`.
 """
 
 from __future__ import annotations
@@ -96,33 +97,39 @@ def open_data_overrides(argv: list[str]) -> list[str]:
     return [argv[0], *(f"++{a}" if a.startswith("data.") else a for a in argv[1:])]
 
 
+def command_line_overrides() -> list[str]:
+    """The overrides given on the command line (Hydra's record of them; none outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def run_tool_main(tool: Callable[[DictConfig], Any], config_name: str) -> Callable[[], None]:
+    """The ``main()`` of a tool that opens a finished run (``mnv3.eval``, ``mnv3.export``):
+    ``tool`` under Hydra with ``conf/<config_name>.yaml``, plain ``data.<key>=`` overrides
+    applying to the run's data (:func:`open_data_overrides`)."""
+    import hydra
+
+    hydra_main = hydra.main(
+        version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name
+    )
+    entry = hydra_main(tool)
+
+    def main() -> None:
+        """The command line: plain ``data.<key>=`` overrides apply to the checkpoint run's data."""
+        sys.argv = open_data_overrides(sys.argv)
+        entry()
+
+    return main
+
+
 def to_plain(cfg: Any) -> Any:
     """A resolved, plain-Python copy of a config node (dicts, lists, scalars)."""
     if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg
-
-
-def check_head_and_data(cfg: DictConfig) -> None:
-    """Refuse a head/dataset pair that cannot work, before any data is read."""
-    task = cfg.head.task
-    provides = list(cfg.data.get("provides", []))
-    if task not in provides:
-        raise ConfigError(
-            f"head={cfg.head.name} needs {task} data, but data={cfg.data.name} provides "
-            f"{' and '.join(provides) or 'nothing'}; choose a {task} dataset or a head for {provides[0] if provides else '-'}"
-        )
-
-
-def check_channels(cfg: DictConfig) -> None:
-    """A gray (1-channel) data config needs a 1-channel backbone, and the reverse."""
-    data_channels = int(cfg.data.get("channels", 3))
-    model_channels = int(cfg.backbone.get("in_channels", 3) or 3)
-    if data_channels != model_channels:
-        raise ConfigError(
-            f"data.channels={data_channels} but backbone.in_channels={model_channels}; set both to 1 "
-            "(gray input, stem weights summed from RGB) or both to 3 (gray replicated to RGB)"
-        )
 
 
 def build_datamodule(data_cfg: Mapping[str, Any]) -> Any:

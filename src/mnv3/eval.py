@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,18 +27,17 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from mnv3.cli import (
-    CONFIG_DIR,
-    ConfigError,
     build_datamodule,
-    check_channels,
-    check_head_and_data,
+    command_line_overrides,
     exit_on_user_error,
-    open_data_overrides,
     print_metrics_table,
+    run_tool_main,
     to_plain,
 )
-from mnv3.rundir import find_run_config
-from mnv3.validate import check_backbone_keys, check_values, lightning_checkpoint
+from mnv3.errors import ConfigError
+from mnv3.run_folder import CSV_DIR
+from mnv3.trained_run import TrainedRun
+from mnv3.validate import check_evaluated_config, check_values, check_weights_config
 
 log = logging.getLogger("mnv3.eval")
 
@@ -51,39 +49,44 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     Without ``ckpt_path``, the weights named by the config are evaluated instead
     (:func:`evaluate_weights`).
     """
-    from pytorch_lightning.loggers import CSVLogger
-
-    from mnv3.tasks import TASKS
-
     check_values(cfg)  # split, trainer and data overrides: before anything is read
     if not cfg.get("ckpt_path"):
-        return evaluate_weights(cfg, _command_line_overrides())
-    ckpt_path = Path(str(cfg.ckpt_path)).expanduser()
+        return evaluate_weights(cfg, command_line_overrides())
     # Read once, safely: an empty, truncated, unsafe or foreign file is one sentence here.
-    checkpoint = lightning_checkpoint(ckpt_path, "ckpt_path")
-    run_cfg = find_run_config(ckpt_path)
-    data_cfg = OmegaConf.merge(run_cfg.data, cfg.get("data") or {})
-    check_values(OmegaConf.create({"data": data_cfg}))
-    task_cls = TASKS[run_cfg.head.task]
-    task = task_cls.load_trained(ckpt_path, checkpoint)
-    datamodule = build_datamodule(data_cfg)
-    output_dir = Path(cfg.paths.output_dir)
+    run = TrainedRun.open(cfg.ckpt_path, cfg.get("data"))
+    check_values(OmegaConf.create({"data": run.data_config}))
+    task = run.task
     # Stateful callbacks the checkpoint carries (e.g. the OOD threshold behind test/ood_flagged).
-    callbacks = task_cls.restore_callbacks(checkpoint)
+    callbacks = run.task_class.restore_callbacks(run.checkpoint)
+    title = f"{run.ckpt_path.name} on {run.data_config.name} {cfg.split}"
+    seed = int(run.config.get("seed", 0))
+    return _run_split(cfg, task, run.datamodule(), title, seed, callbacks)
+
+
+def _run_split(
+    cfg: DictConfig,
+    task: pl.LightningModule,
+    datamodule: Any,
+    title: str,
+    seed: int,
+    callbacks: list[pl.Callback] | None = None,
+) -> dict[str, float]:
+    """Validate or test ``task`` on ``cfg.split``, log to ``<output>/csv``, print the metrics."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    output_dir = Path(cfg.paths.output_dir)
     if cfg.get("save_predictions"):
         task.predictions_dir = output_dir  # detection: COCO results json; segmentation: PNGs
     trainer = hydra.utils.instantiate(
         cfg.trainer,
-        logger=[CSVLogger(save_dir=str(output_dir), name="csv", version="")],
-        callbacks=callbacks,
+        logger=[CSVLogger(save_dir=str(output_dir), name=CSV_DIR, version="")],
+        callbacks=callbacks or [],
     )
-    pl.seed_everything(int(run_cfg.get("seed", 0)), workers=True)
-    if cfg.split == "val":
-        results = trainer.validate(task, datamodule=datamodule)
-    else:
-        results = trainer.test(task, datamodule=datamodule)
+    pl.seed_everything(seed, workers=True)
+    run = trainer.validate if cfg.split == "val" else trainer.test
+    results = run(task, datamodule=datamodule)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    print_metrics_table(f"{ckpt_path.name} on {data_cfg.name} {cfg.split}", metrics)
+    print_metrics_table(title, metrics)
     return metrics
 
 
@@ -161,25 +164,12 @@ def evaluate_weights(cfg: DictConfig, overrides: list[str] | None = None) -> dic
     ``overrides``: the command line's (Hydra's record), which tells the data keys the user set
     from those a known checkpoint's preprocessing may set.
     """
-    from pytorch_lightning.loggers import CSVLogger
-
     from mnv3.models.checkpoints import KNOWN_WEIGHTS
     from mnv3.tasks import TASKS
 
-    if not cfg.get("backbone") or not cfg.get("data") or "_target_" not in cfg.data:
-        raise ConfigError(
-            "mnv3.eval needs ckpt_path=<run checkpoint>, or backbone=<name>, data=<dataset> and "
-            "the weights (backbone.weights for head=classifier, head.weights otherwise)"
-        )
-    task_name = str(cfg.head.task)
-    key = TASKS[task_name].weights_key
-    weights = OmegaConf.select(cfg, key)
-    if not weights:
-        raise ConfigError(
-            f"{key} is not set: without ckpt_path, mnv3.eval evaluates the weights it names "
-            "(a known name such as mobilenet_v3_large.IMAGENET1K_V2, a URL or a file path)"
-        )
-    weights = str(weights)
+    task_name = str(cfg.head.task) if cfg.get("head") else ""
+    key = TASKS[task_name].weights_key if task_name in TASKS else "head.weights"
+    weights = check_weights_config(cfg, key)
     known = KNOWN_WEIGHTS.get(weights)
     plain = to_plain(cfg)
     if known is not None:
@@ -189,15 +179,28 @@ def evaluate_weights(cfg: DictConfig, overrides: list[str] | None = None) -> dic
         plain["data"].update(preset)
         if preset:
             log.info("preprocessing of %s: %s", weights, preset)
-    checked = OmegaConf.create({k: plain[k] for k in ("data", "backbone", "head")})
-    check_values(checked)
-    check_head_and_data(checked)
-    check_channels(checked)
-    check_backbone_keys(checked)
-
+    check_evaluated_config(OmegaConf.create({k: plain[k] for k in ("data", "backbone", "head")}))
     datamodule = build_datamodule(plain["data"])
-    # The task is built without weights and loaded here, so that a checkpoint that does not fit
-    # the data's classes is an error rather than a silently re-initialised (random) head.
+    task = _task_with_weights(plain, datamodule, key, weights)
+    title = f"{Path(weights).name if known is None else weights} on {cfg.data.name} {cfg.split}"
+    metrics = _run_split(cfg, task, datamodule, title, int(cfg.get("seed", 0)))
+    if known is not None:
+        rows = published_rows(metrics, known.metrics, str(cfg.split))
+        print_published_table(f"{weights}: measured vs published", rows)
+    return metrics
+
+
+def _task_with_weights(
+    plain: dict[str, Any], datamodule: Any, key: str, weights: str
+) -> pl.LightningModule:
+    """The task of the composed config with ``weights`` loaded into it.
+
+    Built without weights and loaded here, so that a checkpoint that does not fit the data's
+    classes is an error rather than a silently re-initialised (random) head.
+    """
+    from mnv3.tasks import TASKS
+
+    task_name = str(plain["head"]["task"])
     section, _, field = key.partition(".")
     plain[section][field] = None
     plain.setdefault("optim", dict(_NO_OPTIMIZER))
@@ -207,45 +210,13 @@ def evaluate_weights(cfg: DictConfig, overrides: list[str] | None = None) -> dic
     if report is not None and report.reinitialized:
         raise ConfigError(
             f"{key}={weights} has no {task_name} layer for the {datamodule.num_classes} classes of "
-            f"data={cfg.data.name} (its {report.reinitialized[0]} does not fit); evaluate it on "
-            "the dataset it was trained for"
+            f"data={plain['data']['name']} (its {report.reinitialized[0]} does not fit); evaluate "
+            "it on the dataset it was trained for"
         )
-    output_dir = Path(cfg.paths.output_dir)
-    if cfg.get("save_predictions"):
-        task.predictions_dir = output_dir
-    trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=[CSVLogger(save_dir=str(output_dir), name="csv", version="")]
-    )
-    pl.seed_everything(int(cfg.get("seed", 0)), workers=True)
-    run = trainer.validate if cfg.split == "val" else trainer.test
-    results = run(task, datamodule=datamodule)
-    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    title = f"{Path(weights).name if known is None else weights} on {cfg.data.name} {cfg.split}"
-    print_metrics_table(title, metrics)
-    if known is not None:
-        rows = published_rows(metrics, known.metrics, str(cfg.split))
-        print_published_table(f"{weights}: measured vs published", rows)
-    return metrics
+    return task
 
 
-def _command_line_overrides() -> list[str]:
-    """The overrides given on the command line (Hydra's record of them)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return list(HydraConfig.get().overrides.task)
-
-
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
-def _hydra_main(cfg: DictConfig) -> None:
-    evaluate(cfg)
-
-
-def main() -> None:
-    """The command line: plain ``data.<key>=`` overrides apply to the checkpoint run's data."""
-    sys.argv = open_data_overrides(sys.argv)
-    _hydra_main()
+main = run_tool_main(evaluate, "eval")
 
 
 if __name__ == "__main__":

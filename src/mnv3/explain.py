@@ -11,7 +11,7 @@ it kept one), and the heat map is mapped back from the centre crop onto the whol
 overlay has the image's own size up to ``overlay_max_size`` pixels on the long side; a larger
 image is shown downscaled (and the output says so): the network only ever sees the resized crop,
 and full-size float copies of an 8000x8000 photo cost gigabytes. The out-of-distribution threshold
-is the one :class:`~mnv3.tasks.callbacks.OODCalibration` saved in the checkpoint, or
+is the one :class:`~mnv3.tasks.classifier_callbacks.OODCalibration` saved in the checkpoint, or
 ``ood_threshold``.
 """
 
@@ -26,67 +26,29 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from mnv3.cli import CONFIG_DIR, ConfigError, build_datamodule, exit_on_user_error
-from mnv3.rundir import find_run_config
+from mnv3.cli import CONFIG_DIR, ConfigError, exit_on_user_error
+from mnv3.tasks.classifier_callbacks import is_multilabel
+from mnv3.trained_run import TrainedRun
+from mnv3.validate import check_explain_config
 
 log = logging.getLogger("mnv3.explain")
 
 
-def _load_network(ckpt_path: Path, task_kind: str) -> tuple[Any, torch.nn.Module, dict[str, Any]]:
-    """The task, its evaluation network, and the raw checkpoint dict (for callback states)."""
-    from mnv3.models.checkpoints import CheckpointError
-    from mnv3.tasks import ClassificationTask
-
-    if task_kind != "classification":
+def _open_classifier(ckpt_path: Path) -> tuple[TrainedRun, Any, Any]:
+    """The run of a classification checkpoint, its data module and eval preset (resize, crop)."""
+    run = TrainedRun.open(ckpt_path)
+    if run.task_name != "classification":
         raise ConfigError(
-            f"explain works on classification checkpoints; {ckpt_path} is {task_kind}"
+            f"explain works on classification checkpoints; {ckpt_path} is {run.task_name}"
         )
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        task = ClassificationTask.load_trained(ckpt_path, checkpoint)
-    except Exception as exc:  # corrupt zips, unpickling refusals, missing keys
-        message = f"could not read checkpoint {ckpt_path}: {type(exc).__name__}: {exc}"
-        raise CheckpointError(message.split("\n")[0]) from exc
-    network = task.ema.module if task.ema is not None else task.model
-    return task, network.eval(), checkpoint
-
-
-def _is_multilabel(task: Any, datamodule: Any) -> bool:
-    """Independent findings (sigmoid) or one class (softmax): the task's word, else the data's."""
-    label_type = getattr(task, "label_type", None) or task.hparams.get("label_type")
-    if label_type is None:
-        label_type = getattr(datamodule, "label_type", "multiclass")
-    return label_type == "multilabel"
-
-
-def _eval_transform(run_data: DictConfig, ckpt_path: Path) -> tuple[Any, Any]:
-    """The run's data module and its evaluation preset; constructing the module reads no file."""
-    try:
-        datamodule = build_datamodule(run_data)
-    except TypeError as exc:  # a key the data module does not take, e.g. from an older version
-        raise ConfigError(
-            f"the data section of the run config of {ckpt_path} does not build a data module "
-            f"({exc}); expected the config_resolved.yaml written by mnv3.train"
-        ) from None
+    datamodule = run.datamodule()
     preset = getattr(datamodule, "eval_transform", None)
     if not all(hasattr(preset, key) for key in ("resize_size", "crop_size")):
         raise ConfigError(
             f"the data module of the run of {ckpt_path} ({type(datamodule).__name__}) has no "
             "classification eval transform (resize_size, crop_size); explain needs one"
         )
-    return datamodule, preset
-
-
-def _overlay_max_size(value: Any) -> int | None:
-    """``overlay_max_size`` as a pixel count (None: no limit), or one sentence saying why not."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(
-            f"overlay_max_size={value!r} (conf/explain.yaml) must be a positive number of "
-            "pixels or null for no limit"
-        )
-    return value
+    return run, datamodule, preset
 
 
 def overlay_size(image_hw: tuple[int, int], max_size: int | None) -> tuple[int, int]:
@@ -100,7 +62,7 @@ def overlay_size(image_hw: tuple[int, int], max_size: int | None) -> tuple[int, 
 
 def _ood_threshold(checkpoint: dict[str, Any], cfg: DictConfig) -> tuple[float, str]:
     """The saved OODCalibration threshold, else the ``ood_threshold`` config value; and its source."""
-    from mnv3.tasks.callbacks import OODCalibration
+    from mnv3.tasks.classifier_callbacks import OODCalibration
 
     state = OODCalibration.state_from_checkpoint(checkpoint)
     if state is not None:
@@ -175,34 +137,17 @@ def render_overlay(
 @exit_on_user_error
 def explain(cfg: DictConfig) -> dict[str, Any]:
     """Predict, check for out-of-distribution input, and write the Grad-CAM overlay of one image."""
-    from PIL import Image
     from torchvision.transforms.v2 import functional as TF
 
     from mnv3.data.errors import UnreadableImageError
     from mnv3.data.io import load_rgb
-    from mnv3.models.gradcam import grad_cam
-    from mnv3.models.ood import (
-        confidence_score,
-        energy_score,
-        joint_energy_score,
-    )
 
+    check_explain_config(cfg)  # files and values: one sentence before the checkpoint is read
     ckpt_path = Path(str(cfg.ckpt_path)).expanduser()
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {ckpt_path} does not exist (expected a .ckpt written by mnv3.train)"
-        )
     image_path = Path(str(cfg.image)).expanduser()
-    if not image_path.is_file():
-        raise FileNotFoundError(f"image {image_path} does not exist (give image=path/to/file)")
-    from mnv3.validate import check_explain_config
-
-    check_explain_config(cfg)  # values, and an empty/truncated/unsafe checkpoint: one sentence
-    max_size = _overlay_max_size(cfg.get("overlay_max_size", 2048))
-    run_cfg = find_run_config(ckpt_path)
-    task, network, checkpoint = _load_network(ckpt_path, str(run_cfg.head.task))
-    datamodule, preset = _eval_transform(run_cfg.data, ckpt_path)
-    class_names = list(task.class_names)
+    max_size = cfg.get("overlay_max_size", 2048)
+    run, datamodule, preset = _open_classifier(ckpt_path)
+    class_names = list(run.task.class_names)
     try:
         raw = load_rgb(image_path)
     except UnreadableImageError as exc:
@@ -215,57 +160,23 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     shown_hw = overlay_size(image_hw, max_size)
     shown = raw if shown_hw == image_hw else TF.resize(raw, list(shown_hw), antialias=True)
     del raw
-    with torch.no_grad():
-        logits = network(batch).float()
-    multilabel = _is_multilabel(task, datamodule)
-    probs = torch.sigmoid(logits[0]) if multilabel else torch.softmax(logits[0], dim=0)
-    confidence = float(confidence_score(logits, multilabel)[0])
-    energy = float((joint_energy_score if multilabel else energy_score)(logits)[0])
-    threshold, source = _ood_threshold(checkpoint, cfg)
-    out_of_distribution = confidence < threshold
-
+    found = _scores(run, datamodule, batch, cfg)
     tap = str(cfg.get("tap", "C5"))
-    try:
-        network.tap(tap)
-    except KeyError as exc:
-        raise ConfigError(str(exc.args[0])) from None
     target = _target_index(cfg.get("target"), class_names)
-    explained = target if target is not None else int(logits[0].argmax())
-    heat = grad_cam(network, batch, target=explained, tap=tap)[0]
-    shown_heat, coverage = heat_on_image(
-        heat, image_hw, preset.resize_size, preset.crop_size, out_hw=shown_hw
-    )
+    explained = target if target is not None else int(found["logits"][0].argmax())
     out = cfg.get("out")
     out_path = (
         Path(str(out)).expanduser()
         if out
         else Path(cfg.paths.output_dir) / f"{image_path.stem}_gradcam.png"
     )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    overlay = render_overlay(shown, shown_heat, coverage, float(cfg.get("alpha", 0.5)))
-    Image.fromarray(overlay).save(out_path)
+    geometry = (image_hw, preset.resize_size, preset.crop_size, shown_hw)
+    _write_overlay(run.network, batch, explained, tap, shown, geometry, out_path, cfg)
 
     top_k = min(int(cfg.get("top_k", 5)), len(class_names))
-    values, indices = probs.topk(top_k)
-    width = max(len(class_names[i]) for i in indices.tolist())
-    score_name = "max-sigmoid" if multilabel else "max-softmax"
-    energy_name = "joint energy" if multilabel else "energy"
-    lines = [
-        f"image: {image_path} ({image_hw[1]}x{image_hw[0]}), checkpoint: {ckpt_path}",
-        f"top {top_k} predictions ({'sigmoid' if multilabel else 'softmax'} probability):",
-        *(
-            f"  {rank}. {class_names[i]:<{width}}  {p:.4f}"
-            for rank, (i, p) in enumerate(zip(indices.tolist(), values.tolist(), strict=True), 1)
-        ),
-        f"{score_name} score: {confidence:.4f}   {energy_name} score: {energy:.4f}",
-        f"OOD threshold: {threshold:.4f} ({source})",
-    ]
-    if out_of_distribution:
-        lines.append(
-            f"WARNING: OUT-OF-DISTRIBUTION: the {score_name} score {confidence:.4f} is below the "
-            f"threshold {threshold:.4f}; this image is unlike the training data, do not trust the "
-            "prediction"
-        )
+    values, indices = found["probs"].topk(top_k)
+    lines = _summary(found, class_names, values, indices)
+    lines.insert(0, f"image: {image_path} ({image_hw[1]}x{image_hw[0]}), checkpoint: {ckpt_path}")
     lines.append(f"Grad-CAM of class '{class_names[explained]}' at tap {tap} written to {out_path}")
     if shown_hw != image_hw:
         lines.append(
@@ -277,15 +188,90 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     return {
         "prediction": class_names[int(indices[0])],
         "probability": float(values[0]),
-        "confidence": confidence,
-        "energy": energy,
-        "threshold": threshold,
-        "threshold_source": source,
-        "out_of_distribution": out_of_distribution,
+        **{k: found[k] for k in ("confidence", "energy", "threshold")},
+        "threshold_source": found["source"],
+        "out_of_distribution": found["out_of_distribution"],
         "explained_class": class_names[explained],
         "overlay": out_path,
         "overlay_size": (shown_hw[1], shown_hw[0]),
     }
+
+
+def _scores(run: TrainedRun, datamodule: Any, batch: torch.Tensor, cfg: DictConfig) -> dict:
+    """Logits, probabilities, confidence and energy scores, and the OOD verdict of ``batch``."""
+    from mnv3.models.ood import confidence_score, energy_score, joint_energy_score
+
+    with torch.no_grad():
+        logits = run.network(batch).float()
+    multilabel = is_multilabel(run.task, datamodule)
+    confidence = float(confidence_score(logits, multilabel)[0])
+    threshold, source = _ood_threshold(run.checkpoint, cfg)
+    return {
+        "logits": logits,
+        "multilabel": multilabel,
+        "probs": torch.sigmoid(logits[0]) if multilabel else torch.softmax(logits[0], dim=0),
+        "confidence": confidence,
+        "energy": float((joint_energy_score if multilabel else energy_score)(logits)[0]),
+        "threshold": threshold,
+        "source": source,
+        "out_of_distribution": confidence < threshold,
+    }
+
+
+def _write_overlay(
+    network: torch.nn.Module,
+    batch: torch.Tensor,
+    explained: int,
+    tap: str,
+    shown: torch.Tensor,
+    geometry: tuple[tuple[int, int], int, int, tuple[int, int]],
+    out_path: Path,
+    cfg: DictConfig,
+) -> None:
+    """Grad-CAM of class ``explained`` at ``tap``, mapped onto the shown image and saved.
+
+    ``geometry``: the image's (h, w), the preset's resize and crop sizes, the shown (h, w).
+    """
+    from PIL import Image
+
+    from mnv3.models.gradcam import grad_cam
+
+    try:
+        network.tap(tap)
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0])) from None
+    heat = grad_cam(network, batch, target=explained, tap=tap)[0]
+    image_hw, resize_size, crop_size, shown_hw = geometry
+    shown_heat, coverage = heat_on_image(heat, image_hw, resize_size, crop_size, out_hw=shown_hw)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    overlay = render_overlay(shown, shown_heat, coverage, float(cfg.get("alpha", 0.5)))
+    Image.fromarray(overlay).save(out_path)
+
+
+def _summary(
+    found: dict[str, Any], class_names: list[str], values: torch.Tensor, indices: torch.Tensor
+) -> list[str]:
+    """The printed lines: top classes, scores, threshold, and the OOD warning."""
+    multilabel, confidence, threshold = found["multilabel"], found["confidence"], found["threshold"]
+    width = max(len(class_names[i]) for i in indices.tolist())
+    score_name = "max-sigmoid" if multilabel else "max-softmax"
+    energy_name = "joint energy" if multilabel else "energy"
+    lines = [
+        f"top {len(indices)} predictions ({'sigmoid' if multilabel else 'softmax'} probability):",
+        *(
+            f"  {rank}. {class_names[i]:<{width}}  {p:.4f}"
+            for rank, (i, p) in enumerate(zip(indices.tolist(), values.tolist(), strict=True), 1)
+        ),
+        f"{score_name} score: {confidence:.4f}   {energy_name} score: {found['energy']:.4f}",
+        f"OOD threshold: {threshold:.4f} ({found['source']})",
+    ]
+    if found["out_of_distribution"]:
+        lines.append(
+            f"WARNING: OUT-OF-DISTRIBUTION: the {score_name} score {confidence:.4f} is below the "
+            f"threshold {threshold:.4f}; this image is unlike the training data, do not trust the "
+            "prediction"
+        )
+    return lines
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="explain")

@@ -2,72 +2,26 @@
 
 ``python -m mnv3.export ckpt_path=<run>/checkpoints/best.ckpt format=onnx|pte [quantize=int8]``
 
-The run's resolved config rebuilds the data module, whose eval transform gives the input size,
-the preprocessing written to ``<out>.json`` and the calibration images for int8. The network
-comes from the checkpoint's plain hyperparameters (``weights_only=True``), its EMA copy when
-the run kept one (the weights it was validated with).
+The run is opened with :class:`~mnv3.trained_run.TrainedRun`: its data module's eval transform
+gives the input size, the preprocessing written to ``<out>.json`` and the calibration images for
+int8; the network is the one the run validated with (its EMA copy when it kept one).
+:func:`mnv3.deploy.export_network` writes the file for the format and quantization asked.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mnv3.cli import (
-    CONFIG_DIR,
-    ConfigError,
-    build_datamodule,
-    exit_on_user_error,
-    open_data_overrides,
-    to_plain,
-)
-from mnv3.rundir import find_run_config
-from mnv3.validate import lightning_checkpoint
+from mnv3.cli import exit_on_user_error, run_tool_main, to_plain
+from mnv3.errors import ConfigError
+from mnv3.trained_run import TrainedRun
+from mnv3.validate import check_export_config
 
 log = logging.getLogger("mnv3.export")
-
-FORMATS = ("onnx", "pte")
-QUANTIZE = (None, "int8")
-
-
-def check_export_config(cfg: DictConfig) -> None:
-    """Refuse unknown formats, quantization modes and sizes before anything is read."""
-    if cfg.get("ckpt_path") in (None, ""):
-        raise ConfigError("ckpt_path is not set; expected ckpt_path=<run>/checkpoints/best.ckpt")
-    if cfg.format not in FORMATS:
-        raise ConfigError(f"format={cfg.format!r} is unknown; expected one of {', '.join(FORMATS)}")
-    if cfg.get("quantize") not in QUANTIZE:
-        raise ConfigError(f"quantize={cfg.quantize!r} is unknown; expected null or int8")
-    steps = cfg.get("qat_steps", 0)
-    if not isinstance(steps, int) or steps < 0:
-        raise ConfigError(f"qat_steps={steps!r} is not a count; expected 0 or more batches")
-    if steps and (cfg.format != "pte" or cfg.get("quantize") != "int8"):
-        raise ConfigError(
-            f"qat_steps={steps} needs format=pte quantize=int8 (quantization-aware training "
-            f"for ExecuTorch); got format={cfg.format} quantize={cfg.get('quantize')}"
-        )
-    from mnv3.deploy.onnx_export import CALIBRATION_METHODS
-
-    method = cfg.get("calibration_method", "minmax")
-    if method not in CALIBRATION_METHODS:
-        raise ConfigError(
-            f"calibration_method={method!r} is unknown; "
-            f"expected one of {', '.join(CALIBRATION_METHODS)}"
-        )
-    size = cfg.get("input_size")
-    if size is not None:
-        plain = to_plain(size)
-        if isinstance(plain, int):
-            plain = [plain, plain]
-        if not (
-            isinstance(plain, list) and len(plain) == 2 and all(isinstance(v, int) for v in plain)
-        ):
-            raise ConfigError(f"input_size={plain!r} is not a size; expected [H, W] in pixels")
 
 
 def _preprocessing(datamodule: Any, input_size: tuple[int, int]) -> dict[str, Any]:
@@ -84,129 +38,65 @@ def _preprocessing(datamodule: Any, input_size: tuple[int, int]) -> dict[str, An
     return recipe
 
 
-def _network(task: Any) -> Any:
-    """The network the run validated with: the EMA copy if it has one."""
-    import torch
+def _metadata(run: TrainedRun, datamodule: Any, input_size: tuple[int, int], quantize: Any) -> dict:
+    """The sidecar json: task, checkpoint, labels, preprocessing (and a detector's NMS)."""
+    from mnv3.deploy.onnx_export import postprocess_metadata
 
-    net = task.ema.module if getattr(task, "ema", None) is not None else task.model
-    return net.eval().to(memory_format=torch.contiguous_format)
-
-
-def qat_network(
-    task: Any,
-    network: Any,
-    datamodule: Any,
-    example: Any,
-    steps: int,
-    lr: float,
-    backend: str = "xnnpack",
-) -> Any:
-    """The int8 graph of ``task.qat_objective(network, example).network`` from
-    quantization-aware training on ``steps`` batches of the training split (``datamodule`` set
-    up for "fit"): at lr 0 the weights stay and only the moving-average activation ranges are
-    learnt (what keeps SSDLite's mAP, README); above 0 the weights are fine-tuned too
-    (BatchNorm statistics frozen halfway). ``backend``: ``"xnnpack"`` (``.pte``) or ``"x86"``."""
-    from mnv3.deploy import qat_finetune
-
-    objective = task.qat_objective(network, example)
-
-    def batches() -> Any:
-        for i, batch in enumerate(datamodule.train_dataloader()):
-            if i >= steps:
-                return
-            yield objective.inputs(batch)
-
-    log.info("quantization-aware training: %d batches at lr %g", steps, lr)
-    return qat_finetune(
-        objective.network,
-        example,
-        batches,
-        lr=lr,
-        freeze_bn_after=0 if lr == 0 else steps // 2,
-        backend=backend,
-        loss_fn=objective.loss,
-    )
+    metadata = {
+        "task": run.task_name,
+        "checkpoint": str(run.ckpt_path),
+        "class_names": list(datamodule.class_names),
+        "preprocessing": _preprocessing(datamodule, input_size),
+        "quantize": quantize,
+    }
+    postprocess = postprocess_metadata(run.network)
+    if postprocess is not None:
+        metadata["postprocess"] = postprocess
+    return metadata
 
 
 @exit_on_user_error
 def export(cfg: DictConfig) -> Path:
     """Export the checkpoint ``cfg.ckpt_path`` as ``cfg.format``; return the written file."""
-    from mnv3.deploy import ExportError, calibration_batches, example_input, export_onnx
-    from mnv3.deploy.onnx_export import postprocess_metadata, quantize_onnx
-    from mnv3.tasks import TASKS
+    from mnv3.deploy import ExportError, calibration_batches, example_input, export_network
 
     check_export_config(cfg)
-    ckpt_path = Path(str(cfg.ckpt_path)).expanduser()
-    checkpoint = lightning_checkpoint(ckpt_path, "ckpt_path")
-    run_cfg = find_run_config(ckpt_path)
-    task_name = run_cfg.head.task
+    run = TrainedRun.open(cfg.ckpt_path, cfg.get("data"))
     fmt, quantize = str(cfg.format), cfg.get("quantize")
-    task = TASKS[task_name].load_trained(ckpt_path, checkpoint)
-    data_cfg = OmegaConf.merge(run_cfg.data, cfg.get("data") or {})
-    datamodule = build_datamodule(data_cfg)
+    datamodule = run.datamodule()
     size = to_plain(cfg.get("input_size")) or datamodule.input_size
     input_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    network = _network(task)
     out = cfg.get("out")
-    suffix = "_int8" if quantize else ""
     path = (
         Path(str(out)).expanduser()
         if out
-        else ckpt_path.parent.parent / "export" / f"{ckpt_path.stem}{suffix}.{fmt}"
+        else run.folder.export_path(run.ckpt_path, fmt, bool(quantize))
     )
-    metadata = {
-        "task": task_name,
-        "checkpoint": str(ckpt_path),
-        "class_names": list(datamodule.class_names),
-        "preprocessing": _preprocessing(datamodule, input_size),
-        "quantize": quantize,
-    }
-    postprocess = postprocess_metadata(network)
-    if postprocess is not None:
-        metadata["postprocess"] = postprocess
+    metadata = _metadata(run, datamodule, input_size, quantize)
+    qat_steps = int(cfg.get("qat_steps", 0))
     try:
-        channels = int(datamodule.channels)
-        qat_steps = int(cfg.get("qat_steps", 0))
+        batch = int(cfg.get("pte_batch_size", 1)) if fmt == "pte" else 1
+        example = example_input(input_size, batch=batch, channels=int(datamodule.channels))
         calibration = (
             calibration_batches(datamodule, int(cfg.calibration_images), str(cfg.calibration_split))
             if quantize and not qat_steps
             else None
         )
-        if fmt == "pte":
-            from mnv3.deploy import export_pte
-
-            batch = int(cfg.get("pte_batch_size", 1))
-            example = example_input(input_size, batch=batch, channels=channels)
-            quantized = None
-            if qat_steps:
-                lr = float(cfg.get("qat_lr", 0.0))
-                metadata["qat"] = {"steps": qat_steps, "lr": lr, "quantizer": "xnnpack"}
-                datamodule.setup("fit")
-                quantized = qat_network(task, network, datamodule, example, qat_steps, lr)
-            export_pte(network, path, example, quantize, calibration, metadata, quantized)
-        elif quantize:
-            import tempfile
-
-            example = example_input(input_size, batch=1, channels=channels)
-            with tempfile.TemporaryDirectory() as scratch:
-                fp32 = export_onnx(
-                    network,
-                    Path(scratch) / "fp32.onnx",
-                    example,
-                    bool(cfg.dynamic_batch),
-                    int(cfg.opset),
-                )
-                quantize_onnx(
-                    fp32,
-                    path,
-                    calibration or [],
-                    bool(cfg.per_channel),
-                    metadata,
-                    calibration_method=str(cfg.get("calibration_method", "minmax")),
-                )
-        else:
-            example = example_input(input_size, batch=1, channels=channels)
-            export_onnx(network, path, example, bool(cfg.dynamic_batch), int(cfg.opset), metadata)
+        quantized = _qat(cfg, run, datamodule, example, metadata) if qat_steps else None
+        export_network(
+            run.network,
+            path,
+            fmt,
+            example,
+            quantize,
+            calibration,
+            metadata,
+            quantized_network=quantized,
+            dynamic_batch=bool(cfg.dynamic_batch),
+            opset=int(cfg.opset),
+            per_channel=bool(cfg.per_channel),
+            calibration_method=str(cfg.get("calibration_method", "minmax")),  # type: ignore[arg-type]
+        )
     except ExportError as exc:
         raise ConfigError(str(exc)) from exc
     log.info("wrote %s and %s.json", path, path.name)
@@ -214,15 +104,20 @@ def export(cfg: DictConfig) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
-def _hydra_main(cfg: DictConfig) -> None:
-    export(cfg)
+def _qat(
+    cfg: DictConfig, run: TrainedRun, datamodule: Any, example: Any, metadata: dict[str, Any]
+) -> Any:
+    """``qat_steps``: the XNNPACK int8 network from quantization-aware training (recorded in
+    the sidecar's ``qat`` entry)."""
+    from mnv3.deploy import qat_network
+
+    steps, lr = int(cfg.qat_steps), float(cfg.get("qat_lr", 0.0))
+    metadata["qat"] = {"steps": steps, "lr": lr, "quantizer": "xnnpack"}
+    datamodule.setup("fit")
+    return qat_network(run.task, run.network, datamodule, example, steps, lr)
 
 
-def main() -> None:
-    """The command line: plain ``data.<key>=`` overrides apply to the checkpoint run's data."""
-    sys.argv = open_data_overrides(sys.argv)
-    _hydra_main()
+main = run_tool_main(export, "export")
 
 
 if __name__ == "__main__":

@@ -19,29 +19,31 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from mnv3.cli import (
     CONFIG_DIR,
-    ConfigError,
     build_datamodule,
-    check_channels,
-    check_head_and_data,
+    command_line_overrides,
     default_wandb_offline,
     exit_on_user_error,
     print_config_tree,
     print_metrics_table,
     to_plain,
 )
-from mnv3.runs import (
+from mnv3.errors import ConfigError
+from mnv3.output_dir_check import check_output_dir
+from mnv3.preemption import (
     AtomicCheckpointIO,
     PeriodicLastCheckpoint,
     Preempted,
     PreemptionCheckpoint,
-    ResumableCSVLogger,
-    check_output_dir,
-    requeued_checkpoint,
-    restore_run_config,
-    resume_argv,
-    wandb_run_id,
 )
-from mnv3.validate import check_checkpoint_fits, check_train_config
+from mnv3.resumable_logs import ResumableCSVLogger, wandb_run_id
+from mnv3.resume import requeued_checkpoint, restore_run_config, resume_argv
+from mnv3.run_folder import BEST_NAME, CSV_DIR, RunFolder
+from mnv3.validate import (
+    check_channels,
+    check_checkpoint_fits,
+    check_head_and_data,
+    check_train_config,
+)
 
 log = logging.getLogger("mnv3.train")
 
@@ -58,7 +60,7 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Any]:
     # Continuing a run (ckpt_path) continues its CSV file and its W&B run.
     resuming = bool(cfg.get("ckpt_path"))
     loggers: list[Any] = [
-        ResumableCSVLogger(save_dir=str(output_dir), name="csv", version="", resume=resuming)
+        ResumableCSVLogger(save_dir=str(output_dir), name=CSV_DIR, version="", resume=resuming)
     ]
     for name, logger_cfg in (cfg.get("logger") or {}).items():
         if logger_cfg is None or "_target_" not in logger_cfg:
@@ -86,11 +88,11 @@ def build_callbacks(
     )
 
     cb = cfg.callbacks
-    ckpt_dir = output_dir / "checkpoints"
+    ckpt_dir = RunFolder(output_dir).checkpoint_dir
     callbacks: list[pl.Callback] = [
         ModelCheckpoint(
             dirpath=ckpt_dir,
-            filename="best",
+            filename=BEST_NAME,
             monitor=task.monitor,
             mode=task.monitor_mode,
             save_top_k=1,
@@ -129,18 +131,8 @@ def build_callbacks(
 @exit_on_user_error
 def train(cfg: DictConfig) -> float | None:
     """Fit, then test the best checkpoint; returns ``cfg.optimized_metric`` for sweepers."""
-    if cfg.get("resume"):
-        cfg = restore_run_config(cfg, _command_line_overrides())
-    requeued = requeued_checkpoint(Path(cfg.paths.output_dir))
-    if requeued is not None and not cfg.get("ckpt_path"):
-        with open_dict(cfg):
-            cfg.ckpt_path = str(requeued)  # SLURM requeued this job: continue, don't restart
-    check_train_config(cfg)  # values, backbone.weights, ckpt_path: one sentence before any data
+    cfg = _checked_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    check_output_dir(output_dir, "paths.output_dir")
-    print_config_tree(cfg, save_to=output_dir / "config_resolved.yaml")
-    check_head_and_data(cfg)
-    check_channels(cfg)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg.data)
@@ -148,7 +140,7 @@ def train(cfg: DictConfig) -> float | None:
     check_checkpoint_fits(cfg.ckpt_path, task)  # class count, EMA: not Lightning's ~150 lines
     loggers = build_loggers(cfg, output_dir)
     callbacks = build_callbacks(cfg, task, output_dir)
-    preemption = PreemptionCheckpoint(output_dir / "checkpoints" / "last.ckpt")
+    preemption = PreemptionCheckpoint(RunFolder(output_dir).last_checkpoint)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         logger=loggers,
@@ -168,12 +160,42 @@ def train(cfg: DictConfig) -> float | None:
 
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    except SIGTERMException:  # Lightning stops the fit on SIGTERM (and on SIGUSR1, see runs.py)
+    except SIGTERMException:  # Lightning stops the fit on SIGTERM (and SIGUSR1, preemption.py)
         signum = preemption.signum or int(signal.SIGTERM)
         stopped = Preempted(signum, trainer.global_step, preemption.checkpoint_step, output_dir)
         _exit_preempted(stopped, loggers)
-    metrics = {k: v for k, v in trainer.callback_metrics.items()}
+    metrics = _test_and_report(cfg, trainer, task, datamodule)
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
 
+        wandb.finish()  # a multirun starts the next job's W&B run cleanly
+    value = metrics.get(cfg.optimized_metric or task.monitor)
+    return float(value) if value is not None else None
+
+
+def _checked_config(cfg: DictConfig) -> DictConfig:
+    """The config to run (a resumed or requeued run's own), checked before any data is read;
+    saved as the run's ``config_resolved.yaml``."""
+    if cfg.get("resume"):
+        cfg = restore_run_config(cfg, command_line_overrides())
+    requeued = requeued_checkpoint(Path(cfg.paths.output_dir))
+    if requeued is not None and not cfg.get("ckpt_path"):
+        with open_dict(cfg):
+            cfg.ckpt_path = str(requeued)  # SLURM requeued this job: continue, don't restart
+    check_train_config(cfg)  # values, backbone.weights, ckpt_path: one sentence before any data
+    output_dir = Path(cfg.paths.output_dir)
+    check_output_dir(output_dir, "paths.output_dir")
+    print_config_tree(cfg, save_to=RunFolder(output_dir).config_file)
+    check_head_and_data(cfg)
+    check_channels(cfg)
+    return cfg
+
+
+def _test_and_report(
+    cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningModule, datamodule: Any
+) -> dict[str, Any]:
+    """Test the best checkpoint (when the data has a test split) and print the final metrics."""
+    metrics = {k: v for k, v in trainer.callback_metrics.items()}
     fast = bool(cfg.trainer.get("fast_dev_run", False))
     if cfg.test and getattr(datamodule, "has_test", False) and not trainer.interrupted:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -191,21 +213,7 @@ def train(cfg: DictConfig) -> float | None:
     print_metrics_table(f"{cfg.run_name}: final metrics", metrics)
     if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
         log.info("best checkpoint: %s", trainer.checkpoint_callback.best_model_path)
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
-
-        wandb.finish()  # a multirun starts the next job's W&B run cleanly
-    value = metrics.get(cfg.optimized_metric or task.monitor)
-    return float(value) if value is not None else None
-
-
-def _command_line_overrides() -> list[str]:
-    """The overrides given on the command line (Hydra's record of them), for resume=<run>."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return list(HydraConfig.get().overrides.task)
+    return metrics
 
 
 def _exit_preempted(preempted: Preempted, loggers: list[Any]) -> None:

@@ -2,7 +2,9 @@
 
 Pure torch plus the ``deploy`` extra (onnx, onnxscript, onnxruntime, torchao, executorch); the
 heavy libraries are imported by the functions that need them. ``mnv3.export`` is the command
-line; ``make bench`` times the files these functions write.
+line (:func:`export_network` chooses the exporter for a format and quantization, and
+:func:`qat_network` runs a task's quantization-aware training); ``make bench`` times the files
+these functions write.
 """
 
 from mnv3.deploy.common import (
@@ -14,6 +16,7 @@ from mnv3.deploy.common import (
     sidecar_path,
     write_sidecar,
 )
+from mnv3.deploy.exporter import FORMATS, QUANTIZE, export_network
 from mnv3.deploy.onnx_export import (
     DetectorForExport,
     DetectorNetwork,
@@ -36,18 +39,22 @@ from mnv3.deploy.quantize import (
     compile_int8,
     prepare_qat,
     qat_finetune,
+    qat_network,
     qat_to_eval,
     quantize_ptq,
     top1_agreement,
 )
 
 __all__ = [
+    "FORMATS",
+    "QUANTIZE",
     "DetectorForExport",
     "DetectorNetwork",
     "ExportError",
     "calibration_batches",
     "compile_int8",
     "example_input",
+    "export_network",
     "export_onnx",
     "export_pte",
     "load_pte",
@@ -56,6 +63,7 @@ __all__ = [
     "postprocess_detections",
     "prepare_qat",
     "qat_finetune",
+    "qat_network",
     "qat_to_eval",
     "quantize_onnx",
     "quantize_ptq",

@@ -45,6 +45,12 @@ def check_input_size(input_size: tuple[int, int]) -> tuple[int, int]:
     return h, w
 
 
+def check_calibration(calibration: Sequence[torch.Tensor]) -> None:
+    """Refuse an empty calibration set with one sentence."""
+    if not calibration or sum(int(b.shape[0]) for b in calibration) == 0:
+        raise ExportError("the calibration set is empty; expected at least one image")
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.

@@ -25,6 +25,7 @@ from torch import nn
 from mnv3.deploy.common import (
     ExportError,
     atomic_output,
+    check_calibration,
     check_input_size,
     postprocess_detections,
     write_sidecar,
@@ -174,31 +175,19 @@ def run_onnx_detector(
     session: Any,
     images: torch.Tensor | np.ndarray,
     image_sizes: Sequence[tuple[int, int]] | None = None,
-    score_thresh: float = 0.001,
-    nms_thresh: float = 0.55,
-    topk_candidates: int = 300,
-    detections_per_img: int = 300,
+    **thresholds: Any,
 ) -> list[dict[str, torch.Tensor]]:
     """Detections from an exported SSDLite, post-processed as ``SSDLite.postprocess`` does.
 
     ``images``: the resized, normalised ``(N, 3, H, W)`` batch; ``image_sizes``: each image's
-    original (h, w) to scale the boxes into (default: the input size). Per class the
-    ``topk_candidates`` best scores above ``score_thresh``, per-class NMS at ``nms_thresh``,
-    then the ``detections_per_img`` best. Returns per image ``{boxes, scores, labels}``
-    (labels count the background as 0, as the model's).
+    original (h, w) to scale the boxes into (default: the input size); ``thresholds``:
+    :func:`~mnv3.deploy.common.postprocess_detections`' ``score_thresh``, ``nms_thresh``,
+    ``topk_candidates`` and ``detections_per_img``. Returns per image ``{boxes, scores,
+    labels}`` (labels count the background as 0, as the model's).
     """
     boxes, scores = (torch.from_numpy(out) for out in run_onnx(session, images))
     input_size = (int(images.shape[-2]), int(images.shape[-1]))
-    return postprocess_detections(
-        boxes,
-        scores,
-        input_size,
-        image_sizes,
-        score_thresh,
-        nms_thresh,
-        topk_candidates,
-        detections_per_img,
-    )
+    return postprocess_detections(boxes, scores, input_size, image_sizes, **thresholds)
 
 
 def postprocess_metadata(network: nn.Module) -> dict[str, Any] | None:
@@ -297,14 +286,10 @@ def quantize_onnx(
         calibration_method: onnxruntime's range estimate: ``minmax`` or ``percentile`` (the
             99.999th percentile of absolute values, symmetric ranges).
     """
-    from onnxruntime.quantization import CalibrationMethod as OrtMethod
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if not calibration or sum(int(b.shape[0]) for b in calibration) == 0:
-        raise ExportError("the calibration set is empty; expected at least one image")
-    methods = {"minmax": OrtMethod.MinMax, "percentile": OrtMethod.Percentile}
-    if calibration_method not in methods:
+    check_calibration(calibration)
+    if calibration_method not in CALIBRATION_METHODS:
         raise ExportError(
             f"calibration_method={calibration_method!r} is unknown; "
             f"expected one of {', '.join(CALIBRATION_METHODS)}"
@@ -313,30 +298,41 @@ def quantize_onnx(
     with atomic_output(path) as tmp, tempfile.TemporaryDirectory() as scratch:
         pre = Path(scratch) / "preprocessed.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        graph_input = onnx_session(pre).get_inputs()[0]
-        fixed = graph_input.shape[0] if isinstance(graph_input.shape[0], int) else None
         excluded = postprocess_nodes(pre) if float_postprocess else []
-        quantize_static(
-            str(pre),
-            str(tmp),
-            _BatchReader(graph_input.name, calibration, batch_size=fixed),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=per_channel,
-            nodes_to_exclude=excluded,
-            calibrate_method=methods[calibration_method],
-        )
+        _quantize_static(pre, tmp, calibration, per_channel, excluded, calibration_method)
         if metadata is not None:
-            write_sidecar(
-                path,
-                {
-                    **metadata,
-                    "format": "onnx",
-                    "quantize": "int8",
-                    "per_channel": per_channel,
-                    "calibration_method": calibration_method,
-                    "float_postprocess": float_postprocess,
-                },
-            )
+            recipe = {
+                "per_channel": per_channel,
+                "calibration_method": calibration_method,
+                "float_postprocess": float_postprocess,
+            }
+            write_sidecar(path, {**metadata, "format": "onnx", "quantize": "int8", **recipe})
     return path
+
+
+def _quantize_static(
+    pre: Path,
+    out: Path,
+    calibration: Sequence[torch.Tensor],
+    per_channel: bool,
+    excluded: list[str],
+    calibration_method: CalibrationMethod,
+) -> None:
+    """onnxruntime's ``quantize_static`` in QDQ format: uint8 activations, int8 weights."""
+    from onnxruntime.quantization import CalibrationMethod as OrtMethod
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    methods = {"minmax": OrtMethod.MinMax, "percentile": OrtMethod.Percentile}
+    graph_input = onnx_session(pre).get_inputs()[0]
+    fixed = graph_input.shape[0] if isinstance(graph_input.shape[0], int) else None
+    quantize_static(
+        str(pre),
+        str(out),
+        _BatchReader(graph_input.name, calibration, batch_size=fixed),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=per_channel,
+        nodes_to_exclude=excluded,
+        calibrate_method=methods[calibration_method],
+    )

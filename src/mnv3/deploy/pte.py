@@ -76,31 +76,13 @@ def export_pte(
         raise ExportError(f"quantize={quantize!r} is not supported; expected null or int8")
     input_size = check_input_size(tuple(example_input.shape[-2:]))
     module, output_names = _program_module(model.eval(), input_size)
-    if quantized_network is not None:
-        if quantize != "int8":
-            raise ExportError("a quantized network is exported with quantize='int8' only")
-        from torchao.quantization.pt2e import allow_exported_model_train_eval
-
-        # A converted graph refuses .eval(); this makes it a no-op (no dropout / BN left).
-        allow_exported_model_train_eval(quantized_network)
-        graph: nn.Module = (
-            DetectorForExport(module.detector, input_size, network=quantized_network).eval()
-            if isinstance(module, DetectorForExport)
-            else quantized_network
-        )
-    elif quantize == "int8":
-        quantizer = network_quantizer() if isinstance(module, DetectorForExport) else None
-        graph = quantize_ptq(
-            module, example_input, calibration or [], "xnnpack", quantizer=quantizer
-        )
-    else:
-        graph = module
+    graph = _lowered_graph(module, example_input, quantize, calibration, quantized_network)
     with torch.no_grad():
         program = torch.export.export(graph, (example_input,))
     lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    # Counted before to_executorch(), which adds its memory-planning ops to the graph.
     delegation = xnnpack_delegation(lowered.exported_program().graph_module)
     buffer = lowered.to_executorch().buffer
-    path = Path(path)
     with atomic_output(path) as tmp:
         tmp.write_bytes(buffer)
         if metadata is not None:
@@ -112,11 +94,44 @@ def export_pte(
                 "outputs": output_names,
                 "xnnpack": delegation,
             }
-            if isinstance(module, DetectorForExport):
-                post = metadata.get("postprocess") or postprocess_metadata(module.detector)
-                sidecar["postprocess"] = {**post, "runner": PTE_DETECTOR_RUNNER}
-            write_sidecar(path, sidecar)
-    return path
+            write_sidecar(path, _with_postprocess(sidecar, module))
+    return Path(path)
+
+
+def _with_postprocess(sidecar: dict[str, Any], module: nn.Module) -> dict[str, Any]:
+    """A detector's sidecar gains what runs after the program (NMS) and the runner to use."""
+    if isinstance(module, DetectorForExport):
+        post = sidecar.get("postprocess") or postprocess_metadata(module.detector)
+        sidecar["postprocess"] = {**post, "runner": PTE_DETECTOR_RUNNER}
+    return sidecar
+
+
+def _lowered_graph(
+    module: nn.Module,
+    example_input: torch.Tensor,
+    quantize: Literal["int8"] | None,
+    calibration: Sequence[torch.Tensor] | None,
+    quantized_network: nn.Module | None,
+) -> nn.Module:
+    """What is handed to XNNPACK: ``module`` (fp32), its int8 graph calibrated on
+    ``calibration``, or the QAT-quantized network (in a detector's decoding wrapper)."""
+    if quantized_network is not None:
+        if quantize != "int8":
+            raise ExportError("a quantized network is exported with quantize='int8' only")
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+        # A converted graph refuses .eval(); this makes it a no-op (no dropout / BN left).
+        allow_exported_model_train_eval(quantized_network)
+        if isinstance(module, DetectorForExport):
+            input_size = module.input_size
+            return DetectorForExport(module.detector, input_size, network=quantized_network).eval()
+        return quantized_network
+    if quantize == "int8":
+        quantizer = network_quantizer() if isinstance(module, DetectorForExport) else None
+        return quantize_ptq(
+            module, example_input, calibration or [], "xnnpack", quantizer=quantizer
+        )
+    return module
 
 
 def _program_module(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module, list[str]]:
@@ -204,26 +219,16 @@ def run_pte_detector(
     method: Any,
     images: torch.Tensor,
     image_sizes: Sequence[tuple[int, int]] | None = None,
-    score_thresh: float = 0.001,
-    nms_thresh: float = 0.55,
-    topk_candidates: int = 300,
-    detections_per_img: int = 300,
+    **thresholds: Any,
 ) -> list[dict[str, torch.Tensor]]:
     """Detections from a loaded SSDLite ``.pte``, post-processed as ``SSDLite.postprocess`` does.
 
     ``images``: the resized, normalised ``(N, 3, H, W)`` batch, any N; ``image_sizes``: each
-    image's original (h, w) to scale the boxes into (default: the input size). The thresholds
-    are the sidecar's ``postprocess`` values (the model's). Returns per image ``{boxes,
-    scores, labels}`` (labels count the background as 0, as the model's).
+    image's original (h, w) to scale the boxes into (default: the input size); ``thresholds``:
+    :func:`~mnv3.deploy.common.postprocess_detections`' (the sidecar's ``postprocess`` values
+    are the model's). Returns per image ``{boxes, scores, labels}`` (labels count the
+    background as 0, as the model's).
     """
     boxes, scores = run_pte_outputs(method, images)
-    return postprocess_detections(
-        boxes,
-        scores,
-        (int(images.shape[-2]), int(images.shape[-1])),
-        image_sizes,
-        score_thresh,
-        nms_thresh,
-        topk_candidates,
-        detections_per_img,
-    )
+    input_size = (int(images.shape[-2]), int(images.shape[-1]))
+    return postprocess_detections(boxes, scores, input_size, image_sizes, **thresholds)

@@ -10,15 +10,18 @@ with freezing); for phones the same graph goes to ExecuTorch's XNNPACK delegate 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from mnv3.deploy.common import ExportError
+from mnv3.deploy.common import ExportError, check_calibration
 
 Backend = Literal["x86", "xnnpack"]
+
+log = logging.getLogger(__name__)
 
 
 def quantizer_for(backend: Backend, is_qat: bool = False) -> Any:
@@ -42,12 +45,6 @@ def quantizer_for(backend: Backend, is_qat: bool = False) -> Any:
             get_symmetric_quantization_config(is_per_channel=True, is_qat=is_qat)
         )
     raise ExportError(f"quantization backend {backend!r} is unknown; expected x86 or xnnpack")
-
-
-def check_calibration(calibration: Sequence[torch.Tensor]) -> None:
-    """Refuse an empty calibration set with one sentence."""
-    if not calibration or sum(int(b.shape[0]) for b in calibration) == 0:
-        raise ExportError("the calibration set is empty; expected at least one image")
 
 
 def quantize_ptq(
@@ -180,6 +177,44 @@ def qat_finetune(
             optimizer.step()
             step += 1
     return convert_pt2e(qat_to_eval(prepared))
+
+
+def qat_network(
+    task: Any,
+    network: nn.Module,
+    datamodule: Any,
+    example: torch.Tensor,
+    steps: int,
+    lr: float,
+    backend: Backend = "xnnpack",
+) -> torch.fx.GraphModule:
+    """The int8 graph of ``task.qat_objective(network, example).network`` from
+    quantization-aware training on ``steps`` batches of the training split (``datamodule`` set
+    up for "fit"): at lr 0 the weights stay and only the moving-average activation ranges are
+    learnt (what keeps SSDLite's mAP, README); above 0 the weights are fine-tuned too
+    (BatchNorm statistics frozen halfway). ``backend``: ``"xnnpack"`` (``.pte``) or ``"x86"``.
+
+    ``task``: the trained task (:meth:`mnv3.tasks.base.BaseTask.qat_objective` gives the loss
+    and how a batch feeds it), so the task's own loss drives the fine-tuning.
+    """
+    objective = task.qat_objective(network, example)
+
+    def batches() -> Iterable[tuple[torch.Tensor, Any]]:
+        for i, batch in enumerate(datamodule.train_dataloader()):
+            if i >= steps:
+                return
+            yield objective.inputs(batch)
+
+    log.info("quantization-aware training: %d batches at lr %g", steps, lr)
+    return qat_finetune(
+        objective.network,
+        example,
+        batches,
+        lr=lr,
+        freeze_bn_after=0 if lr == 0 else steps // 2,
+        backend=backend,
+        loss_fn=objective.loss,
+    )
 
 
 # torchao 0.18's QAT conv-bn patterns and its train/eval rewrites write this eps into the graph.

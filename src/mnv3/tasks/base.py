@@ -228,16 +228,21 @@ class BaseTask(pl.LightningModule):
         }
 
     # -- the network, as training and evaluation see it ------------------------------------
+    @property
+    def evaluated_network(self) -> nn.Module:
+        """The network validation, test, export and explanation run: the EMA copy of the weights
+        when the run keeps one (``ema_decay``; the paper's 0.9999), else ``model``."""
+        return self.ema.module if self.ema is not None else self.model
+
     def net(self, evaluating: bool) -> nn.Module:
-        """The EMA copy when evaluating with one; the compiled network when compiling."""
-        if evaluating and self.ema is not None:
-            return self.ema.module
-        if self._compile:
+        """:attr:`evaluated_network` when evaluating; the compiled network when compiling."""
+        network = self.evaluated_network if evaluating else self.model
+        if network is self.model and self._compile:
             if self._compiled is None:
                 # Kept out of the module tree so state_dict keys stay those of ``self.model``.
                 self.__dict__["_compiled"] = torch.compile(self.model)
             return self._compiled
-        return self.model
+        return network
 
     def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in the memory format the network runs in."""

@@ -147,7 +147,7 @@ class ClassificationTask(BaseTask):
 
     def callbacks(self, settings: Mapping[str, Any] | None) -> list[pl.Callback]:
         """Out-of-distribution calibration and Grad-CAM overlays (``head.callbacks``)."""
-        from mnv3.tasks.callbacks import GradCamImages, OODCalibration
+        from mnv3.tasks.classifier_callbacks import GradCamImages, OODCalibration
 
         settings = settings or {}
         found: list[pl.Callback] = []
@@ -166,7 +166,7 @@ class ClassificationTask(BaseTask):
     def restore_callbacks(checkpoint: Mapping[str, Any]) -> list[pl.Callback]:
         """Callbacks whose state a checkpoint carries and evaluation reuses (the OOD threshold:
         ``test/ood_flagged`` counts test images below the validation threshold)."""
-        from mnv3.tasks.callbacks import OODCalibration
+        from mnv3.tasks.classifier_callbacks import OODCalibration
 
         state = OODCalibration.state_from_checkpoint(checkpoint)
         if state is None:

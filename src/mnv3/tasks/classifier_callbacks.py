@@ -1,4 +1,4 @@
-"""Lightning callbacks that explain and guard a classifier: OOD threshold calibration, Grad-CAM.
+"""The callbacks a classifier asks for (``head.callbacks``): OOD threshold calibration, Grad-CAM.
 
 - :class:`OODCalibration` turns each validation epoch into an out-of-distribution threshold (the
   low quantile of in-distribution confidence) and saves it in every checkpoint, so ``mnv3.explain``
@@ -6,8 +6,9 @@
 - :class:`GradCamImages` writes Grad-CAM overlays of a few fixed validation images every epoch, so
   one can watch *where* the network looks while it learns.
 
-Both run the task's evaluation network (the EMA copy when the task keeps one) and expect batches
-``{"image": (N, 3, H, W), ...}`` as the classification data modules produce.
+Both run the task's evaluated network (:attr:`~mnv3.tasks.base.BaseTask.evaluated_network`) and
+expect batches ``{"image": (N, 3, H, W), ...}`` as the classification data modules produce. The
+callbacks that keep a run folder resumable (last.ckpt on preemption) are :mod:`mnv3.preemption`.
 """
 
 from __future__ import annotations
@@ -28,25 +29,17 @@ from mnv3.tasks.common import log_images
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GradCamImages", "OODCalibration", "eval_network", "is_multilabel"]
+__all__ = ["GradCamImages", "OODCalibration", "is_multilabel"]
 
 
-def eval_network(pl_module: pl.LightningModule) -> torch.nn.Module:
-    """The network a task validates with: its EMA copy if it keeps one, else ``model``."""
-    ema = getattr(pl_module, "ema", None)
-    if ema is not None:
-        return ema.module
-    return pl_module.model
-
-
-def is_multilabel(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+def is_multilabel(task: Any, datamodule: Any) -> bool:
     """Whether labels are independent findings (sigmoid) rather than one class (softmax).
 
     Asks the task first (a ``label_type`` attribute or hyperparameter), then the data module.
     """
-    label_type = getattr(pl_module, "label_type", None) or pl_module.hparams.get("label_type")
+    label_type = getattr(task, "label_type", None) or task.hparams.get("label_type")
     if label_type is None:
-        label_type = getattr(getattr(trainer, "datamodule", None), "label_type", None)
+        label_type = getattr(datamodule, "label_type", None)
     return label_type == "multilabel"
 
 
@@ -95,7 +88,7 @@ class OODCalibration(pl.Callback):
                 return
             with torch.no_grad():
                 logits = pl_module(images)
-        multilabel = is_multilabel(trainer, pl_module)
+        multilabel = is_multilabel(pl_module, getattr(trainer, "datamodule", None))
         self._scores.append(confidence_score(logits.detach(), multilabel).float().cpu())
 
     def _epoch_scores(self, pl_module: pl.LightningModule) -> torch.Tensor:
@@ -106,13 +99,7 @@ class OODCalibration(pl.Callback):
         return scores[torch.isfinite(scores)]
 
     def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, *_: Any
     ) -> None:
         if not trainer.sanity_checking:
             self._collect(trainer, pl_module, outputs, batch)
@@ -133,13 +120,7 @@ class OODCalibration(pl.Callback):
         self._scores = []
 
     def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, *_: Any
     ) -> None:
         if self.threshold is not None:
             self._collect(trainer, pl_module, outputs, batch)
@@ -246,7 +227,7 @@ class GradCamImages(pl.Callback):
         images, self._images = self._images, None
         if images is None or images.shape[0] == 0 or not self._due(trainer):
             return
-        network = eval_network(pl_module)
+        network = pl_module.evaluated_network
         if not isinstance(network, MobileNet):
             log.warning("GradCamImages: %s is not a MobileNet; skipped", type(network).__name__)
             return
