@@ -28,7 +28,7 @@ import os
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -166,8 +166,9 @@ def draw_street(height: int, width: int, rng: np.random.Generator) -> tuple[np.n
     _draw_sky(canvas, horizon, rng)
     _draw_buildings(canvas, horizon, rng)
     road_half = _draw_ground(canvas, horizon, vanish_x, rng)
-    _draw_people(canvas, horizon, vanish_x, road_half, rng)
-    _draw_cars(canvas, horizon, vanish_x, road_half, rng)
+    road = _Road(horizon, vanish_x, road_half)
+    _draw_people(canvas, road, rng)
+    _draw_cars(canvas, road, rng)
     if rng.random() < 0.3:
         top = height - int(rng.uniform(0.06, 0.12) * height)
         sketch, d = canvas.sketch()
@@ -264,13 +265,17 @@ def _ground_rows(
     return [(bottom, (bottom - horizon) / max(canvas.height - horizon, 1)) for bottom in bottoms]
 
 
-def _draw_cars(
-    canvas: _Canvas,
-    horizon: int,
-    vanish_x: float,
-    road_half: np.ndarray,
-    rng: np.random.Generator,
-) -> None:
+class _Road(NamedTuple):
+    """Where the things that stand on the road go: the horizon row, the vanishing point's column
+    and the road's half width per row."""
+
+    horizon: int
+    vanish_x: float
+    half: np.ndarray
+
+
+def _draw_cars(canvas: _Canvas, road: _Road, rng: np.random.Generator) -> None:
+    horizon, vanish_x, road_half = road
     for bottom, scale in _ground_rows(canvas, horizon, 0.15, rng):  # far to near, nearer on top
         car_w = max(8.0, scale * rng.uniform(0.22, 0.38) * canvas.width)
         car_h = car_w * rng.uniform(0.5, 0.7)
@@ -304,13 +309,8 @@ def _draw_cars(
         canvas.paint(region, _CAR, pixels)
 
 
-def _draw_people(
-    canvas: _Canvas,
-    horizon: int,
-    vanish_x: float,
-    road_half: np.ndarray,
-    rng: np.random.Generator,
-) -> None:
+def _draw_people(canvas: _Canvas, road: _Road, rng: np.random.Generator) -> None:
+    horizon, vanish_x, road_half = road
     for bottom, scale in _ground_rows(canvas, horizon, 0.1, rng):
         tall = max(10.0, (0.2 + scale) * rng.uniform(0.3, 0.5) * canvas.height)
         wide = tall * rng.uniform(0.28, 0.36)

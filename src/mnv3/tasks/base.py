@@ -227,6 +227,28 @@ class BaseTask(pl.LightningModule):
             "backbone_lr_factor": float(cfg.get("backbone_lr_factor", 1.0)),
         }
 
+    # -- evaluation: the subclass's _eval_step(batch, batch_idx, stage) and _end_of_eval(stage)
+    # serve both the val and the test split ("val" / "test" prefix the logged names).
+    def _eval_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> Any:
+        """Update ``stage``'s metrics with one batch (returns what callbacks read, if any)."""
+        raise NotImplementedError
+
+    def _end_of_eval(self, stage: str) -> None:
+        """Compute, log and reset ``stage``'s metrics at the end of the split."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
+        return self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
+        return self._eval_step(batch, batch_idx, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_of_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_of_eval("test")
+
     # -- the network, as training and evaluation see it ------------------------------------
     @property
     def evaluated_network(self) -> nn.Module:

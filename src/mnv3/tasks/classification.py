@@ -215,7 +215,9 @@ class ClassificationTask(BaseTask):
         )
         return (per_label * known).sum() / known.sum().clamp(min=1)
 
-    def _eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor] | None:
+    def _eval_step(
+        self, batch: dict[str, Any], batch_idx: int, stage: str
+    ) -> dict[str, torch.Tensor] | None:
         self.count_skipped(batch)
         images, labels = batch["image"], batch["label"]
         if images.shape[0] == 0:
@@ -243,14 +245,6 @@ class ClassificationTask(BaseTask):
         self.log(f"{stage}/acc1", metrics["acc1"], prog_bar=stage == "val", batch_size=bs)
         self.log(f"{stage}/acc5", metrics["acc5"], batch_size=bs)
         return out
-
-    def validation_step(
-        self, batch: dict[str, Any], batch_idx: int
-    ) -> dict[str, torch.Tensor] | None:
-        return self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor] | None:
-        return self._eval_step(batch, "test")
 
     def _end_of_eval(self, stage: str) -> None:
         metrics = self.val_metrics if stage == "val" else self.test_metrics
@@ -314,12 +308,6 @@ class ClassificationTask(BaseTask):
             path = self._plot_roc(fpr, tpr, values, stage)
             log_images(self.loggers, f"{stage}/roc_curve", [path], step=self.global_step)
         return torch.tensor([[tn, fp], [fn, tp]])
-
-    def on_validation_epoch_end(self) -> None:
-        self._end_of_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._end_of_eval("test")
 
     def _plot_confusion(self, confusion: torch.Tensor, stage: str) -> Path:
         import matplotlib

@@ -209,18 +209,6 @@ class DetectionTask(BaseTask):
         if batch_idx == 0 and stage == "val" and self.box_images > 0:
             self._keep_pictures(images, outputs, batch, input_size)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._end_of_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._end_of_eval("test")
-
     def _end_of_eval(self, stage: str) -> None:
         metric = self.val_map if stage == "val" else self.test_map
         results = metric.compute()

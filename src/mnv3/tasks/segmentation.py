@@ -197,18 +197,6 @@ class SegmentationTask(BaseTask):
                 "predicted": predicted[:n].cpu(),
             }
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._end_of_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._end_of_eval("test")
-
     def _end_of_eval(self, stage: str) -> None:
         iou, accuracy = (
             (self.val_iou, self.val_accuracy)
