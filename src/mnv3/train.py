@@ -39,9 +39,8 @@ from mnv3.resumable_logs import ResumableCSVLogger, wandb_run_id
 from mnv3.resume import requeued_checkpoint, restore_run_config, resume_argv
 from mnv3.run_folder import BEST_NAME, CSV_DIR, RunFolder
 from mnv3.validate import (
-    check_channels,
     check_checkpoint_fits,
-    check_head_and_data,
+    check_groups_fit,
     check_train_config,
 )
 
@@ -186,8 +185,7 @@ def _checked_config(cfg: DictConfig) -> DictConfig:
     output_dir = Path(cfg.paths.output_dir)
     check_output_dir(output_dir, "paths.output_dir")
     print_config_tree(cfg, save_to=RunFolder(output_dir).config_file)
-    check_head_and_data(cfg)
-    check_channels(cfg)
+    check_groups_fit(cfg)
     return cfg
 
 

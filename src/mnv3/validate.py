@@ -278,6 +278,13 @@ def check_channels(cfg: DictConfig) -> None:
         )
 
 
+def check_groups_fit(cfg: DictConfig) -> None:
+    """The head, data and backbone groups fit together: the task the head needs and the
+    channels the backbone takes (train and eval both check this before reading data)."""
+    check_head_and_data(cfg)
+    check_channels(cfg)
+
+
 def check_weights_config(cfg: DictConfig, weights_key: str) -> str:
     """``mnv3.eval`` without ``ckpt_path``: the groups it needs and the weights it evaluates
     (``weights_key``: the task's, e.g. ``backbone.weights``); returns the weights' name."""
@@ -298,8 +305,7 @@ def check_weights_config(cfg: DictConfig, weights_key: str) -> str:
 def check_evaluated_config(cfg: DictConfig) -> None:
     """The data / backbone / head sections ``mnv3.eval`` builds released weights into."""
     check_values(cfg)
-    check_head_and_data(cfg)
-    check_channels(cfg)
+    check_groups_fit(cfg)
     check_backbone_keys(cfg)
 
 

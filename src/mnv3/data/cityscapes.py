@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from mnv3.data.errors import DatasetError, UnreadableImageError, require_root
-from mnv3.data.family import DatasetFamily, DatasetSpec, SplitKind
+from mnv3.data.family import DatasetFamily, DatasetSpec, SplitKind, split_on_disk
 from mnv3.data.io import load_rgb, skip_unreadable
 
 IMAGE_DIR = "leftImg8bit"
@@ -410,14 +410,10 @@ def cityscapes_build(
     return CityscapesSegmentation(spec.root, spec.folder(kind), transform, classes=classes(spec)[1])
 
 
-def _cityscapes_has_split(spec: DatasetSpec, folder: str) -> bool:
-    return cityscapes_has_split(spec.root, folder)
-
-
 CITYSCAPES = DatasetFamily(
     _cityscapes_classes,
     cityscapes_build,
-    _cityscapes_has_split,
+    split_on_disk(cityscapes_has_split),
     CITYSCAPES_LAYOUT,
     task="segmentation",
     options=_SEGMENTATION_OPTIONS,

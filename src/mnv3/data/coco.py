@@ -45,7 +45,7 @@ from mnv3.data.coco_annotations import (
     load_index,
 )
 from mnv3.data.errors import DatasetError, MissingImageWarning
-from mnv3.data.family import TRAIN_SPLIT, DatasetFamily, DatasetSpec, SplitKind
+from mnv3.data.family import TRAIN_SPLIT, DatasetFamily, DatasetSpec, SplitKind, split_on_disk
 from mnv3.data.io import load_rgb, skip_unreadable
 
 # COCOeval's own thresholds (pycocotools ``Params.setDetParams``) as Python floats, for
@@ -399,14 +399,10 @@ def _coco_build(spec: DatasetSpec, kind: SplitKind, transform: DetectionTransfor
     )
 
 
-def _coco_has_split(spec: DatasetSpec, folder: str) -> bool:
-    return coco_has_split(spec.root, folder)
-
-
 COCO = DatasetFamily(
     _coco_classes,
     _coco_build,
-    _coco_has_split,
+    split_on_disk(coco_has_split),
     COCO_LAYOUT,
     task="detection",
     options=_DETECTION_OPTIONS,

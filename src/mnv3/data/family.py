@@ -123,3 +123,8 @@ def generated_family(
         layout=layout,
         prepare=prepare,
     )
+
+
+def split_on_disk(has_split: Callable[[Path, str], bool]) -> Callable[[DatasetSpec, str], bool]:
+    """A family's ``has_split`` from a reader's ``(root, folder) -> bool``."""
+    return lambda spec, folder: has_split(spec.root, folder)
