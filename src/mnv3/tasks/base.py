@@ -23,7 +23,7 @@ from torch import nn
 
 from mnv3.errors import ConfigError
 from mnv3.models import build_model, count_madds, count_params
-from mnv3.models.backbone import check_backbone_limits
+from mnv3.models.backbone import UnsupportedBackbone, check_backbone_limits
 from mnv3.tasks.common import NonFiniteLossError, check_plain
 from mnv3.tasks.ema import ModelEma
 from mnv3.tasks.optim import build_optimizer, build_scheduler
@@ -153,7 +153,7 @@ class BaseTask(pl.LightningModule):
         backbone = dict(cfg["backbone"])
         try:
             check_backbone_limits(cfg["head"]["name"], limits, backbone, why)
-        except ValueError as exc:
+        except UnsupportedBackbone as exc:
             raise ConfigError(str(exc)) from exc
         return backbone
 
