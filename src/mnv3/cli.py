@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mnv3.errors import ConfigError
 
@@ -115,7 +115,14 @@ def run_tool_main(tool: Callable[[DictConfig], Any], config_name: str) -> Callab
     hydra_main = hydra.main(
         version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name
     )
-    entry = hydra_main(tool)
+
+    @functools.wraps(tool)
+    @exit_on_user_error
+    def sized_tool(cfg: DictConfig) -> Any:
+        size_cpus(cfg)
+        return tool(cfg)
+
+    entry = hydra_main(sized_tool)
 
     def main() -> None:
         """The command line: plain ``data.<key>=`` overrides apply to the checkpoint run's data."""
@@ -132,11 +139,37 @@ def to_plain(cfg: Any) -> Any:
     return cfg
 
 
-def build_datamodule(data_cfg: Mapping[str, Any]) -> Any:
-    """Instantiate the data config's ``_target_`` with its plain arguments."""
+def size_cpus(cfg: DictConfig) -> Any:
+    """Size torch's threads and the DataLoader workers to the usable CPUs (``cfg.cpu``,
+    ``data.num_workers``); the numbers go into ``cfg.cpu.resolved`` and the log.
+
+    Returns the :class:`mnv3.cpus.CpuPlan`.
+    """
+    from mnv3.cpus import AUTO, apply_cpu_plan, cpu_plan, processes_per_node
+
+    requests = to_plain(cfg.get("cpu")) or {}
+    data = cfg.get("data") or {}
+    try:
+        plan = cpu_plan(
+            threads=requests.get("threads", AUTO),
+            interop_threads=requests.get("interop_threads", AUTO),
+            num_workers=data.get("num_workers", AUTO),
+            processes=processes_per_node(to_plain(cfg.get("trainer")) or {}),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    apply_cpu_plan(plan)
+    with open_dict(cfg):
+        cfg.cpu = {**requests, "resolved": plan.as_config()}
+    logging.getLogger("mnv3").info("%s", plan.describe())
+    return plan
+
+
+def build_datamodule(data_cfg: Mapping[str, Any], **overrides: Any) -> Any:
+    """Instantiate the data config's ``_target_`` with its plain arguments (and ``overrides``)."""
     import importlib
 
-    plain = to_plain(data_cfg)
+    plain = {**to_plain(data_cfg), **overrides}
     module_name, _, cls_name = plain["_target_"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), cls_name)
     kwargs = {k: v for k, v in plain.items() if k not in DATA_META_KEYS}

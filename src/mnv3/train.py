@@ -25,6 +25,7 @@ from mnv3.cli import (
     exit_on_user_error,
     print_config_tree,
     print_metrics_table,
+    size_cpus,
     to_plain,
 )
 from mnv3.errors import ConfigError
@@ -38,6 +39,7 @@ from mnv3.preemption import (
 from mnv3.resumable_logs import ResumableCSVLogger, wandb_run_id
 from mnv3.resume import requeued_checkpoint, restore_run_config, resume_argv
 from mnv3.run_folder import BEST_NAME, CSV_DIR, RunFolder
+from mnv3.thread_tuner import thread_tuner
 from mnv3.validate import (
     check_checkpoint_fits,
     check_groups_fit,
@@ -110,6 +112,9 @@ def build_callbacks(
     ]
     # Callbacks that only make sense for this task, as its head config asks (head.callbacks).
     callbacks += task.callbacks(to_plain(cfg.head.get("callbacks")))
+    tuner = thread_tuner(to_plain(cfg.get("cpu")) or {}, str(cfg.trainer.get("accelerator")))
+    if tuner is not None:
+        callbacks.append(tuner)
     if cb.get("lr_monitor", True):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cb.progress_bar == "rich":
@@ -134,7 +139,7 @@ def train(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
 
-    datamodule = build_datamodule(cfg.data)
+    datamodule = build_datamodule(cfg.data, num_workers=cfg.cpu.resolved.num_workers)
     task = build_task(cfg, datamodule)
     check_checkpoint_fits(cfg.ckpt_path, task)  # class count, EMA: not Lightning's ~150 lines
     loggers = build_loggers(cfg, output_dir)
@@ -182,6 +187,7 @@ def _checked_config(cfg: DictConfig) -> DictConfig:
         with open_dict(cfg):
             cfg.ckpt_path = str(requeued)  # SLURM requeued this job: continue, don't restart
     check_train_config(cfg)  # values, backbone.weights, ckpt_path: one sentence before any data
+    size_cpus(cfg)  # threads and workers for the usable CPUs, saved under cpu.resolved
     output_dir = Path(cfg.paths.output_dir)
     check_output_dir(output_dir, "paths.output_dir")
     print_config_tree(cfg, save_to=RunFolder(output_dir).config_file)

@@ -123,7 +123,11 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "data.batch_size": POSITIVE_INT,
     "data.image_size": POSITIVE_INT,
     "data.resize_size": optional(POSITIVE_INT),
-    "data.num_workers": NON_NEGATIVE_INT,
+    "data.num_workers": either(one_of("auto"), NON_NEGATIVE_INT),
+    # cpu: mnv3.cpus.cpu_plan
+    "cpu.threads": either(one_of("auto"), POSITIVE_INT),
+    "cpu.interop_threads": either(one_of("auto"), POSITIVE_INT),
+    "cpu.tune_threads": BOOL,
     "data.channels": one_of(1, 3),
     "data.interpolation": _interpolation,
     "data.auto_augment": optional(one_of("autoaugment", "trivialaugment", "xray")),
@@ -229,4 +233,4 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "ood_threshold": PROBABILITY,
 }
 # Sections whose keys the table covers; other top-level sections (paths, logger) are left alone.
-SECTIONS = ("data", "backbone", "head", "optim", "scheduler", "callbacks", "trainer")
+SECTIONS = ("data", "cpu", "backbone", "head", "optim", "scheduler", "callbacks", "trainer")

@@ -25,6 +25,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mnv3.cpus import cpu_plan
 from mnv3.data.chest_xray import CHESTXRAY14, CHEXPERT, PNEUMONIA
 from mnv3.data.cityscapes import CITYSCAPES
 from mnv3.data.coco import COCO
@@ -134,7 +135,8 @@ class DataModule(pl.LightningDataModule):
         dataset: a :data:`DATASETS` name (``"imagefolder"``, ``"imagenet"``, ``"shapes"``,
             ``"textures"``, ``"chest_xray_pneumonia"``, ``"chestxray14"``, ``"chexpert"``, ...).
         batch_size: images per batch, for every split.
-        num_workers: DataLoader worker processes (0: load in the main process).
+        num_workers: DataLoader worker processes (0: load in the main process); ``"auto"``:
+            sized to the CPUs this process may use (:func:`mnv3.cpus.cpu_plan`).
         pin_memory: pin batches in page-locked memory; None: when CUDA is available.
         persistent_workers: keep workers alive between epochs (only used with workers).
         drop_last: drop the last incomplete training batch.
@@ -156,7 +158,7 @@ class DataModule(pl.LightningDataModule):
         root: str,
         dataset: str = "imagefolder",
         batch_size: int = 64,
-        num_workers: int = 2,
+        num_workers: int | str = "auto",
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         drop_last: bool = True,
@@ -192,7 +194,7 @@ class DataModule(pl.LightningDataModule):
             options=family_options,
         )
         self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
+        self.num_workers = cpu_plan(num_workers=num_workers).num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.drop_last = bool(drop_last)
