@@ -18,13 +18,16 @@ built with ``mnv3.models`` / ``mnv3.deploy`` (nothing re-implemented here):
 - ``torchao-int8``: ``quantize_ptq(backend="x86")`` (PT2E, ``X86InductorQuantizer``) +
   ``compile_int8`` (Inductor, freezing);
 - ``pte-fp32`` / ``pte-int8``: ``export_pte`` (XNNPACK delegate; int8 with ``XNNPACKQuantizer``,
-  SSDLite's box decoding and softmax kept in float) run by ExecuTorch's Python runtime.
+  SSDLite's box decoding and softmax kept in float) run by ExecuTorch's Python runtime;
+- ``pt2-fp32`` / ``pt2-bf16``: ``export_pt2`` (``torch.export`` + AOTInductor with freezing, the
+  successor of the TorchScript path) run by ``aoti_load_package``; bf16 weights and activations.
 
 int8 latency rows are calibrated on random N(0, 1) images (the normalised input range; 24 per
 classifier, 8 per dense row): latency does not depend on the scales. The accuracy section
 calibrates on 32 images of the checkpoint's own val split and scores its test split.
 
-Timing: batch 1, interleaved rounds of alternating order (``common.time_interleaved``), medians,
+Timing: batch 1 (``--batch 8``: every path built and timed at that batch, throughput in the
+table; results as ``bench_deploy_b8.*``), interleaved rounds of alternating order (``common.time_interleaved``), medians,
 95% bootstrap interval of each path's ratio to torchvision eager. Every row has a time budget
 (export + timing, ``--budget-scale`` multiplies it): a path whose export would start after the
 budget is spent is reported "n/a (budget)", so a quiet 2-core machine finishes in ~14 minutes
@@ -72,12 +75,15 @@ from mnv3.deploy import (
     DetectorForExport,
     compile_int8,
     export_onnx,
+    export_pt2,
     export_pte,
+    load_pt2,
     load_pte,
     onnx_session,
     quantize_onnx,
     quantize_ptq,
     run_onnx,
+    run_pt2,
     run_pte,
 )
 from mnv3.models import (
@@ -103,9 +109,13 @@ PATHS = (
     "torchao-int8",
     "pte-fp32",
     "pte-int8",
+    "pt2-fp32",
+    "pt2-bf16",
 )
 INT8_PATHS = ("ort-int8", "torchao-int8", "pte-int8")
-FP32_GOAL, INT8_GOAL, TOP1_GOAL = 0.45, 0.30, 0.01  # Large classifier, batch 1, 1 thread
+BF16_PATHS = ("pt2-bf16",)
+FP32_PATHS = tuple(p for p in PATHS if p not in (*INT8_PATHS, *BF16_PATHS, "torchvision"))
+FP32_GOAL, INT8_GOAL, TOP1_GOAL = 0.30, 0.15, 0.01  # Large classifier, batch 1, 1 thread
 GOAL_ROW = "large"
 CALIBRATION_CLS, CALIBRATION_DENSE = 24, 8  # random images for the latency rows' int8 paths
 ACCURACY_CALIBRATION = 32  # val images for the accuracy section's int8 paths
@@ -282,11 +292,20 @@ class RowResult:
     params: int
     madds: int
     reference: str
+    batch: int = 1
     paths: dict[str, PathResult] = field(default_factory=dict)
     rounds_1t: int = 0
     rounds_nt: int = 0
     other_load: float | None = None
     elapsed_s: float = 0.0
+
+
+def _feeds_of(calibration: Sequence[torch.Tensor], batch: int) -> list[torch.Tensor]:
+    """The calibration images regrouped into feeds of exactly ``batch`` (repeated if too few)."""
+    images = torch.cat(list(calibration))
+    if images.shape[0] < batch:
+        images = images.repeat(math.ceil(batch / images.shape[0]), 1, 1, 1)
+    return list(images[: images.shape[0] // batch * batch].split(batch))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -337,12 +356,13 @@ def bench_row(
     threads_all: int,
     budget_s: float,
     workdir: Path,
+    batch: int = 1,
 ) -> RowResult:
     """Build every requested path of ``row`` within its budget, then time them interleaved."""
     start = time.perf_counter()
     ours, ref, reference = row.build()
-    x = torch.randn(1, 3, *row.size, generator=torch.Generator().manual_seed(0))
-    result = RowResult(row, count_params(ours), count_madds(ours, row.size), reference)
+    x = torch.randn(batch, 3, *row.size, generator=torch.Generator().manual_seed(0))
+    result = RowResult(row, count_params(ours), count_madds(ours, row.size), reference, batch)
     n_cal = CALIBRATION_CLS if row.kind == "classification" else CALIBRATION_DENSE
     g = torch.Generator().manual_seed(1)
     calibration = [torch.randn(min(8, n_cal), 3, *row.size, generator=g) for _ in range(n_cal // 8)]
@@ -432,10 +452,10 @@ def _build_path(
             export_onnx(ours, fp32, x, dynamic_batch=False)
         path = fp32
         if name == "ort-int8":
-            # The batch-1 model takes one image per calibration feed (quantize_onnx feeds
-            # each tensor as given).
-            singles = [c[i : i + 1] for c in calibration for i in range(c.shape[0])]
-            path = quantize_onnx(fp32, stem.with_name(stem.name + "_int8.onnx"), singles, True)
+            # The fixed-batch model takes feeds of its batch (quantize_onnx feeds each tensor
+            # as given).
+            feeds = _feeds_of(calibration, int(x.shape[0]))
+            path = quantize_onnx(fp32, stem.with_name(stem.name + "_int8.onnx"), feeds, True)
         pr.size_bytes = path.stat().st_size
         s1 = onnx_session(path, threads=1)
         sn = onnx_session(path, threads=None)
@@ -459,6 +479,13 @@ def _build_path(
         method = load_pte(path)
         one[name] = lambda: run_pte(method, x)
         pr.note = "all threads: not measured (one XNNPACK threadpool per process, 1 thread)"
+    elif name in ("pt2-fp32", "pt2-bf16"):
+        precision = "bf16" if name == "pt2-bf16" else None
+        pt2 = export_pt2(ours, stem.with_name(f"{stem.name}_{name}.pt2"), x, precision, None, False)
+        pr.size_bytes = pt2.stat().st_size
+        runner = load_pt2(pt2)
+        one[name] = lambda: run_pt2(runner, x)
+        pr.note = "all threads: not measured (Inductor compiles the thread count in; 1 thread)"
     else:
         raise ValueError(f"unknown path {name!r}")
 
@@ -552,7 +579,7 @@ class Accuracy:
 
 
 def measure_accuracy(ckpt: Path, workdir: Path) -> Accuracy:
-    """Top-1 of a trained classifier on its test split: fp32 eager vs every int8 path.
+    """Top-1 of a trained classifier on its test split: fp32 eager vs every int8 and bf16 path.
 
     The network and data module are the run's :class:`mnv3.trained_run.TrainedRun` ones, as
     ``mnv3.export`` opens them; int8 paths are calibrated on the first
@@ -614,8 +641,16 @@ def measure_accuracy(ckpt: Path, workdir: Path) -> Accuracy:
     steps["ort-fp32"] = lambda: ort(None)
     steps["ort-int8 (per-channel)"] = lambda: ort(True)
     steps["ort-int8 (per-tensor)"] = lambda: ort(False)
+
+    def pt2(precision: str | None) -> torch.Tensor:
+        path = export_pt2(net, stem.with_name(f"accuracy_{precision}.pt2"), x1, precision)
+        runner = load_pt2(path)
+        return batched(lambda b: run_pt2(runner, b))
+
     steps["torchao-int8"] = torchao
     steps["pte-int8"] = pte
+    steps["pt2-fp32"] = lambda: pt2(None)
+    steps["pt2-bf16"] = lambda: pt2("bf16")
     for name, fn in steps.items():
         try:
             with _quiet():
@@ -648,10 +683,10 @@ def markdown_table(results: Sequence[RowResult], paths: Sequence[str], n: int) -
         notes.setdefault(note, len(notes) + 1)
         return f"<sup>{notes[note]}</sup>"
 
-    head = "| Row | Params M | MAdds M | Path | File MiB | 1T ms | 1T / tv eager | " + (
+    head = "| Row | Params M | MAdds M | Path | File MiB | 1T ms | 1T img/s | 1T / tv eager | " + (
         f"{n}T ms | {n}T / tv eager |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for r in results:
         for i, name in enumerate(paths):
             p = r.paths.get(name, PathResult(note="not selected (--paths)"))
@@ -671,7 +706,8 @@ def markdown_table(results: Sequence[RowResult], paths: Sequence[str], n: int) -
                 f"| {r.row.label if first else ''} "
                 f"| {f'{r.params / 1e6:.3f}' if first else ''} "
                 f"| {f'{r.madds / 1e6:.0f}' if first else ''} "
-                f"| {name}{mark(p.note)} | {_size(p.size_bytes)} | {_ms(p.t1)} | {r1} "
+                f"| {name}{mark(p.note)} | {_size(p.size_bytes)} | {_ms(p.t1)} "
+                f"| {f'{r.batch / p.t1:.1f}' if p.t1 else 'n/a'} | {r1} "
                 f"| {_ms(p.tn)} | {rn} |"
             )
     foot = "\n".join(f"{k}. {note}" for note, k in notes.items())
@@ -688,10 +724,17 @@ def goal_lines(results: Sequence[RowResult], accuracy: Accuracy | None) -> list[
     row = next((r for r in results if r.row.key == GOAL_ROW), None)
     if row is None or not (row.paths.get("torchvision") and row.paths["torchvision"].t1):
         return [f"N/A: the goals need the {GOAL_ROW!r} row with its torchvision column"]
+    if row.batch != 1:
+        return [f"N/A: the goals are at batch 1 (this run: --batch {row.batch})"]
     tv = row.paths["torchvision"].t1
     lines = []
-    fp32 = [n for n in PATHS if n not in INT8_PATHS and n != "torchvision"]
-    for label, names, goal in (("fp32", fp32, FP32_GOAL), ("int8", INT8_PATHS, INT8_GOAL)):
+    bf16 = best(row, BF16_PATHS)
+    if bf16 is not None:  # no goal: reported for the CPUs with native bf16
+        lines.append(
+            f"INFO: best bf16 path {bf16[0]} {bf16[1] / tv:.3f}x torchvision eager "  # type: ignore[operator]
+            f"({bf16[1] * 1e3:.2f} ms)"
+        )
+    for label, names, goal in (("fp32", FP32_PATHS, FP32_GOAL), ("int8", INT8_PATHS, INT8_GOAL)):
         b = best(row, names)
         if b is None:
             lines.append(f"N/A: best {label} path <= {goal}x torchvision eager (none timed)")
@@ -703,11 +746,11 @@ def goal_lines(results: Sequence[RowResult], accuracy: Accuracy | None) -> list[
             f"1 thread: {b[0]} {ratio:.3f} ({b[1] * 1e3:.2f} ms vs {tv * 1e3:.2f} ms)"
         )
     if accuracy is None:
-        lines.append("N/A: int8 top-1 within 1 point of fp32 (no --ckpt given)")
+        lines.append("N/A: int8 / bf16 top-1 within 1 point of fp32 (no --ckpt given)")
     else:
         fp = accuracy.top1["fp32 eager"]
         for name, acc in accuracy.top1.items():
-            if "int8" not in name:
+            if "int8" not in name and "bf16" not in name:
                 continue
             if acc is None or fp is None:
                 lines.append(f"N/A: {name} top-1 ({accuracy.notes.get(name, 'not measured')})")
@@ -732,8 +775,9 @@ def limit_lines(results: Sequence[RowResult], peak: Peak) -> list[str]:
         return madds / rate if rate else None
 
     for r in results:
-        f_d, f_m = floor(r.madds, peak.fp32_derived), floor(r.madds, peak.fp32_measured)
-        i_d, i_m = floor(r.madds, peak.int8_derived), floor(r.madds, peak.int8_measured)
+        work = r.madds * r.batch
+        f_d, f_m = floor(work, peak.fp32_derived), floor(work, peak.fp32_measured)
+        i_d, i_m = floor(work, peak.int8_derived), floor(work, peak.int8_measured)
         parts = []
         for name in PATHS:
             p = r.paths.get(name)
@@ -764,7 +808,8 @@ def plot(results: Sequence[RowResult], paths: Sequence[str], png: Path) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("MAdds (millions)")
-    ax.set_ylabel("latency, batch 1, 1 thread (ms)")
+    batch = results[0].batch if results else 1
+    ax.set_ylabel(f"latency, batch {batch}, 1 thread (ms)")
     ax.set_title("MobileNetV3 deployment paths: latency vs MAdds")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -788,6 +833,7 @@ def csv_records(results: Sequence[RowResult], paths: Sequence[str]) -> list[dict
                     "params": r.params,
                     "madds": r.madds,
                     "input": f"{r.row.size[0]}x{r.row.size[1]}",
+                    "batch": r.batch,
                     "file_bytes": "" if p.size_bytes is None else p.size_bytes,
                     "t1_ms": "" if p.t1 is None else f"{p.t1 * 1e3:.4f}",
                     "ratio_1t_tv": f"{p.t1 / ref.t1:.4f}" if p.t1 and ref and ref.t1 else "",
@@ -833,7 +879,7 @@ def markdown_report(
             for name, v in accuracy.top1.items()
         )
         acc_text = f"""
-## int8 top-1 (checkpoint `{accuracy.ckpt}`)
+## int8 and bf16 top-1 (checkpoint `{accuracy.ckpt}`)
 
 Test split, {accuracy.images} images at {accuracy.size[0]}x{accuracy.size[1]}; int8 calibrated
 on the first {ACCURACY_CALIBRATION} images of the val split.
@@ -854,13 +900,13 @@ Date: {dt.datetime.now().astimezone().isoformat(timespec="seconds")}; total time
 
 {machine}
 {busy_note}
-Method: batch 1, random N(0, 1) input at the row's size, `torch.inference_mode()`; after
+Method: batch {results[0].batch if results else 1} (ms per batch; img/s = batch / 1T ms), random N(0, 1) input at the row's size, `torch.inference_mode()`; after
 {args.warmup} warm-up calls, up to {args.rounds} interleaved rounds per thread setting (all
 paths of a row, alternating order), capped by the row's budget (export + timing, x
 {args.budget_scale} here). Medians in ms; `[95% CI]` bootstraps the ratio to torchvision's
 eager model over rounds. "1T": 1 thread (torch, onnxruntime intra-op, the XNNPACK threadpool);
 "{n}T": all. File: the artifact a user ships (eager / torchvision: `torch.save(state_dict)`;
-optimised: `torch.jit.save`; onnx / pte files; torchao: the converted graph's state dict, int8
+optimised: `torch.jit.save`; onnx / pte / pt2 files; torchao: the converted graph's state dict, int8
 weights). int8 latency rows are calibrated on random images (24 per classifier, 8 per dense row).
 SSDLite rows time box decoding in the graph (`DetectorForExport`, what ONNX exports) against
 torchvision's raw network (`head(backbone(x))`), so ours do a little more work; NMS is outside
@@ -878,7 +924,7 @@ torchvision references (same architecture, same weights):
 Peak multiply-adds per core: {peak.how}: fp32 {fp32_d} GMAC/s derived,
 {peak.fp32_measured / 1e9:.1f} GMAC/s measured (sgemm, 1 thread); int8 {int8_d} GMAC/s derived,
 {int8_m} GMAC/s measured (`torch._int_mm`, 1 thread). Floor = MAdds / peak; each path's 1-thread
-latency as a multiple of the derived floor of its precision:
+latency as a multiple of the derived floor of its precision (bf16 paths: the fp32 floor):
 
 {limits}
 
@@ -905,6 +951,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--ckpt", type=Path, default=None, help="a trained classifier checkpoint")
     parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="images per call for every path (throughput rows; results as bench_deploy_b<N>)",
+    )
+    parser.add_argument(
         "--workdir", type=Path, default=None, help="where exported files go (default: a temp dir)"
     )
     args = parser.parse_args(argv)
@@ -919,6 +971,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if "torchvision" not in args.paths:
         args.paths = ["torchvision", *args.paths]  # every ratio needs it
     args.paths = [p for p in PATHS if p in args.paths]
+    if args.batch < 1:
+        parser.error(f"--batch {args.batch} is not a batch size; expected 1 or more")
     if args.ckpt is not None and not args.ckpt.is_file():
         parser.error(f"--ckpt {args.ckpt} is not a file; expected a Lightning .ckpt")
     return args
@@ -946,7 +1000,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[bench_deploy] {row.label} ...", file=sys.stderr, flush=True)
             budget = row.budget_s * args.budget_scale * (0.2 if args.quick else 1.0)
             results.append(
-                bench_row(row, args.paths, args.rounds, args.warmup, threads_all, budget, workdir)
+                bench_row(
+                    row,
+                    args.paths,
+                    args.rounds,
+                    args.warmup,
+                    threads_all,
+                    budget,
+                    workdir,
+                    args.batch,
+                )
             )
             print(f"[bench_deploy]   {results[-1].elapsed_s:.0f} s", file=sys.stderr, flush=True)
         accuracy = None
@@ -958,9 +1021,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.append(("load average at end", load_average()))
     report = markdown_report(results, args.paths, info, command, peak, accuracy, elapsed, args)
     print(report)
-    write_results(args.out, "bench_deploy", report, csv_records(results, args.paths))
-    plot(results, args.paths, args.out / "bench_deploy.png")
-    print(f"wrote {args.out}/bench_deploy.md, .csv and .png", file=sys.stderr)
+    name = "bench_deploy" if args.batch == 1 else f"bench_deploy_b{args.batch}"
+    write_results(args.out, name, report, csv_records(results, args.paths))
+    plot(results, args.paths, args.out / f"{name}.png")
+    print(f"wrote {args.out}/{name}.md, .csv and .png", file=sys.stderr)
     return 0
 
 

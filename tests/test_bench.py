@@ -112,6 +112,21 @@ def test_quick_deploy_run_writes_markdown_csv_and_plot(tmp_path: Path) -> None:
         bench_deploy.parse_args(["--rows", "tiny"])
 
 
+def test_deploy_batch_rows_time_every_path_at_that_batch(tmp_path: Path) -> None:
+    argv = ["--quick", "--rows", "small-minimal", "--paths", "eager", "--batch", "3"]
+    assert bench_deploy.main([*argv, "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "bench_deploy_b3.md").read_text()
+    assert "Method: batch 3" in text and "N/A: the goals are at batch 1" not in text  # no row
+    with (tmp_path / "bench_deploy_b3.csv").open() as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    assert rows["eager"]["batch"] == "3"
+    line = next(x for x in text.splitlines() if x.startswith("| Small minimal"))
+    cells = [c.strip() for c in line.split("|")]
+    assert float(cells[7]) == pytest.approx(3 / (float(cells[6]) / 1e3), rel=0.01)  # img/s
+    with pytest.raises(SystemExit):
+        bench_deploy.parse_args(["--batch", "0"])
+
+
 def test_reduced_tail_rows_pair_ours_with_torchvisions_same_network() -> None:
     ours, ref, reference = bench_deploy.ROWS_BY_KEY["small-reduced"].build()
     assert ref is not None and "reduced_tail=True" in reference

@@ -68,18 +68,16 @@ def export(cfg: DictConfig) -> Path:
     input_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
     out = cfg.get("out")
     path = (
-        Path(str(out)).expanduser()
-        if out
-        else run.folder.export_path(run.ckpt_path, fmt, bool(quantize))
+        Path(str(out)).expanduser() if out else run.folder.export_path(run.ckpt_path, fmt, quantize)
     )
     metadata = _metadata(run, datamodule, input_size, quantize)
     qat_steps = int(cfg.get("qat_steps", 0))
     try:
-        batch = int(cfg.get("pte_batch_size", 1)) if fmt == "pte" else 1
+        batch = int(cfg.get("pte_batch_size", 1)) if fmt in ("pte", "pt2") else 1
         example = example_input(input_size, batch=batch, channels=int(datamodule.channels))
         calibration = (
             calibration_batches(datamodule, int(cfg.calibration_images), str(cfg.calibration_split))
-            if quantize and not qat_steps
+            if quantize == "int8" and not qat_steps
             else None
         )
         quantized = _qat(cfg, run, datamodule, example, metadata) if qat_steps else None

@@ -64,9 +64,9 @@ class RunFolder:
                 return self.path / name
         return None
 
-    def export_path(self, ckpt_path: Path, fmt: str, quantized: bool) -> Path:
-        """``export/<checkpoint stem>[_int8].<fmt>``: where ``mnv3.export`` writes by default."""
-        suffix = "_int8" if quantized else ""
+    def export_path(self, ckpt_path: Path, fmt: str, quantize: str | None) -> Path:
+        """``export/<checkpoint stem>[_int8|_bf16].<fmt>``: where ``mnv3.export`` writes by default."""
+        suffix = f"_{quantize}" if quantize else ""
         return self.path / EXPORT_DIR / f"{ckpt_path.stem}{suffix}.{fmt}"
 
     @classmethod

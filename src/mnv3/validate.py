@@ -311,15 +311,16 @@ def check_evaluated_config(cfg: DictConfig) -> None:
 
 def check_export_config(cfg: DictConfig) -> None:
     """Refuse unknown formats, quantization modes and sizes before anything is read."""
-    from mnv3.deploy.exporter import FORMATS, QUANTIZE
+    from mnv3.deploy.common import ExportError
+    from mnv3.deploy.exporter import check_format
     from mnv3.deploy.onnx_export import CALIBRATION_METHODS
 
     if cfg.get("ckpt_path") in (None, ""):
         raise ConfigError("ckpt_path is not set; expected ckpt_path=<run>/checkpoints/best.ckpt")
-    if cfg.format not in FORMATS:
-        raise ConfigError(f"format={cfg.format!r} is unknown; expected one of {', '.join(FORMATS)}")
-    if cfg.get("quantize") not in QUANTIZE:
-        raise ConfigError(f"quantize={cfg.quantize!r} is unknown; expected null or int8")
+    try:
+        check_format(cfg.format, cfg.get("quantize"))
+    except ExportError as exc:
+        raise ConfigError(str(exc)) from None
     steps = cfg.get("qat_steps", 0)
     if not isinstance(steps, int) or steps < 0:
         raise ConfigError(f"qat_steps={steps!r} is not a count; expected 0 or more batches")

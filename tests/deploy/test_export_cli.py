@@ -89,6 +89,31 @@ def test_cli_exports_onnx_int8_with_sidecar(tiny_run: Path) -> None:
     assert logits.shape == (2, 6)
 
 
+def test_export_pt2_bf16_runs_any_batch_close_to_the_checkpoint(tiny_run: Path) -> None:
+    """AOTInductor bf16 package (dynamic batch): the fp32 network's logits within bf16 error."""
+    from mnv3.deploy import load_pt2, read_sidecar, run_pt2
+    from mnv3.export import export
+    from mnv3.trained_run import TrainedRun
+
+    ckpt = tiny_run / "run" / "checkpoints" / "best.ckpt"
+    cfg = _compose_export(tiny_run, [f"ckpt_path={ckpt}", "format=pt2", "quantize=bf16"])
+    path = export(cfg)
+    assert path == tiny_run / "run" / "export" / "best_bf16.pt2"
+    sidecar = read_sidecar(path)
+    assert sidecar["format"] == "pt2" and sidecar["precision"] == "bf16"
+    assert sidecar["batch_size"] is None and sidecar["outputs"] == ["logits"]
+    runner = load_pt2(path)
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = TrainedRun.open(ckpt).network.eval()(images)
+        got = torch.cat([run_pt2(runner, images), run_pt2(runner, images[:1])])
+    assert got.dtype == torch.float32 and got.shape == (4, 6)
+    scale = expected.abs().max()
+    assert (got[:3] - expected).abs().max() <= 0.05 * scale  # bf16: 8 bits of mantissa
+    assert (got[:3] - expected).abs().max() > 0  # it did run in bf16, not float32
+    torch.testing.assert_close(got[3], got[0], atol=0.01 * float(scale), rtol=0)
+
+
 def test_cli_bad_input_is_one_sentence(tiny_run: Path) -> None:
     ckpt = tiny_run / "run" / "checkpoints" / "best.ckpt"
     result = run_cli("mnv3.export", [f"ckpt_path={ckpt}", "input_size=[16,16]"], cwd=tiny_run)
@@ -104,8 +129,14 @@ def test_cli_bad_input_is_one_sentence(tiny_run: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "sentence"),
     [
-        (["format=tflite"], "format='tflite' is unknown; expected one of onnx, pte"),
-        (["quantize=int4"], "quantize='int4' is unknown; expected null or int8"),
+        (["format=tflite"], "format='tflite' is unknown; expected one of onnx, pte, pt2"),
+        (["quantize=int4"], "quantize='int4' is unknown; expected null, int8 or bf16"),
+        (
+            ["format=pt2", "quantize=int8"],
+            "quantize=int8 is not available for format=pt2; expected null or bf16 "
+            "(quantize=int8 exports as format=onnx or pte)",
+        ),
+        (["quantize=bf16"], "quantize=bf16 is not available for format=onnx"),
         (["quantize=int8", "calibration_images=0"], "calibration_images=0; expected at least 1"),
         (["calibration_method=entropy"], "calibration_method='entropy' is unknown; expected"),
         (["qat_steps=4"], "qat_steps=4 needs format=pte quantize=int8"),

@@ -1,4 +1,5 @@
-"""Deployment: ONNX and ExecuTorch export, int8 (torchao PT2E, onnxruntime QDQ), runners.
+"""Deployment: ONNX, ExecuTorch and AOTInductor export, int8 (torchao PT2E, onnxruntime QDQ),
+bf16 (Inductor), runners.
 
 Pure torch plus the ``deploy`` extra (onnx, onnxscript, onnxruntime, torchao, executorch); the
 heavy libraries are imported by the functions that need them. ``mnv3.export`` is the command
@@ -16,7 +17,7 @@ from mnv3.deploy.common import (
     sidecar_path,
     write_sidecar,
 )
-from mnv3.deploy.exporter import FORMATS, QUANTIZE, export_network
+from mnv3.deploy.exporter import FORMAT_QUANTIZE, FORMATS, QUANTIZE, export_network
 from mnv3.deploy.onnx_export import (
     DetectorForExport,
     DetectorNetwork,
@@ -27,6 +28,7 @@ from mnv3.deploy.onnx_export import (
     run_onnx,
     run_onnx_detector,
 )
+from mnv3.deploy.pt2 import export_pt2, load_pt2, run_pt2
 from mnv3.deploy.pte import (
     export_pte,
     load_pte,
@@ -47,6 +49,7 @@ from mnv3.deploy.quantize import (
 
 __all__ = [
     "FORMATS",
+    "FORMAT_QUANTIZE",
     "QUANTIZE",
     "DetectorForExport",
     "DetectorNetwork",
@@ -56,7 +59,9 @@ __all__ = [
     "example_input",
     "export_network",
     "export_onnx",
+    "export_pt2",
     "export_pte",
+    "load_pt2",
     "load_pte",
     "onnx_op_types",
     "onnx_session",
@@ -70,6 +75,7 @@ __all__ = [
     "read_sidecar",
     "run_onnx",
     "run_onnx_detector",
+    "run_pt2",
     "run_pte",
     "run_pte_detector",
     "run_pte_outputs",

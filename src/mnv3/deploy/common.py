@@ -100,6 +100,18 @@ def example_input(
     return torch.randn(batch, channels, h, w, generator=generator)
 
 
+def batch_dim(example_input: torch.Tensor) -> tuple[dict[int, Any]]:
+    """``torch.export`` dynamic shapes: dimension 0 of the one input is a batch of 1 to 1024."""
+    return ({0: torch.export.Dim("batch", min=1, max=1024)},)
+
+
+def two_rows(example_input: torch.Tensor) -> torch.Tensor:
+    """A batch of at least two: torch.export specialises a batch of one to a constant."""
+    if example_input.shape[0] >= 2:
+        return example_input
+    return example_input.expand(2, *example_input.shape[1:]).contiguous()
+
+
 def calibration_batches(
     datamodule: Any, num_images: int, split: str = "val", batch_size: int = 8
 ) -> list[torch.Tensor]:

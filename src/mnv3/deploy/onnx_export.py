@@ -90,6 +90,20 @@ def export_module(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Mod
     return model, ["logits"]
 
 
+def program_module(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module, list[str]]:
+    """The module an exported program is made of and its output names (ONNX's choice per head);
+    an already wrapped :class:`DetectorForExport` must match ``input_size``."""
+    if isinstance(model, DetectorForExport):
+        if tuple(model.input_size) != tuple(input_size):
+            raise ExportError(
+                f"the detector was wrapped for {model.input_size[0]}x{model.input_size[1]} "
+                f"inputs but the example input is {input_size[0]}x{input_size[1]}; expected "
+                "the same size (its anchors are constants of the program)"
+            )
+        return model, ["boxes", "scores"]
+    return export_module(model, input_size)
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike[str],

@@ -4,7 +4,7 @@ The phone path: ``torch.export`` -> (int8: ``XNNPACKQuantizer`` PT2E) ->
 ``to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()])`` -> ``.pte``. Shapes are
 static in the program, batch included (the example input's).
 
-What the program returns is what ONNX exports (:func:`mnv3.deploy.onnx_export.export_module`):
+What the program returns is what ONNX exports (:func:`mnv3.deploy.onnx_export.program_module`):
 a classifier's logits, LR-ASPP's logits at the input size, SSDLite's decoded boxes and class
 scores (:class:`DetectorForExport`); top-k, score threshold and per-class NMS run after it
 (:func:`run_pte_detector`). XNNPACK takes every convolution, pooling, resize and activation and
@@ -30,7 +30,7 @@ from mnv3.deploy.common import (
     postprocess_detections,
     write_sidecar,
 )
-from mnv3.deploy.onnx_export import DetectorForExport, export_module, postprocess_metadata
+from mnv3.deploy.onnx_export import DetectorForExport, postprocess_metadata, program_module
 from mnv3.deploy.quantize import quantize_ptq, quantizer_for
 
 PTE_DETECTOR_RUNNER = "mnv3.deploy.run_pte_detector"
@@ -75,7 +75,7 @@ def export_pte(
     if quantize not in (None, "int8"):
         raise ExportError(f"quantize={quantize!r} is not supported; expected null or int8")
     input_size = check_input_size(tuple(example_input.shape[-2:]))
-    module, output_names = _program_module(model.eval(), input_size)
+    module, output_names = program_module(model.eval(), input_size)
     graph = _lowered_graph(module, example_input, quantize, calibration, quantized_network)
     with torch.no_grad():
         program = torch.export.export(graph, (example_input,))
@@ -132,19 +132,6 @@ def _lowered_graph(
             module, example_input, calibration or [], "xnnpack", quantizer=quantizer
         )
     return module
-
-
-def _program_module(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module, list[str]]:
-    """The module the program is made of and its output names (ONNX's choice per head)."""
-    if isinstance(model, DetectorForExport):
-        if tuple(model.input_size) != tuple(input_size):
-            raise ExportError(
-                f"the detector was wrapped for {model.input_size[0]}x{model.input_size[1]} "
-                f"inputs but the example input is {input_size[0]}x{input_size[1]}; expected "
-                "the same size (its anchors are constants of the program)"
-            )
-        return model, ["boxes", "scores"]
-    return export_module(model, input_size)
 
 
 def inside_network(node: torch.fx.Node) -> bool:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mnv3.deploy.common import ExportError, check_calibration
+from mnv3.deploy.common import ExportError, batch_dim, check_calibration, two_rows
 
 Backend = Literal["x86", "xnnpack"]
 
@@ -67,9 +67,9 @@ def quantize_ptq(
 
     check_calibration(calibration)
     model = copy.deepcopy(model).eval()
-    dynamic = _batch_dim(example_input) if backend == "x86" else None
+    dynamic = batch_dim(example_input) if backend == "x86" else None
     if dynamic is not None:
-        example_input = _two_rows(example_input)
+        example_input = two_rows(example_input)
     graph = torch.export.export(model, (example_input,), dynamic_shapes=dynamic).module()
     prepared = prepare_pt2e(graph, quantizer if quantizer is not None else quantizer_for(backend))
     with torch.no_grad():
@@ -104,7 +104,7 @@ def prepare_qat(
 
     model = copy.deepcopy(model).train()
     graph = torch.export.export(
-        model, (_two_rows(example_input),), dynamic_shapes=_batch_dim(example_input)
+        model, (two_rows(example_input),), dynamic_shapes=batch_dim(example_input)
     ).module()
     literals = _batch_norm_literals(graph)
     prepared = prepare_qat_pt2e(graph, quantizer_for(backend, is_qat=True))
@@ -275,17 +275,6 @@ def _freeze_bn_stats(graph: torch.fx.GraphModule) -> None:
             args[6] = 0.0
             node.args = tuple(args)
     graph.recompile()
-
-
-def _batch_dim(example_input: torch.Tensor) -> tuple[dict[int, Any]]:
-    return ({0: torch.export.Dim("batch", min=1, max=1024)},)
-
-
-def _two_rows(example_input: torch.Tensor) -> torch.Tensor:
-    """A batch of at least two: torch.export specialises a batch of one to a constant."""
-    if example_input.shape[0] >= 2:
-        return example_input
-    return example_input.expand(2, *example_input.shape[1:]).contiguous()
 
 
 def _fit_batch(
