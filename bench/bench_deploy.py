@@ -77,6 +77,7 @@ from mnv3.deploy import (
     export_onnx,
     export_pt2,
     export_pte,
+    fixed_batches,
     load_pt2,
     load_pte,
     onnx_session,
@@ -300,14 +301,6 @@ class RowResult:
     elapsed_s: float = 0.0
 
 
-def _feeds_of(calibration: Sequence[torch.Tensor], batch: int) -> list[torch.Tensor]:
-    """The calibration images regrouped into feeds of exactly ``batch`` (repeated if too few)."""
-    images = torch.cat(list(calibration))
-    if images.shape[0] < batch:
-        images = images.repeat(math.ceil(batch / images.shape[0]), 1, 1, 1)
-    return list(images[: images.shape[0] // batch * batch].split(batch))
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:160] if text else ''}"
@@ -454,7 +447,7 @@ def _build_path(
         if name == "ort-int8":
             # The fixed-batch model takes feeds of its batch (quantize_onnx feeds each tensor
             # as given).
-            feeds = _feeds_of(calibration, int(x.shape[0]))
+            feeds = fixed_batches(calibration, int(x.shape[0]))
             path = quantize_onnx(fp32, stem.with_name(stem.name + "_int8.onnx"), feeds, True)
         pr.size_bytes = path.stat().st_size
         s1 = onnx_session(path, threads=1)

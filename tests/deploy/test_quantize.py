@@ -11,6 +11,7 @@ from torch import nn
 from mnv3.deploy import (
     ExportError,
     export_pte,
+    fixed_batches,
     load_pte,
     qat_finetune,
     quantize_ptq,
@@ -48,6 +49,21 @@ def test_pt2e_ptq_x86_agrees_on_top1(classifier: nn.Module, images: torch.Tensor
         assert top1_agreement(converted(images), classifier(images)) >= 0.75
     with pytest.raises(ExportError, match="calibration set is empty"):
         quantize_ptq(classifier, images[:1], [], "x86")
+
+
+def test_fixed_batch_graphs_calibrate_on_every_image_whatever_the_batch_sizes(
+    classifier: nn.Module, images: torch.Tensor
+) -> None:
+    """A fixed batch larger than the calibration batches was calibrated on nothing (found by
+    ``bench_deploy.py --batch 32``: 'Invalid size of per channel quantization scales')."""
+    feeds = fixed_batches([images[:3], images[3:5], images[5:10]], 4)
+    assert [len(f) for f in feeds] == [4, 4]
+    torch.testing.assert_close(torch.cat(feeds), images[:8])
+    (few,) = fixed_batches([images[:2]], 5)  # fewer images than one feed: repeated to fill it
+    torch.testing.assert_close(few, torch.cat([images[:2], images[:2], images[:1]]))
+    converted = quantize_ptq(classifier, images[:8], [images[:2], images[2:4]], "xnnpack")
+    with torch.no_grad():
+        assert top1_agreement(converted(images[:8]), classifier(images[:8])) >= 0.75
 
 
 def test_qat_finetune_converts_with_evaluation_batchnorm(

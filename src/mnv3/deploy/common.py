@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -110,6 +111,16 @@ def two_rows(example_input: torch.Tensor) -> torch.Tensor:
     if example_input.shape[0] >= 2:
         return example_input
     return example_input.expand(2, *example_input.shape[1:]).contiguous()
+
+
+def fixed_batches(calibration: Sequence[torch.Tensor], batch: int) -> list[torch.Tensor]:
+    """Calibration images regrouped into feeds of exactly ``batch`` images, for a graph whose
+    batch is fixed: every image is used (repeated to fill one feed when there are fewer than
+    ``batch``; min / max observers see the same ranges), the last partial feed is dropped."""
+    images = torch.cat(list(calibration))
+    if images.shape[0] < batch:
+        images = images.repeat(math.ceil(batch / images.shape[0]), 1, 1, 1)
+    return list(images[: images.shape[0] // batch * batch].split(batch))
 
 
 def calibration_batches(

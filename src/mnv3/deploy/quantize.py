@@ -17,7 +17,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mnv3.deploy.common import ExportError, batch_dim, check_calibration, two_rows
+from mnv3.deploy.common import (
+    ExportError,
+    batch_dim,
+    check_calibration,
+    fixed_batches,
+    two_rows,
+)
 
 Backend = Literal["x86", "xnnpack"]
 
@@ -72,10 +78,10 @@ def quantize_ptq(
         example_input = two_rows(example_input)
     graph = torch.export.export(model, (example_input,), dynamic_shapes=dynamic).module()
     prepared = prepare_pt2e(graph, quantizer if quantizer is not None else quantizer_for(backend))
+    feeds = calibration if dynamic is not None else fixed_batches(calibration, len(example_input))
     with torch.no_grad():
-        for batch in calibration:
-            for chunk in _fit_batch(batch, example_input, dynamic is not None):
-                prepared(chunk)
+        for feed in feeds:
+            prepared(feed)
     return convert_pt2e(prepared)
 
 
@@ -275,18 +281,6 @@ def _freeze_bn_stats(graph: torch.fx.GraphModule) -> None:
             args[6] = 0.0
             node.args = tuple(args)
     graph.recompile()
-
-
-def _fit_batch(
-    batch: torch.Tensor, example_input: torch.Tensor, dynamic: bool
-) -> Iterable[torch.Tensor]:
-    """Calibration batches as the graph accepts them: whole, or split to its fixed batch size."""
-    if dynamic:
-        yield batch
-        return
-    size = int(example_input.shape[0])
-    for start in range(0, int(batch.shape[0]) - size + 1, size):
-        yield batch[start : start + size]
 
 
 def top1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:

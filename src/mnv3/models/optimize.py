@@ -32,7 +32,11 @@ The per-row numbers of every model are in ``bench/results/bench_models.md`` (wri
 ``bench/bench_models.py``). Eager CPU convolutions re-pack weights and reorder activations
 on every call; the frozen oneDNN Graph path does that once, which at batch 1 is most of
 the gain. TorchScript is deprecated upstream (torch >= 2.11) but still shipped; should it
-go, ``mode="compile"`` is the next-fastest path.
+go, the ``torch.export`` path is an AOTInductor package (:func:`mnv3.deploy.export_pt2`):
+re-measured 2026-12-06 on an AMD EPYC Zen 4 2-vCPU VM, quiet, 1 thread, Large, batch 1:
+``"freeze"`` 0.50x torchvision eager, ``.pt2`` fp32 0.56x, ``torch.compile`` with freezing
+0.66x (unfolded NCHW model, a one-off script), so
+``"freeze"`` stays the default (``docs/deployment.md``).
 """
 
 from __future__ import annotations
