@@ -78,7 +78,8 @@ def check_values(cfg: DictConfig) -> None:
 
 def check_backbone_keys(cfg: DictConfig) -> None:
     """Every backbone key must be an option of the chosen backbone (e.g. no ``minimal`` on V2)."""
-    from mnv3.models.backbone import backbone_options
+    from mnv3.models.backbone import backbone_arch, backbone_options
+    from mnv3.models.block_table import BlockTableError
 
     accepted = set(backbone_options(cfg.backbone.name)) - {"num_classes"} | {"name"}
     for key in cfg.backbone:
@@ -87,6 +88,12 @@ def check_backbone_keys(cfg: DictConfig) -> None:
                 f"backbone.{key} is not an option of backbone.name={cfg.backbone.name}; its "
                 f"options: {', '.join(sorted(accepted))}"
             )
+    if "table" in accepted:  # a block table is data: read it now, not when the model is built
+        table = OmegaConf.to_container(cfg.backbone, resolve=True).get("table")  # type: ignore[union-attr]
+        try:
+            backbone_arch(cfg.backbone.name, table=table)
+        except BlockTableError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def check_backbone_weights(cfg: DictConfig) -> None:

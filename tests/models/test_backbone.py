@@ -20,7 +20,12 @@ from mnv3.models.mobilenetv3 import MOBILENET_V3_SMALL, SMALL_TABLE, V3Table
 
 
 def test_names_build_the_papers_networks_with_or_without_classifier() -> None:
-    assert set(BACKBONES) == {"mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v2"}
+    assert set(BACKBONES) == {
+        "mobilenet_v3_large",
+        "mobilenet_v3_small",
+        "mobilenet_v3",
+        "mobilenet_v2",
+    }
     assert count_params(build_backbone("mobilenet_v3_large", num_classes=1000)) == 5_483_032
     backbone = build_backbone("mobilenet_v3_small")
     assert backbone.classifier is None

@@ -24,6 +24,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
+from mnv3.models.block_table import BlockTableError, as_table
 from mnv3.models.checkpoints import load_weights
 from mnv3.models.mobilenet import ArchSpec, MobileNet
 from mnv3.models.mobilenetv2 import mobilenet_v2_arch
@@ -34,10 +35,34 @@ from mnv3.models.mobilenetv3 import (
     mobilenet_v3_arch,
 )
 
+
+def table_arch(table: V3Table | Mapping[str, Any] | None = None, **options: Any) -> ArchSpec:
+    """The ArchSpec of any MobileNetV3 block table given as data (``backbone.table``; a
+    searched network's: :mod:`mnv3.models.block_table`), with MobileNetV3's options."""
+    if table is None:
+        raise BlockTableError(
+            "backbone.name=mobilenet_v3 has no backbone.table; expected a block table "
+            "(a backbone file written by mnv3.models.block_table.save_backbone_file)"
+        )
+    return mobilenet_v3_arch(as_table(table), **options)
+
+
+# Its options are mobilenet_v3_arch's (what backbone_options and the config checks read).
+table_arch.__signature__ = inspect.signature(
+    mobilenet_v3_arch
+).replace(  # type: ignore[attr-defined]
+    parameters=[
+        inspect.Parameter("table", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+        *list(inspect.signature(mobilenet_v3_arch).parameters.values())[1:],
+    ]
+)
+
 # The named tables: name -> the function that turns the table into widths (its options as kwargs).
+# ``mobilenet_v3`` takes its table as the ``table`` option.
 BACKBONES: dict[str, Callable[..., ArchSpec]] = {
     "mobilenet_v3_large": partial(mobilenet_v3_arch, MOBILENET_V3_LARGE),
     "mobilenet_v3_small": partial(mobilenet_v3_arch, MOBILENET_V3_SMALL),
+    "mobilenet_v3": table_arch,
     "mobilenet_v2": mobilenet_v2_arch,
 }
 # The options that decide a backbone's tensor shapes (what a resumed checkpoint must share).
@@ -48,6 +73,7 @@ SHAPE_OPTIONS = (
     "output_stride",
     "width_rounding",
     "in_channels",
+    "table",
 )
 # Options of the built network rather than of its widths (see build_backbone).
 BUILD_OPTIONS = ("num_classes", "dropout", "weights", "bn_momentum", "bn_eps", "in_channels")
@@ -163,7 +189,12 @@ def check_backbone_limits(
     for key, supported in limits.items():
         value = options.get(key, supported)
         if value not in (supported, None):
+            shown = "<a block table>" if isinstance(value, Mapping) else repr(value)
+            expected = (
+                "no block table (head=classifier takes one)"
+                if key == "table"
+                else f"{supported!r}{why}"
+            )
             raise UnsupportedBackbone(
-                f"backbone.{key}={value!r} is not supported by head={head}; expected "
-                f"{supported!r}{why}"
+                f"backbone.{key}={shown} is not supported by head={head}; expected {expected}"
             )

@@ -24,7 +24,8 @@ from mnv3.models.detection.ssdlite import (
 DetectionBackbone = Literal["mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v2"]
 BACKBONES: tuple[str, ...] = ("mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v2")
 # Backbone-group options SSDLite cannot use, with the only value it supports (§6.3's networks).
-BACKBONE_LIMITS = {"minimal": False, "output_stride": 32, "in_channels": 3}
+# ``table`` None: block-table backbones (``backbone.name=mobilenet_v3``) are classifiers only, so far.
+BACKBONE_LIMITS = {"minimal": False, "output_stride": 32, "in_channels": 3, "table": None}
 
 
 def use_reduced_tail(

@@ -28,7 +28,8 @@ SegmentationBackbone = Literal["mobilenet_v3_large", "mobilenet_v3_small"]
 BACKBONES: tuple[str, ...] = ("mobilenet_v3_large", "mobilenet_v3_small")
 # Backbone-group options the segmenters cannot use, with the only value they support (the
 # paper's segmentation models: full width, RGB, the standard blocks).
-BACKBONE_LIMITS = {"minimal": False, "in_channels": 3, "width_mult": 1.0}
+# ``table`` None: block-table backbones (``backbone.name=mobilenet_v3``) are classifiers only, so far.
+BACKBONE_LIMITS = {"minimal": False, "in_channels": 3, "width_mult": 1.0, "table": None}
 BACKBONE_LIMITS_WHY = " (the paper's segmentation models)"
 
 

@@ -1,0 +1,118 @@
+"""Block tables as data: YAML backbone files, config validation, and checkpoints that carry them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import QUIET, TINY_DATA, compose_train
+from mnv3.cli import CONFIG_DIR
+from mnv3.models import build_backbone, count_params
+from mnv3.models.block_table import (
+    BlockTableError,
+    load_backbone_file,
+    save_backbone_file,
+    table_from_plain,
+    table_to_plain,
+)
+from mnv3.models.mobilenetv3 import MOBILENET_V3_LARGE, MOBILENET_V3_SMALL, V3Table
+
+
+def _same_network(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Identical parameter names and shapes (strict load), then identical outputs."""
+    b.load_state_dict(a.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    a.eval(), b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("table", [MOBILENET_V3_LARGE, MOBILENET_V3_SMALL])
+def test_a_table_file_round_trips_and_builds_the_named_network(
+    tmp_path: Path, table: V3Table
+) -> None:
+    path = save_backbone_file(table, tmp_path / "net.yaml", width_mult=1.0)
+    assert load_backbone_file(path) == table
+    assert table_from_plain(table_to_plain(table)) == table
+    from_file = build_backbone("mobilenet_v3", table=table_to_plain(table), num_classes=10)
+    named = build_backbone(table.name, num_classes=10)
+    assert count_params(from_file) == count_params(named)
+    _same_network(named, from_file)
+
+
+def test_the_shipped_small_table_file_is_small(tmp_path: Path) -> None:
+    assert load_backbone_file(CONFIG_DIR / "backbone" / "small_table.yaml") == MOBILENET_V3_SMALL
+    cfg = compose_train(tmp_path, ["backbone=small_table"])
+    assert cfg.backbone.name == "mobilenet_v3" and cfg.backbone.table.name == "mobilenet_v3_small"
+
+
+@pytest.mark.parametrize(
+    ("edit", "sentence"),
+    [
+        (lambda t: t["rows"][0].__setitem__(0, 4), "table.rows[0]: kernel=4; expected 3, 5 or 7"),
+        (lambda t: t["rows"][2].__setitem__(4, "SW"), "table.rows[2]: nl='SW'; expected RE"),
+        (lambda t: t["rows"][1].__setitem__(5, 3), "table.rows[1]: stride=3; expected 1 or 2"),
+        (lambda t: t["rows"][1].__setitem__(1, 0), "table.rows[1]: exp=0 is not a width"),
+        (lambda t: t["rows"].__setitem__(3, [5, 96]), "table.rows[3]=[5, 96] is not a bneck row"),
+        (lambda t: t.pop("last"), "table has no last; expected the keys"),
+        (lambda t: t.__setitem__("depth", 3), "table has unknown depth; expected the keys"),
+        (lambda t: t.__setitem__("rows", []), "table.rows=[]; expected a non-empty list"),
+    ],
+)
+def test_a_bad_table_is_one_sentence_naming_the_row(edit, sentence: str) -> None:
+    plain = table_to_plain(MOBILENET_V3_SMALL)
+    edit(plain)
+    with pytest.raises(BlockTableError) as info:
+        table_from_plain(plain)
+    assert sentence in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_table_run_reloads_from_its_checkpoint_without_the_file(tmp_path: Path) -> None:
+    """Train on a table given only on the command line; the checkpoint alone rebuilds it."""
+    from mnv3.train import train
+    from mnv3.trained_run import TrainedRun
+
+    searched = V3Table("searched", MOBILENET_V3_SMALL.rows[:-2], stem=16, last=256, head=512)
+    rows = (
+        "["
+        + ",".join(
+            f"[{r.kernel},{r.exp},{r.out},{str(r.se).lower()},{r.nl},{r.s}]" for r in searched.rows
+        )
+        + "]"
+    )
+    table = f"{{name:searched,stem:16,last:256,head:512,rows:{rows}}}"
+    overrides = [*TINY_DATA, *QUIET, "backbone=small_table", f"backbone.table={table}"]
+    cfg = compose_train(tmp_path, [*overrides, "trainer.max_epochs=1"])
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    hparams = torch.load(ckpt, weights_only=True, map_location="cpu")["hyper_parameters"]
+    assert table_from_plain(hparams["model"]["table"]) == searched  # plain types, in the file
+    run = TrainedRun.open(ckpt)
+    net = run.network.eval()
+    assert net.arch.name == "searched" and net.arch.num_blocks == len(searched.rows)
+    _same_network(net, build_backbone(searched, num_classes=6, dropout=0.2))
+
+
+def test_table_configs_are_checked_before_any_data_is_read(tmp_path: Path) -> None:
+    from mnv3.errors import ConfigError
+    from mnv3.models.backbone import UnsupportedBackbone, check_backbone_limits
+    from mnv3.models.detection.builders import BACKBONE_LIMITS as DETECTION
+    from mnv3.models.segmentation.builders import BACKBONE_LIMITS as SEGMENTATION
+    from mnv3.validate import check_backbone_keys
+
+    bad = compose_train(tmp_path, ["backbone=small_table", "backbone.table.rows.0.0=4"])
+    with pytest.raises(ConfigError, match=r"^backbone.table.rows\[0\]: kernel=4; expected 3, 5"):
+        check_backbone_keys(bad)
+    missing = compose_train(tmp_path, ["backbone.name=mobilenet_v3"])
+    with pytest.raises(ConfigError, match=r"backbone\.name=mobilenet_v3 has no backbone\.table"):
+        check_backbone_keys(missing)
+    table = table_to_plain(MOBILENET_V3_SMALL)
+    for head, limits in (("ssdlite", DETECTION), ("lraspp", SEGMENTATION)):
+        with pytest.raises(UnsupportedBackbone) as info:
+            check_backbone_limits(head, limits, {"name": "mobilenet_v3", "table": table})
+        assert str(info.value) == (
+            f"backbone.table=<a block table> is not supported by head={head}; "
+            "expected no block table (head=classifier takes one)"
+        )
