@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torchvision
 
+from mnv3.cpus import cpu_model
+
 MIN_ROUNDS = 10  # a row's time cap never stops it before this many rounds
 BUSY_CORES = 0.1  # other processes above this many cores while a row is timed: flagged noisy
 
@@ -147,22 +149,6 @@ def ratio_interval(
         )
     ratios.sort()
     return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
-
-
-def cpu_model() -> str:
-    """The CPU's model name (with family and model numbers where /proc/cpuinfo has them)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    info: dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    name = info.get("model name", platform.machine())
-    if "cpu family" in info and "model" in info:
-        name += f" (family {info['cpu family']}, model {info['model']})"
-    return name
 
 
 def load_average() -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform as platform_module
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,22 @@ class CpuPlan:
             f"{self.threads} torch threads, {self.interop_threads} inter-op, "
             f"{self.num_workers} DataLoader workers per process"
         )
+
+
+def cpu_model() -> str:
+    """The CPU's model name (with family and model numbers where /proc/cpuinfo has them)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform_module.processor() or platform_module.machine()
+    info: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    name = info.get("model name", platform_module.machine())
+    if "cpu family" in info and "model" in info:
+        name += f" (family {info['cpu family']}, model {info['model']})"
+    return name
 
 
 def _cgroup_paths(proc_cgroup: Path) -> dict[str, str]:

@@ -1,0 +1,212 @@
+"""Where latency is measured: a runtime, a thread count and an input size (the ``platform`` group).
+
+The paper measures every candidate on the phone it targets (§4: Pixel 1 big core, TFLite); a
+user's target is their own CPU and runtime. A :class:`Platform` turns a network into the callable
+that runtime executes (:data:`RUNTIMES`: PyTorch eager, onnxruntime, ExecuTorch's XNNPACK, each
+built with :mod:`mnv3.deploy`) and times it: warm-up calls, then single calls until the median is
+known to ``precision`` (95 % order-statistic interval of the median) or ``max_runs`` is reached.
+Every :class:`Latency` records the CPU model, the runtime and its version, the threads and the
+input size beside the number, so a latency never travels without its platform.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mnv3.cpus import cpu_model
+from mnv3.errors import ConfigError
+
+Call = Callable[[], object]
+# runtime name -> (network, example input, threads, scratch folder) -> (callable, runtime version)
+Runtime = Callable[[nn.Module, torch.Tensor, int, Path], tuple[Call, str]]
+
+
+def _torch(network: nn.Module, x: torch.Tensor, threads: int, scratch: Path) -> tuple[Call, str]:
+    """The network as PyTorch runs it: eval mode, inference mode, ``threads`` intra-op threads."""
+    network = network.eval()
+
+    def call() -> object:
+        with torch.inference_mode():
+            return network(x)
+
+    torch.set_num_threads(threads)
+    return call, f"torch {torch.__version__}"
+
+
+def _onnxruntime(
+    network: nn.Module, x: torch.Tensor, threads: int, scratch: Path
+) -> tuple[Call, str]:
+    """The network exported to ONNX (fixed batch) and run by an onnxruntime CPU session."""
+    import onnxruntime
+
+    from mnv3.deploy import export_onnx, onnx_session, run_onnx
+
+    path = export_onnx(network.eval(), scratch / "network.onnx", x, dynamic_batch=False)
+    session, images = onnx_session(path, threads=threads), x.numpy()
+    return (lambda: run_onnx(session, images)), f"onnxruntime {onnxruntime.__version__}"
+
+
+_XNNPACK_THREADS: list[int] = []  # the process-wide threadpool size, once set
+
+
+def _xnnpack(network: nn.Module, x: torch.Tensor, threads: int, scratch: Path) -> tuple[Call, str]:
+    """The network as an ExecuTorch program with the XNNPACK delegate (what runs on a phone).
+
+    ExecuTorch's XNNPACK threadpool is process-wide and cannot be resized once a program is
+    loaded (resizing deadlocked executorch 1.5.1), so one process measures one thread count.
+    """
+    from importlib.metadata import version
+
+    from executorch.extension.pybindings import portable_lib
+
+    from mnv3.deploy import export_pte, load_pte, run_pte
+
+    if not _XNNPACK_THREADS:
+        portable_lib._unsafe_reset_threadpool(threads)
+        _XNNPACK_THREADS.append(threads)
+    elif _XNNPACK_THREADS[0] != threads:
+        raise ConfigError(
+            f"platform.threads={threads} but this process already measures XNNPACK with "
+            f"{_XNNPACK_THREADS[0]} threads; expected one thread count per process"
+        )
+    method = load_pte(export_pte(network.eval(), scratch / "network.pte", x))
+    return (lambda: run_pte(method, x)), f"executorch {version('executorch')} (XNNPACK)"
+
+
+RUNTIMES: dict[str, Runtime] = {"torch": _torch, "onnxruntime": _onnxruntime, "xnnpack": _xnnpack}
+
+
+@dataclass(frozen=True)
+class Latency:
+    """One measured latency (median ms of single batch-1 calls) and where it was measured."""
+
+    ms: float
+    low_ms: float  # 95 % interval of the median (order statistics)
+    high_ms: float
+    runs: int
+    platform: str
+    runtime: str
+    threads: int
+    input_size: tuple[int, int]
+    cpu: str
+
+    def to_plain(self) -> dict[str, Any]:
+        """Plain types for a CSV row, a JSON cache or a W&B log."""
+        plain = asdict(self)
+        plain["input_size"] = list(self.input_size)
+        return plain
+
+
+def median_interval(times: list[float], z: float = 1.96) -> tuple[float, float]:
+    """The ~95 % distribution-free interval of the median of ``times`` (binomial order
+    statistics: ranks n/2 -+ z sqrt(n)/2), as (low, high)."""
+    ordered = sorted(times)
+    n = len(ordered)
+    half = z * math.sqrt(n) / 2
+    low = max(math.floor(n / 2 - half), 0)
+    high = min(math.ceil(n / 2 + half), n - 1)
+    return ordered[low], ordered[high]
+
+
+@dataclass(frozen=True)
+class Platform:
+    """A runtime, its threads and the input size; the timing rule every measurement follows."""
+
+    name: str
+    runtime: str = "torch"
+    threads: int = 1
+    input_size: tuple[int, int] = (224, 224)
+    warmup: int = 10
+    min_runs: int = 30
+    max_runs: int = 1000
+    precision: float = 0.01  # stop when the median's interval is within +-1 %
+    budget_s: float = 20.0  # and at most this long per network
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> Platform:
+        """The platform of a ``platform`` group entry, refused in one sentence where it is wrong."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ConfigError(
+                f"platform.{unknown[0]} is not a platform setting; expected {', '.join(sorted(known))}"
+            )
+        if cfg.get("runtime", "torch") not in RUNTIMES:
+            raise ConfigError(
+                f"platform.runtime={cfg.get('runtime')!r} is unknown; expected one of "
+                f"{', '.join(RUNTIMES)}"
+            )
+        for key, least in (("threads", 1), ("warmup", 0), ("min_runs", 1), ("max_runs", 1)):
+            value = cfg.get(key, least)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"platform.{key}={value!r}; expected an integer >= {least}")
+        size = cfg.get("input_size", [224, 224])
+        size = [size, size] if isinstance(size, int) else list(size)
+        if len(size) != 2 or not all(isinstance(v, int) and v >= 32 for v in size):
+            raise ConfigError(f"platform.input_size={size!r}; expected [H, W], each at least 32")
+        plain = {**dict(cfg), "input_size": (int(size[0]), int(size[1]))}
+        plain["options"] = dict(plain.get("options") or {})
+        return cls(**plain)
+
+    def example_input(self, channels: int = 3) -> torch.Tensor:
+        """The batch-1 input every measurement on this platform uses (fixed seed)."""
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn(1, channels, *self.input_size, generator=generator)
+
+    def prepare(self, network: nn.Module, scratch: Path) -> tuple[Call, str]:
+        """The callable this platform's runtime executes for ``network``, and its version."""
+        return RUNTIMES[self.runtime](network, self.example_input(), self.threads, scratch)
+
+    def time_calls(
+        self, call: Call, timer: Callable[[], float] = time.perf_counter
+    ) -> tuple[list[float], float, float]:
+        """Warm up, then time single calls until the median is known to ``precision``, the
+        budget is spent or ``max_runs`` is reached; returns (seconds per call, interval)."""
+        for _ in range(self.warmup):
+            call()
+        times: list[float] = []
+        start = timer()
+        low = high = 0.0
+        while len(times) < self.max_runs:
+            t0 = timer()
+            call()
+            times.append(timer() - t0)
+            if len(times) >= self.min_runs and len(times) % 10 == 0:
+                low, high = median_interval(times)
+                median = statistics.median(times)
+                if high - low <= 2 * self.precision * median or timer() - start > self.budget_s:
+                    break
+        low, high = median_interval(times)
+        return times, low, high
+
+    def measure(self, network: nn.Module) -> Latency:
+        """Median batch-1 latency of ``network`` on this platform, with where it was measured."""
+        previous = torch.get_num_threads()
+        try:
+            with tempfile.TemporaryDirectory(prefix="mnv3_platform_") as scratch:
+                call, runtime = self.prepare(network, Path(scratch))
+                times, low, high = self.time_calls(call)
+        finally:
+            torch.set_num_threads(previous)
+        return Latency(
+            ms=statistics.median(times) * 1e3,
+            low_ms=low * 1e3,
+            high_ms=high * 1e3,
+            runs=len(times),
+            platform=self.name,
+            runtime=runtime,
+            threads=self.threads,
+            input_size=self.input_size,
+            cpu=cpu_model(),
+        )
