@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mnv3.cpus import cpu_model
+from mnv3.cpus import cpu_model, pin_malloc
 from mnv3.errors import ConfigError
 
 Call = Callable[[], object]
@@ -99,6 +99,7 @@ class Latency:
     threads: int
     input_size: tuple[int, int]
     cpu: str
+    allocator: str = "default"
 
     def to_plain(self) -> dict[str, Any]:
         """Plain types for a CSV row, a JSON cache or a W&B log."""
@@ -131,6 +132,9 @@ class Platform:
     max_runs: int = 1000
     precision: float = 0.01  # stop when the median's interval is within +-1 %
     budget_s: float = 20.0  # and at most this long per network
+    # Fixed glibc malloc thresholds for the whole process (mnv3.cpus.pin_malloc): without them
+    # the same network measured 5.60 and 6.03 ms in two fresh processes.
+    pin_malloc: bool = True
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -164,9 +168,13 @@ class Platform:
         generator = torch.Generator().manual_seed(0)
         return torch.randn(1, channels, *self.input_size, generator=generator)
 
-    def prepare(self, network: nn.Module, scratch: Path) -> tuple[Call, str]:
-        """The callable this platform's runtime executes for ``network``, and its version."""
-        return RUNTIMES[self.runtime](network, self.example_input(), self.threads, scratch)
+    def prepare(
+        self, network: nn.Module, scratch: Path, x: torch.Tensor | None = None
+    ) -> tuple[Call, str]:
+        """The callable this platform's runtime executes for ``network`` on ``x`` (default: the
+        platform's example input), and the runtime's version."""
+        x = self.example_input() if x is None else x
+        return RUNTIMES[self.runtime](network, x, self.threads, scratch)
 
     def time_calls(
         self, call: Call, timer: Callable[[], float] = time.perf_counter
@@ -190,12 +198,14 @@ class Platform:
         low, high = median_interval(times)
         return times, low, high
 
-    def measure(self, network: nn.Module) -> Latency:
-        """Median batch-1 latency of ``network`` on this platform, with where it was measured."""
+    def measure(self, network: nn.Module, x: torch.Tensor | None = None) -> Latency:
+        """Median batch-1 latency of ``network`` on this platform (on ``x``, default the
+        platform's example input), with where it was measured."""
+        allocator = pin_malloc() if self.pin_malloc else "default"
         previous = torch.get_num_threads()
         try:
             with tempfile.TemporaryDirectory(prefix="mnv3_platform_") as scratch:
-                call, runtime = self.prepare(network, Path(scratch))
+                call, runtime = self.prepare(network, Path(scratch), x)
                 times, low, high = self.time_calls(call)
         finally:
             torch.set_num_threads(previous)
@@ -207,6 +217,7 @@ class Platform:
             platform=self.name,
             runtime=runtime,
             threads=self.threads,
-            input_size=self.input_size,
+            input_size=self.input_size if x is None else (int(x.shape[-2]), int(x.shape[-1])),
             cpu=cpu_model(),
+            allocator=allocator,
         )

@@ -1,0 +1,74 @@
+"""The per-block latency table: keys, cache, fingerprint, fit (with a stand-in platform)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnv3.errors import ConfigError
+from mnv3.models import build_backbone, count_params
+from mnv3.search.latency_table import LatencyTable, network_parts
+from mnv3.search.platform import Latency, Platform
+
+
+class CountingPlatform(Platform):
+    """Answers a module's parameter count / 1e4 as its 'latency', and counts the calls."""
+
+    calls: list[int]
+
+    def measure(self, network: torch.nn.Module, x: torch.Tensor | None = None) -> Latency:
+        self.calls.append(1)
+        ms = count_params(network) / 1e4
+        size = self.input_size if x is None else (int(x.shape[-2]), int(x.shape[-1]))
+        return Latency(ms, ms, ms, 1, self.name, "stand-in", self.threads, size, "cpu")
+
+
+def _platform(name: str = "p") -> CountingPlatform:
+    platform = CountingPlatform(name, input_size=(64, 64))
+    object.__setattr__(platform, "calls", [])
+    return platform
+
+
+def test_parts_are_the_stem_every_block_the_last_conv_and_the_head() -> None:
+    small = build_backbone("mobilenet_v3_small", num_classes=10)
+    parts = network_parts(small, (64, 64))
+    assert len(parts) == 1 + 11 + 1 + 1
+    assert parts[0].key == "stem|3x64x64|16|hswish"
+    assert parts[1].key == "block|16x32x32|16|16|k3|s2|d1|se1|relu|res0"
+    assert parts[-1].key.startswith("head|576x")
+    assert parts[5].key == parts[6].key  # Small's two identical (5, 240, 40) blocks share one entry
+    dilated = network_parts(build_backbone("mobilenet_v3_small", output_stride=16), (64, 64))
+    assert "|s1|d2|" in dilated[-2].key  # output stride 16: the last stage dilates, as built
+
+
+def test_entries_are_measured_once_cached_and_summed(tmp_path: Path) -> None:
+    platform = _platform()
+    small = build_backbone("mobilenet_v3_small", num_classes=10)
+    table = LatencyTable(platform, tmp_path / "lut.json")
+    total = table.parts_sum(small)
+    parts = network_parts(small, (64, 64))
+    assert total == pytest.approx(sum(count_params(p.module) / 1e4 for p in parts))
+    unique = len({p.key for p in parts})
+    assert len(platform.calls) == table.measured == unique == 12
+    table.fit([total], [total * 1.25], "scale")
+    assert table.predict(small) == pytest.approx(total * 1.25)
+    table.save()
+    again = LatencyTable(platform, tmp_path / "lut.json")
+    assert again.predict(small) == pytest.approx(total * 1.25) and again.measured == 0
+    assert len(platform.calls) == unique  # everything came from the file
+
+
+def test_fits_are_medians_and_a_cache_from_elsewhere_is_refused(tmp_path: Path) -> None:
+    table = LatencyTable(_platform())
+    assert table.fit([2.0, 4.0, 10.0], [2.4, 4.8, 100.0], "scale") == (pytest.approx(1.2), 0.0)
+    assert table.fit([2.0, 4.0, 10.0], [3.0, 5.0, 90.0], "constant") == (1.0, pytest.approx(1.0))
+    path = tmp_path / "lut.json"
+    LatencyTable(_platform("p"), path).save()
+    data = json.loads(path.read_text())
+    data["fingerprint"]["threads"] = 4
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"latency table .*lut.json was measured on .*threads"):
+        LatencyTable(_platform("p"), path)
