@@ -60,7 +60,6 @@ from common import (
     fmt_ratio,
     load_average,
     machine_info,
-    pin_malloc,
     ratio_interval,
     resolve_timing_args,
     time_interleaved,
@@ -72,6 +71,7 @@ from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD
 from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
+from mnv3.cpus import pin_malloc
 from mnv3.models import count_madds, count_params, lraspp, ssdlite320
 from mnv3.models.detection import resize_and_normalize
 from mnv3.models.detection.checkpoints import from_torchvision_ssdlite

@@ -63,7 +63,6 @@ from common import (
     add_timing_args,
     load_average,
     machine_info,
-    pin_malloc,
     ratio_interval,
     resolve_timing_args,
     time_interleaved,
@@ -71,6 +70,7 @@ from common import (
 )
 from torch import nn
 
+from mnv3.cpus import pin_malloc
 from mnv3.deploy import (
     DetectorForExport,
     compile_int8,

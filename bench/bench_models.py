@@ -51,7 +51,6 @@ from common import (
     fmt_ratio,
     load_average,
     machine_info,
-    pin_malloc,
     ratio_interval,
     resolve_timing_args,
     time_interleaved,
@@ -60,6 +59,7 @@ from common import (
 from torch import nn
 from torchvision.models import mobilenetv3 as tv_mnv3
 
+from mnv3.cpus import pin_malloc
 from mnv3.models import (
     ArchSpec,
     count_madds,

@@ -41,9 +41,10 @@ import pytorch_lightning as pl
 import torch
 import torchvision
 from bench_dense import torchvision_ssdlite
-from common import cpu_model, pin_malloc, write_results
+from common import write_results
 from torch.utils.data import DataLoader, Dataset
 
+from mnv3.cpus import cpu_model, pin_malloc
 from mnv3.models import ssdlite320
 from mnv3.tasks import ClassificationTask, DetectionTask
 
