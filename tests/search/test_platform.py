@@ -85,3 +85,12 @@ def test_a_measurement_carries_its_platform(runtime: str) -> None:
     assert 10 <= latency.runs <= 20 and latency.low_ms <= latency.ms <= latency.high_ms
     assert (latency.threads, latency.input_size, latency.platform) == (1, (32, 32), f"{runtime}_32")
     assert json.loads(json.dumps(latency.to_plain()))["input_size"] == [32, 32]
+
+
+def test_interleaved_measurement_times_every_network_every_round() -> None:
+    platform = Platform("torch_32", input_size=(32, 32), warmup=1)
+    nets = {"small": mobilenet_v3_small(num_classes=4), "wide": mobilenet_v3_small(width_mult=1.5)}
+    latencies = platform.measure_interleaved(nets, rounds=6)
+    assert list(latencies) == ["small", "wide"]
+    assert all(v.runs == 6 and v.low_ms <= v.ms <= v.high_ms for v in latencies.values())
+    assert {v.input_size for v in latencies.values()} == {(32, 32)}

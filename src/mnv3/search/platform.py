@@ -198,17 +198,43 @@ class Platform:
         low, high = median_interval(times)
         return times, low, high
 
-    def measure(self, network: nn.Module, x: torch.Tensor | None = None) -> Latency:
-        """Median batch-1 latency of ``network`` on this platform (on ``x``, default the
-        platform's example input), with where it was measured."""
+    def measure_interleaved(
+        self, networks: Mapping[str, nn.Module], rounds: int
+    ) -> dict[str, Latency]:
+        """Median latencies of several networks timed in the same time windows: each of
+        ``rounds`` rounds calls every network once, in alternating order, so a machine whose
+        speed drifts (a shared VM) moves them all alike and their ranking survives."""
         allocator = pin_malloc() if self.pin_malloc else "default"
         previous = torch.get_num_threads()
+        times: dict[str, list[float]] = {name: [] for name in networks}
         try:
             with tempfile.TemporaryDirectory(prefix="mnv3_platform_") as scratch:
-                call, runtime = self.prepare(network, Path(scratch), x)
-                times, low, high = self.time_calls(call)
+                calls, runtime = {}, ""
+                for i, (name, network) in enumerate(networks.items()):
+                    folder = Path(scratch) / str(i)
+                    folder.mkdir()
+                    calls[name], runtime = self.prepare(network, folder)
+                for call in calls.values():
+                    for _ in range(self.warmup):
+                        call()
+                order = list(calls.items())
+                for r in range(rounds):
+                    for name, call in order if r % 2 == 0 else order[::-1]:
+                        t0 = time.perf_counter()
+                        call()
+                        times[name].append(time.perf_counter() - t0)
         finally:
             torch.set_num_threads(previous)
+        return {
+            name: self._latency(values, runtime, allocator, self.input_size)
+            for name, values in times.items()
+        }
+
+    def _latency(
+        self, times: list[float], runtime: str, allocator: str, input_size: tuple[int, int]
+    ) -> Latency:
+        """The record of timed calls (seconds): median and its interval in ms, and where."""
+        low, high = median_interval(times)
         return Latency(
             ms=statistics.median(times) * 1e3,
             low_ms=low * 1e3,
@@ -217,7 +243,21 @@ class Platform:
             platform=self.name,
             runtime=runtime,
             threads=self.threads,
-            input_size=self.input_size if x is None else (int(x.shape[-2]), int(x.shape[-1])),
+            input_size=input_size,
             cpu=cpu_model(),
             allocator=allocator,
         )
+
+    def measure(self, network: nn.Module, x: torch.Tensor | None = None) -> Latency:
+        """Median batch-1 latency of ``network`` on this platform (on ``x``, default the
+        platform's example input), with where it was measured."""
+        allocator = pin_malloc() if self.pin_malloc else "default"
+        previous = torch.get_num_threads()
+        try:
+            with tempfile.TemporaryDirectory(prefix="mnv3_platform_") as scratch:
+                call, runtime = self.prepare(network, Path(scratch), x)
+                times, _, _ = self.time_calls(call)
+        finally:
+            torch.set_num_threads(previous)
+        size = self.input_size if x is None else (int(x.shape[-2]), int(x.shape[-1]))
+        return self._latency(times, runtime, allocator, size)
