@@ -232,10 +232,16 @@ def _exit_preempted(preempted: Preempted, loggers: list[Any]) -> None:
 
 
 def _resume_argv() -> None:
-    """``resume=<run>``: point Hydra's output folder at the run before Hydra picks one."""
+    """``resume=<run>``: point Hydra's output folder at the run before Hydra picks one;
+    ``backbone=<file.yaml>``: a block-table file anywhere, as overrides Hydra can compose."""
+    from mnv3.models.block_table import BlockTableError, backbone_file_overrides
+
     try:
-        sys.argv[1:] = resume_argv(sys.argv[1:])
-    except ConfigError as exc:  # logging is not configured yet: the sentence goes to stderr only
+        sys.argv[1:] = backbone_file_overrides(resume_argv(sys.argv[1:]))
+    except (
+        ConfigError,
+        BlockTableError,
+    ) as exc:  # logging is not configured yet: the sentence goes to stderr only
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from helpers import QUIET, TINY_DATA, compose_train
 from mnv3.cli import CONFIG_DIR
@@ -116,3 +117,18 @@ def test_table_configs_are_checked_before_any_data_is_read(tmp_path: Path) -> No
             f"backbone.table=<a block table> is not supported by head={head}; "
             "expected no block table (head=classifier takes one)"
         )
+
+
+def test_backbone_equals_a_file_anywhere_composes_its_table_into_the_config(tmp_path: Path) -> None:
+    from mnv3.models.block_table import backbone_file_overrides
+
+    searched = V3Table("my-net v2", MOBILENET_V3_SMALL.rows[:-1], stem=16, last=512, head=1024)
+    path = save_backbone_file(searched, tmp_path / "run" / "net.yaml", width_mult=0.75)
+    overrides = backbone_file_overrides([f"backbone={path}", "head=classifier"])
+    assert overrides[0] == "backbone=small_table" and overrides[-1] == "head=classifier"
+    cfg = compose_train(tmp_path, overrides)
+    assert cfg.backbone.name == "mobilenet_v3" and cfg.backbone.width_mult == 0.75
+    assert table_from_plain(OmegaConf.to_container(cfg.backbone.table)) == searched
+    assert backbone_file_overrides(["backbone=small"]) == ["backbone=small"]
+    with pytest.raises(BlockTableError, match=r"backbone=.*nothing.yaml: no such file"):
+        backbone_file_overrides([f"backbone={tmp_path / 'nothing.yaml'}"])

@@ -150,3 +150,48 @@ def load_backbone_file(path: str | os.PathLike[str]) -> V3Table:
     if not isinstance(data, dict) or "table" not in data:
         raise BlockTableError(f"{path} holds no 'table'; expected a backbone file with a table")
     return table_from_plain(data["table"], f"{path}: table")  # type: ignore[arg-type]
+
+
+def _override_value(value: Any) -> str:
+    """A plain value in Hydra's override grammar (flow lists and mappings, quoted strings)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    text = str(value)
+    return text if text.replace("_", "").isalnum() else "'" + text.replace("'", "\\'") + "'"
+
+
+def backbone_file_overrides(argv: Sequence[str]) -> list[str]:
+    """``backbone=<path/to/file.yaml>`` on a command line, as the overrides that select it.
+
+    Hydra picks group options by name from its search path; a searched network's file lives in
+    its run folder. The file's table and options become ``backbone=small_table`` (a table
+    backbone) plus one ``++backbone.<key>=<value>`` per key, so the run's config (and its
+    checkpoint) holds the table itself, not the path. Other arguments pass unchanged; a named
+    choice (``backbone=small``) too.
+    """
+    from omegaconf import OmegaConf
+
+    out: list[str] = []
+    for arg in argv:
+        value = arg.partition("=")[2] if arg.startswith("backbone=") else ""
+        if not value.endswith((".yaml", ".yml")):
+            out.append(arg)
+            continue
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise BlockTableError(f"backbone={value}: no such file; expected a backbone YAML file")
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        if not isinstance(data, dict) or "table" not in data:
+            raise BlockTableError(f"{path} holds no 'table'; expected a backbone file with a table")
+        table_from_plain(data["table"], f"{path}: table")  # type: ignore[arg-type]
+        out.append("backbone=small_table")
+        out.extend(f"++backbone.{k}={_override_value(v)}" for k, v in data.items())
+    return out
