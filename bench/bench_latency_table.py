@@ -62,21 +62,15 @@ def random_table(rng: random.Random, name: str, base: V3Table = MOBILENET_V3_SMA
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rank correlation (no ties expected in latencies)."""
+    """Spearman's rank correlation (torchmetrics')."""
+    import torch
+    from torchmetrics.functional import spearman_corrcoef
 
-    def ranks(values: list[float]) -> list[float]:
-        order = sorted(range(len(values)), key=values.__getitem__)
-        out = [0.0] * len(values)
-        for rank, index in enumerate(order):
-            out[index] = float(rank)
-        return out
-
-    ra, rb = ranks(a), ranks(b)
-    n = len(a)
-    mean = (n - 1) / 2
-    cov = sum((x - mean) * (y - mean) for x, y in zip(ra, rb, strict=True))
-    var = sum((x - mean) ** 2 for x in ra)
-    return cov / var
+    return float(
+        spearman_corrcoef(
+            torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+        )
+    )
 
 
 def fresh_process_ms(platform_file: Path, backbone: str) -> float:

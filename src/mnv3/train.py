@@ -238,10 +238,8 @@ def _resume_argv() -> None:
 
     try:
         sys.argv[1:] = backbone_file_overrides(resume_argv(sys.argv[1:]))
-    except (
-        ConfigError,
-        BlockTableError,
-    ) as exc:  # logging is not configured yet: the sentence goes to stderr only
+    # Logging is not configured yet: the sentence goes to stderr only.
+    except (ConfigError, BlockTableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
 

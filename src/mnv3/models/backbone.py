@@ -48,12 +48,11 @@ def table_arch(table: V3Table | Mapping[str, Any] | None = None, **options: Any)
 
 
 # Its options are mobilenet_v3_arch's (what backbone_options and the config checks read).
-table_arch.__signature__ = inspect.signature(
-    mobilenet_v3_arch
-).replace(  # type: ignore[attr-defined]
+_V3_SIGNATURE = inspect.signature(mobilenet_v3_arch)
+table_arch.__signature__ = _V3_SIGNATURE.replace(  # type: ignore[attr-defined]
     parameters=[
         inspect.Parameter("table", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
-        *list(inspect.signature(mobilenet_v3_arch).parameters.values())[1:],
+        *list(_V3_SIGNATURE.parameters.values())[1:],
     ]
 )
 

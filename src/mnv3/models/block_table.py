@@ -142,14 +142,19 @@ def save_backbone_file(table: V3Table, path: str | os.PathLike[str], **options: 
     return Path(path)
 
 
-def load_backbone_file(path: str | os.PathLike[str]) -> V3Table:
-    """The table of a backbone group file written by :func:`save_backbone_file`."""
+def _read_backbone_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], V3Table]:
+    """A backbone group file's plain contents and its checked table."""
     from omegaconf import OmegaConf
 
     data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     if not isinstance(data, dict) or "table" not in data:
         raise BlockTableError(f"{path} holds no 'table'; expected a backbone file with a table")
-    return table_from_plain(data["table"], f"{path}: table")  # type: ignore[arg-type]
+    return data, table_from_plain(data["table"], f"{path}: table")  # type: ignore[arg-type]
+
+
+def load_backbone_file(path: str | os.PathLike[str]) -> V3Table:
+    """The table of a backbone group file written by :func:`save_backbone_file`."""
+    return _read_backbone_file(path)[1]
 
 
 def _override_value(value: Any) -> str:
@@ -177,8 +182,6 @@ def backbone_file_overrides(argv: Sequence[str]) -> list[str]:
     checkpoint) holds the table itself, not the path. Other arguments pass unchanged; a named
     choice (``backbone=small``) too.
     """
-    from omegaconf import OmegaConf
-
     out: list[str] = []
     for arg in argv:
         value = arg.partition("=")[2] if arg.startswith("backbone=") else ""
@@ -188,10 +191,7 @@ def backbone_file_overrides(argv: Sequence[str]) -> list[str]:
         path = Path(value).expanduser()
         if not path.is_file():
             raise BlockTableError(f"backbone={value}: no such file; expected a backbone YAML file")
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        if not isinstance(data, dict) or "table" not in data:
-            raise BlockTableError(f"{path} holds no 'table'; expected a backbone file with a table")
-        table_from_plain(data["table"], f"{path}: table")  # type: ignore[arg-type]
+        data, _ = _read_backbone_file(path)
         out.append("backbone=small_table")
         out.extend(f"++backbone.{k}={_override_value(v)}" for k, v in data.items())
     return out

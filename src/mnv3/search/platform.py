@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +135,6 @@ class Platform:
     # Fixed glibc malloc thresholds for the whole process (mnv3.cpus.pin_malloc): without them
     # the same network measured 5.60 and 6.03 ms in two fresh processes.
     pin_malloc: bool = True
-    options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Platform:
@@ -160,7 +159,6 @@ class Platform:
         if len(size) != 2 or not all(isinstance(v, int) and v >= 32 for v in size):
             raise ConfigError(f"platform.input_size={size!r}; expected [H, W], each at least 32")
         plain = {**dict(cfg), "input_size": (int(size[0]), int(size[1]))}
-        plain["options"] = dict(plain.get("options") or {})
         return cls(**plain)
 
     def example_input(self, channels: int = 3) -> torch.Tensor:
