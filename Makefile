@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 # Quiet pip: the local index mirrors print a warning per package they do not hold.
 PIP_FLAGS := --quiet --disable-pip-version-check --constraint constraints.txt
 
-.PHONY: install test lint format bench train train-detect train-segment clean help
+.PHONY: install test lint format bench train train-detect train-segment search clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ train-detect:  ## SSDLite (MobileNetV3-Small, reduced tail) on generated COCO-la
 
 train-segment:  ## LR-ASPP (MobileNetV3-Small, reduced tail) on generated Cityscapes-layout streets, CPU, a few minutes
 	$(BIN)/python -m mnv3.train experiment=shapes_segment_quick $(ARGS)
+
+search:  ## NetAdapt from MobileNetV3-Small to 75 % of its latency on this CPU (generated textures, a few minutes); docs/search.md
+	$(BIN)/python -m mnv3.search experiment=netadapt_small_quick $(ARGS)
 
 bench:  ## benchmarks vs torchvision: models, SSDLite / LR-ASPP (params, MAdds, latency), training step, data loading, deployment paths (bench/results/)
 	$(BIN)/python bench/bench_models.py --out bench/results

@@ -32,6 +32,24 @@ QUIET = ["logger=none", "callbacks.progress_bar=none", "callbacks.model_summary_
 
 def compose_train(tmp: Path, overrides: list[str], data_dir: Path | None = None) -> DictConfig:
     """The train config as ``python -m mnv3.train`` would build it, with paths under ``tmp``."""
+    return compose_config("train", tmp, overrides, data_dir)
+
+
+def entry_point_of(experiment: str) -> str:
+    """The entry point an experiment file is for: ``search`` when it picks a search
+    (``override /search: ...`` in its defaults), else ``train``."""
+    import yaml
+
+    text = (CONFIG_DIR / "experiment" / f"{experiment}.yaml").read_text()
+    defaults = yaml.safe_load(text).get("defaults") or []
+    picks = [next(iter(d)) for d in defaults if isinstance(d, dict)]
+    return "search" if "override /search" in picks else "train"
+
+
+def compose_config(
+    name: str, tmp: Path, overrides: list[str], data_dir: Path | None = None
+) -> DictConfig:
+    """Entry point ``name``'s config (``train``, ``search``) as its CLI builds it, paths in ``tmp``."""
     GlobalHydra.instance().clear()
     data_dir = data_dir or tmp / "data"
     paths = [
@@ -41,7 +59,7 @@ def compose_train(tmp: Path, overrides: list[str], data_dir: Path | None = None)
         f"paths.output_dir={tmp}/run",
     ]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=paths + overrides, return_hydra_config=True)
+        cfg = compose(name, overrides=paths + overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]

@@ -226,3 +226,24 @@ def test_paper_figures_notebook_executes_on_real_runs(real_runs: Path, tmp_path:
         assert latency["latency_ms"] > 0 and latency["checkpoint"] == "best.ckpt"
     seg = json.loads((real_runs / "seg" / "run" / "latency.json").read_text())
     assert seg["input_size"] == [64, 128]
+
+
+def test_a_block_table_run_is_its_own_line_unless_it_is_the_papers_table() -> None:
+    from mnv3.models.block_table import table_to_plain
+    from mnv3.models.mobilenetv3 import MOBILENET_V3_SMALL, V3Table
+    from mnv3.report import backbone_family, backbone_name, family_label
+
+    small = {"name": "mobilenet_v3", "table": table_to_plain(MOBILENET_V3_SMALL)}
+    assert backbone_family(small) == "small" and family_label(small) == "MobileNetV3-Small"
+    rows = (
+        *MOBILENET_V3_SMALL.rows[:-1],
+        MOBILENET_V3_SMALL.rows[-1].__class__(5, 256, 96, True, "HS", 1),
+    )
+    searched = V3Table("mobilenet_v3_small_netadapt", rows, 16, 576, 1024)
+    adapted = {"name": "mobilenet_v3", "table": table_to_plain(searched)}
+    assert backbone_name(adapted) == "mobilenet_v3_small_netadapt"
+    assert backbone_family(adapted) == family_label(adapted) == "mobilenet_v3_small_netadapt"
+    # Same rows under another name are still Small; a named backbone keeps its group name.
+    renamed = {"name": "mobilenet_v3", "table": {**small["table"], "name": "mine"}}
+    assert backbone_family(renamed) == "small" and backbone_name(renamed) == "mine"
+    assert backbone_name({"name": "mobilenet_v3_large"}) == "mobilenet_v3_large"

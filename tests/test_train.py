@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import QUIET, TINY_DATA, compose_train, run_cli
+from helpers import QUIET, TINY_DATA, compose_config, compose_train, entry_point_of, run_cli
 from mnv3.cli import CONFIG_DIR, ConfigError
 from mnv3.train import train
 from mnv3.validate import check_head_and_data
@@ -40,7 +40,8 @@ def test_every_group_option_composes(tmp_path: Path) -> None:
         for knob in ("root", "batch_size", "num_workers", size):
             assert knob in cfg.data, f"data={data} lacks data.{knob}"
     for experiment in EXPERIMENTS:
-        compose_train(tmp_path, [f"experiment={experiment}"])
+        compose_config(entry_point_of(experiment), tmp_path, [f"experiment={experiment}"])
+    assert entry_point_of("netadapt_small_quick") == "search"
     for group, options in {
         "optim": ["adamw", "sgd", "rmsprop_tf"],
         "scheduler": ["cosine", "exponential"],

@@ -60,8 +60,30 @@ def reward(acc: float, latency_ms: float, target_ms: float, w: float) -> float:
     return acc * (latency_ms / target_ms) ** w
 
 
+def backbone_name(backbone: Mapping[str, Any]) -> str:
+    """The backbone's name in a report: a block table's own name (``..._netadapt``), else the
+    group's ``name``."""
+    table = backbone.get("table")
+    if isinstance(table, Mapping) and table.get("name"):
+        return str(table["name"])
+    return str(backbone.get("name", ""))
+
+
 def backbone_family(backbone: Mapping[str, Any]) -> str:
-    """``large``, ``small`` or ``mobilenet_v2``: which reward exponent and target apply."""
+    """``large``, ``small`` or ``mobilenet_v2``: which reward exponent and target apply; a
+    block table is Large or Small only when its rows are the paper's, else its own name (a
+    searched network is its own line in the plots)."""
+    table = backbone.get("table")
+    if isinstance(table, Mapping):
+        from mnv3.models.block_table import table_from_plain
+        from mnv3.models.mobilenetv3 import VARIANTS
+
+        try:
+            rows = table_from_plain(table).rows
+        except ValueError:
+            return backbone_name(backbone)
+        paper = {v.rows: family for family, v in VARIANTS.items()}
+        return paper.get(rows, backbone_name(backbone))
     name = str(backbone.get("name", ""))
     for family in ("large", "small"):
         if name.startswith(f"mobilenet_v3_{family}"):
@@ -105,7 +127,7 @@ def runs_table(
         backbone = run.config.get("backbone", {})
         row: dict[str, Any] = {
             "run": run.name,
-            "backbone": backbone.get("name"),
+            "backbone": backbone_name(backbone),
             "width_mult": backbone.get("width_mult"),
             "data": run.config.get("data", {}).get("name"),
             "params": run.final("model/params"),
@@ -150,7 +172,7 @@ def paper_rows(
                 "experiment": run.experiment,
                 "run": run.name,
                 "task": run.task,
-                "backbone": backbone.get("name"),
+                "backbone": backbone_name(backbone),
                 "family": family_label(backbone),
                 "width_mult": backbone.get("width_mult"),
                 "metric": run.monitor,

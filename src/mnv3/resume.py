@@ -24,26 +24,33 @@ from mnv3.run_folder import LAST_CKPT, RUN_CONFIG, RunFolder
 _PLAIN_OVERRIDE_VALUE = re.compile(r"^[\w./:~@+-]+$")
 
 
-def resume_argv(argv: Sequence[str]) -> list[str]:
+def resume_argv(
+    argv: Sequence[str],
+    needed: Sequence[str | Path] = (RUN_CONFIG, LAST_CKPT),
+    writer: str = "mnv3.train",
+) -> list[str]:
     """Command-line arguments with ``resume=<run>`` pointing Hydra's output folder at that run.
 
     Hydra fixes the output folder before the task runs, so this rewrites ``sys.argv`` first:
     ``hydra.run.dir=<run>`` (unless given) and ``hydra.output_subdir=null`` (so the run's own
     ``.hydra/`` record of how it was started is kept, not replaced by the resume command).
 
+    ``needed``: the files a resumable run folder of ``writer`` holds (a search: its state).
+
     Raises:
-        ConfigError: the folder lacks ``config_resolved.yaml`` or ``checkpoints/last.ckpt``.
+        ConfigError: the folder lacks one of ``needed`` (``config_resolved.yaml``,
+            ``checkpoints/last.ckpt``).
     """
     args = list(argv)
     values = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
     if not values or values[-1] in ("", "null", "None"):
         return args
     run = Path(values[-1]).expanduser().resolve()
-    for needed in (RUN_CONFIG, LAST_CKPT):
-        if not (run / needed).is_file():
+    for name in needed:
+        if not (run / name).is_file():
             raise ConfigError(
-                f"resume={values[-1]}: {run / needed} does not exist; expected a run folder "
-                f"written by mnv3.train (with {RUN_CONFIG} and {LAST_CKPT})"
+                f"resume={values[-1]}: {run / name} does not exist; expected a run folder "
+                f"written by {writer} (with {' and '.join(map(str, needed))})"
             )
     if not any(a.startswith(("hydra.run.dir=", "-m", "--multirun")) for a in args):
         args.append(f"hydra.run.dir={_override_value(str(run))}")

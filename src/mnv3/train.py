@@ -56,10 +56,13 @@ def build_task(cfg: DictConfig, datamodule: Any) -> pl.LightningModule:
     return TASKS[cfg.head.task].from_config(to_plain(cfg), datamodule)
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Any]:
-    """The always-on CSV logger plus the chosen ones (W&B offline by default)."""
-    # Continuing a run (ckpt_path) continues its CSV file and its W&B run.
-    resuming = bool(cfg.get("ckpt_path"))
+def build_loggers(cfg: DictConfig, output_dir: Path, resuming: bool | None = None) -> list[Any]:
+    """The always-on CSV logger plus the chosen ones (W&B offline by default).
+
+    ``resuming`` (default: the config has a ``ckpt_path``) continues the run folder's CSV file
+    and W&B run instead of starting new ones."""
+    if resuming is None:
+        resuming = bool(cfg.get("ckpt_path"))
     loggers: list[Any] = [
         ResumableCSVLogger(save_dir=str(output_dir), name=CSV_DIR, version="", resume=resuming)
     ]

@@ -98,9 +98,6 @@ def test_a_table_run_reloads_from_its_checkpoint_without_the_file(tmp_path: Path
 
 def test_table_configs_are_checked_before_any_data_is_read(tmp_path: Path) -> None:
     from mnv3.errors import ConfigError
-    from mnv3.models.backbone import UnsupportedBackbone, check_backbone_limits
-    from mnv3.models.detection.builders import BACKBONE_LIMITS as DETECTION
-    from mnv3.models.segmentation.builders import BACKBONE_LIMITS as SEGMENTATION
     from mnv3.validate import check_backbone_keys
 
     bad = compose_train(tmp_path, ["backbone=small_table", "backbone.table.rows.0.0=4"])
@@ -109,14 +106,40 @@ def test_table_configs_are_checked_before_any_data_is_read(tmp_path: Path) -> No
     missing = compose_train(tmp_path, ["backbone.name=mobilenet_v3"])
     with pytest.raises(ConfigError, match=r"backbone\.name=mobilenet_v3 has no backbone\.table"):
         check_backbone_keys(missing)
-    table = table_to_plain(MOBILENET_V3_SMALL)
-    for head, limits in (("ssdlite", DETECTION), ("lraspp", SEGMENTATION)):
-        with pytest.raises(UnsupportedBackbone) as info:
-            check_backbone_limits(head, limits, {"name": "mobilenet_v3", "table": table})
-        assert str(info.value) == (
-            f"backbone.table=<a block table> is not supported by head={head}; "
-            "expected no block table (head=classifier takes one)"
-        )
+
+
+@pytest.mark.parametrize(
+    ("head", "data"),
+    [("ssdlite", "shapes_coco"), ("lraspp", "shapes_cityscapes"), ("raspp", "shapes_cityscapes")],
+)
+def test_detection_and_segmentation_heads_take_a_table(
+    tmp_path: Path, head: str, data: str
+) -> None:
+    """SSDLite, LR-ASPP and R-ASPP on Small written as a table are the same networks as on
+    ``backbone=small``: the same parameters, shape for shape, and the same outputs once one's
+    weights are loaded into the other; the table travels in the builder arguments."""
+    from mnv3.cli import model_kwargs
+    from mnv3.tasks import TASKS
+
+    nets = []
+    for backbone in ("small_table", "small"):
+        cfg = compose_train(tmp_path, [f"backbone={backbone}", f"head={head}", f"data={data}"])
+        kwargs = model_kwargs(cfg)
+        assert ("table" in kwargs) == (backbone == "small_table")
+        nets.append(TASKS[cfg.head.task].network(kwargs, num_classes=3).eval())
+    table_net, named = nets
+    assert {k: v.shape for k, v in table_net.state_dict().items()} == {
+        k: v.shape for k, v in named.state_dict().items()
+    }
+    table_net.load_state_dict(named.state_dict())
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        if head == "ssdlite":  # raw class logits and box regressions of every anchor
+            a, b = table_net.forward_batch(x), named.forward_batch(x)
+            assert torch.equal(a["cls_logits"], b["cls_logits"])
+            assert torch.equal(a["bbox_regression"], b["bbox_regression"])
+        else:
+            assert torch.equal(table_net(x), named(x))
 
 
 def test_backbone_equals_a_file_anywhere_composes_its_table_into_the_config(tmp_path: Path) -> None:

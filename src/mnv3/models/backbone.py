@@ -188,12 +188,7 @@ def check_backbone_limits(
     for key, supported in limits.items():
         value = options.get(key, supported)
         if value not in (supported, None):
-            shown = "<a block table>" if isinstance(value, Mapping) else repr(value)
-            expected = (
-                "no block table (head=classifier takes one)"
-                if key == "table"
-                else f"{supported!r}{why}"
-            )
             raise UnsupportedBackbone(
-                f"backbone.{key}={shown} is not supported by head={head}; expected {expected}"
+                f"backbone.{key}={value!r} is not supported by head={head}; "
+                f"expected {supported!r}{why}"
             )

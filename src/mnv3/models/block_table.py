@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mnv3.models.mobilenet import ArchSpec
 from mnv3.models.mobilenetv3 import Bneck, V3Table
 
 ROW_COLUMNS = ("kernel", "exp", "out", "se", "nl", "s")
@@ -98,6 +99,28 @@ def table_from_plain(plain: Mapping[str, Any], where: str = "table") -> V3Table:
         stem=_width(plain["stem"], f"{where}.stem"),
         last=_width(plain["last"], f"{where}.last"),
         head=_width(plain["head"], f"{where}.head"),
+    )
+
+
+def table_from_arch(arch: ArchSpec) -> V3Table:
+    """The block table of a built MobileNetV3 (any width multiplier, minimal, reduced tail):
+    its concrete widths as rows, so a search can start from ``backbone=small`` or
+    ``backbone=large_075`` as from a table file. Dilation (output stride) is not a table
+    column and is left out; MobileNetV2 (ReLU6) has no table and is refused."""
+    nl = {"relu": "RE", "hswish": "HS"}
+    if any(b.activation not in nl for b in arch.blocks) or arch.head_hidden_channels is None:
+        raise BlockTableError(
+            f"{arch.name} is not a MobileNetV3-style network; expected ReLU / h-swish blocks "
+            "and a hidden head layer (a MobileNetV3 backbone or block table)"
+        )
+    rows = tuple(
+        Bneck(
+            b.kernel_size, b.expanded_channels, b.out_channels, b.use_se, nl[b.activation], b.stride
+        )
+        for b in arch.blocks
+    )
+    return V3Table(
+        arch.name, rows, arch.stem_channels, arch.last_channels, arch.head_hidden_channels
     )
 
 

@@ -129,6 +129,8 @@ class DetectionTask(BaseTask):
         }
         if backbone.get("bn_momentum") is not None:
             model["bn_momentum"] = float(backbone["bn_momentum"])
+        if backbone.get("table") is not None:
+            model["table"] = backbone["table"]
         for key in ("score_thresh", "nms_thresh", "detections_per_img", "topk_candidates"):
             if head.get(key) is not None:
                 model[key] = head[key]

@@ -123,6 +123,8 @@ class SegmentationTask(BaseTask):
         }
         if backbone.get("bn_momentum") is not None:
             model["bn_momentum"] = float(backbone["bn_momentum"])
+        if backbone.get("table") is not None:
+            model["table"] = backbone["table"]
         skip = {"name", "task", "segmenter", "weights", "mask_images", "output_stride"}
         model.update({k: v for k, v in head.items() if k not in skip and v is not None})
         return model

@@ -8,7 +8,8 @@ both, in one direction.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from mnv3.models.backbone import build_backbone
 from mnv3.models.detection.checkpoints import load_ssdlite_weights
@@ -21,17 +22,26 @@ from mnv3.models.detection.ssdlite import (
     normal_init_,
 )
 
-DetectionBackbone = Literal["mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v2"]
-BACKBONES: tuple[str, ...] = ("mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v2")
+DetectionBackbone = Literal[
+    "mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v2", "mobilenet_v3"
+]
+# ``mobilenet_v3``: any block table (``table``), e.g. a searched network.
+BACKBONES: tuple[str, ...] = (
+    "mobilenet_v3_large",
+    "mobilenet_v3_small",
+    "mobilenet_v2",
+    "mobilenet_v3",
+)
 # Backbone-group options SSDLite cannot use, with the only value it supports (§6.3's networks).
-# ``table`` None: block-table backbones (``backbone.name=mobilenet_v3``) are classifiers only, so far.
-BACKBONE_LIMITS = {"minimal": False, "output_stride": 32, "in_channels": 3, "table": None}
+BACKBONE_LIMITS = {"minimal": False, "output_stride": 32, "in_channels": 3}
 
 
 def use_reduced_tail(
     backbone: str, reduced_tail: bool | None, backbone_weights: str | None
 ) -> bool:
     """Whether the backbone's last stage is halved; see :func:`ssdlite320`'s ``reduced_tail``."""
+    if backbone == "mobilenet_v3":  # a block table is the network as written (or searched)
+        return bool(reduced_tail)
     if backbone == "mobilenet_v2":
         if reduced_tail:
             raise ValueError(
@@ -57,6 +67,7 @@ def ssdlite320(
     width_mult: float = 1.0,
     loss: LossName = "softmax_hnm",
     bn_momentum: float = BN_MOMENTUM,
+    table: Mapping[str, Any] | None = None,
     **kwargs: float | int,
 ) -> SSDLite:
     """SSDLite at 320x320 on MobileNetV3-Large / -Small or MobileNetV2 (paper Table 6).
@@ -75,7 +86,9 @@ def ssdlite320(
 
     ``width_mult`` scales the backbone and the extra blocks (``max(16, int(c * width_mult))``,
     TF's min_depth). ``bn_momentum`` 0.03 is torchvision's (TF decay 0.97); BN eps is 1e-3
-    everywhere. Other keyword arguments go to :class:`SSDLite` (score_thresh, nms_thresh,
+    everywhere. ``backbone="mobilenet_v3"`` takes any block ``table``
+    (:mod:`mnv3.models.block_table`, e.g. a NetAdapt result); its tail is halved only when
+    ``reduced_tail=True`` (the table is the network as searched). Other keyword arguments go to :class:`SSDLite` (score_thresh, nms_thresh,
     detections_per_img, topk_candidates, iou_threshold, neg_to_pos_ratio, focal_alpha, ...).
     """
     if backbone not in BACKBONES:
@@ -89,6 +102,7 @@ def ssdlite320(
         backbone,
         width_mult=width_mult,
         **({"reduced_tail": True} if reduced else {}),  # MobileNetV2 has no such option
+        **({"table": table} if table is not None else {}),
         bn_eps=BN_EPS,
         bn_momentum=bn_momentum,
         weights=backbone_weights,

@@ -8,7 +8,7 @@ options these heads cannot use.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from mnv3.models.backbone import build_backbone
@@ -24,12 +24,12 @@ from mnv3.models.segmentation.heads import (
 )
 from mnv3.models.segmentation.segmenter import DEFAULT_LOW_TAP, HIGH_TAP, Segmenter
 
-SegmentationBackbone = Literal["mobilenet_v3_large", "mobilenet_v3_small"]
-BACKBONES: tuple[str, ...] = ("mobilenet_v3_large", "mobilenet_v3_small")
+SegmentationBackbone = Literal["mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v3"]
+# ``mobilenet_v3``: any block table (``table``), e.g. a searched network.
+BACKBONES: tuple[str, ...] = ("mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v3")
 # Backbone-group options the segmenters cannot use, with the only value they support (the
 # paper's segmentation models: full width, RGB, the standard blocks).
-# ``table`` None: block-table backbones (``backbone.name=mobilenet_v3``) are classifiers only, so far.
-BACKBONE_LIMITS = {"minimal": False, "in_channels": 3, "width_mult": 1.0, "table": None}
+BACKBONE_LIMITS = {"minimal": False, "in_channels": 3, "width_mult": 1.0}
 BACKBONE_LIMITS_WHY = " (the paper's segmentation models)"
 
 
@@ -40,8 +40,11 @@ def segmentation_backbone(
     reduced_tail_style: ReducedTailStyle = "deeplab",
     weights: str | None = None,
     bn_momentum: float | None = None,
+    table: Mapping[str, Any] | None = None,
 ) -> MobileNet:
     """The MobileNetV3 a segmentation head reads: dilated to ``output_stride``, no classifier.
+
+    ``backbone="mobilenet_v3"`` builds the block ``table`` (:mod:`mnv3.models.block_table`).
 
     ``reduced_tail_style="deeplab"`` is TF DeepLab's ``mobilenet_v3_{large,small}_seg``, what
     Table 7's RF2 rows measured (:func:`mnv3.models.mobilenetv3.reduce_tail`); with it the
@@ -60,6 +63,7 @@ def segmentation_backbone(
         output_stride=output_stride,
         weights=weights,
         bn_momentum=bn_momentum,
+        **({"table": table} if table is not None else {}),
     )
 
 
@@ -84,6 +88,7 @@ def lraspp(
     pool_stride: int | Sequence[int] = PAPER_POOL_STRIDE,
     bn_momentum: float | None = None,
     reduced_tail_style: ReducedTailStyle = "deeplab",
+    table: Mapping[str, Any] | None = None,
 ) -> Segmenter:
     """LR-ASPP segmenter (paper Figure 10); defaults are Table 7 row 8 (Large, RF2, F128, OS16).
 
@@ -106,9 +111,16 @@ def lraspp(
         bn_momentum: the backbone's BN momentum; None keeps the paper's 0.01.
         reduced_tail_style: ``"deeplab"`` (the paper's RF2) or ``"torchvision"``; see
             :func:`segmentation_backbone`.
+        table: the block table of ``backbone="mobilenet_v3"`` (a searched network).
     """
     net = segmentation_backbone(
-        backbone, reduced_tail, output_stride, reduced_tail_style, backbone_weights, bn_momentum
+        backbone,
+        reduced_tail,
+        output_stride,
+        reduced_tail_style,
+        backbone_weights,
+        bn_momentum,
+        table,
     )
     head = LRASPPHead(
         net.tap(low_tap).channels,
@@ -120,7 +132,7 @@ def lraspp(
         pool_crop_size=_pair(pool_crop_size, "pool_crop_size"),
         pool_stride=_pair(pool_stride, "pool_stride"),
     )
-    config = _config(backbone, num_classes, inter_channels, reduced_tail, reduced_tail_style)
+    config = _config(backbone, num_classes, inter_channels, reduced_tail, reduced_tail_style, table)
     config.update(output_stride=output_stride, pool=pool, low_tap=low_tap)
     return _segmenter("lraspp", net, head, low_tap, config, weights)
 
@@ -136,6 +148,7 @@ def raspp(
     dropout: float = 0.1,
     bn_momentum: float | None = None,
     reduced_tail_style: ReducedTailStyle = "deeplab",
+    table: Mapping[str, Any] | None = None,
 ) -> Segmenter:
     """R-ASPP segmenter, the paper's comparison head; defaults are Table 7 row 6 (RF2, F256).
 
@@ -143,10 +156,16 @@ def raspp(
     pooling is global, as DeepLab's). ``dropout`` follows DeepLab's concat projection (0.1).
     """
     net = segmentation_backbone(
-        backbone, reduced_tail, output_stride, reduced_tail_style, backbone_weights, bn_momentum
+        backbone,
+        reduced_tail,
+        output_stride,
+        reduced_tail_style,
+        backbone_weights,
+        bn_momentum,
+        table,
     )
     head = RASPPHead(net.tap(HIGH_TAP).channels, num_classes, inter_channels, dropout)
-    config = _config(backbone, num_classes, inter_channels, reduced_tail, reduced_tail_style)
+    config = _config(backbone, num_classes, inter_channels, reduced_tail, reduced_tail_style, table)
     config.update(output_stride=output_stride)
     return _segmenter("raspp", net, head, None, config, weights)
 
@@ -157,15 +176,19 @@ def _config(
     inter_channels: int,
     reduced_tail: bool,
     reduced_tail_style: str,
+    table: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The builder arguments both segmenters share, as plain values (for errors and hparams)."""
-    return {
+    config = {
         "backbone": backbone,
         "num_classes": num_classes,
         "inter_channels": inter_channels,
         "reduced_tail": reduced_tail,
         "reduced_tail_style": reduced_tail_style,
     }
+    if table is not None:
+        config["table"] = dict(table)
+    return config
 
 
 def _segmenter(
