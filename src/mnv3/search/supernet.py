@@ -1,0 +1,149 @@
+"""A weight-sharing supernet over a :class:`~mnv3.search.space.SearchSpace` (Once-for-All style).
+
+The supernet is the space's largest network, built by the normal backbone code: per stage its
+deepest depth, widest width, largest kernel and expansion, SE wherever SE is a choice. A
+candidate (a decision vector) runs on *slices* of its weights (Cai et al., ICLR 2020: elastic
+depth = the first blocks of each stage, elastic width and expansion = the leading channels,
+elastic kernel = the kernel's centre): the candidate's own stand-alone network is built once
+(:func:`mnv3.models.backbone.build_backbone`, cached) and called through
+:func:`torch.func.functional_call` with views into the supernet's parameters and BN buffers, so
+gradients and running statistics land in the shared weights, and the candidate is exactly the
+network its table builds. :meth:`SuperNet.subnet` copies the slices into that stand-alone network
+(the test checks both give the same outputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from mnv3.models.backbone import build_backbone
+from mnv3.models.block_table import table_to_plain
+from mnv3.models.layers import make_divisible
+from mnv3.models.mobilenet import MobileNet
+from mnv3.models.mobilenetv3 import Bneck, V3Table
+from mnv3.search.space import SearchSpace
+
+
+def largest_table(space: SearchSpace) -> V3Table:
+    """The space's largest network: every stage at its deepest, widest, largest kernel and
+    expansion, with SE where SE is a choice (the supernet's shape)."""
+    rows: list[Bneck] = []
+    width_in = space.stem
+    for stage in space.stages:
+        width = max(stage.widths)
+        ratio = max(float(e) for e in stage.expansions)
+        for b in range(stage.max_depth):
+            exp = width_in if ratio == 1 else max(8, make_divisible(width_in * ratio, 8))
+            rows.append(
+                Bneck(
+                    max(stage.kernels),
+                    exp,
+                    width,
+                    any(stage.se),
+                    stage.nl[0],  # type: ignore[arg-type]  # parameter-free: any will do
+                    stage.stride if b == 0 else 1,
+                )
+            )
+            width_in = width
+    return V3Table(f"{space.name}_supernet", tuple(rows), space.stem, space.last, space.head)
+
+
+def _slice(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A view of ``tensor`` with ``shape``: leading channels on dims 0 and 1, the centre of
+    the kernel on dims 2 and 3."""
+    if tensor.shape == shape:
+        return tensor
+    index: list[slice] = []
+    for dim, (big, small) in enumerate(zip(tensor.shape, shape, strict=True)):
+        if dim >= 2:  # kernel: the centre (a 3x3 inside a 5x5)
+            start = (big - small) // 2
+            index.append(slice(start, start + small))
+        else:
+            index.append(slice(0, small))
+    return tensor[tuple(index)]
+
+
+class SuperNet(nn.Module):
+    """The space's largest network; candidates run on its weights' slices."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        num_classes: int,
+        dropout: float = 0.2,
+        bn_momentum: float | None = None,
+        in_channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.space = space
+        self.options = {
+            "num_classes": num_classes,
+            "dropout": dropout,
+            "bn_momentum": bn_momentum,
+            "in_channels": in_channels,
+        }
+        self.network = self._build(largest_table(space))
+        offsets, at = [], 0
+        for stage in space.stages:
+            offsets.append(at)
+            at += stage.max_depth
+        self._offsets = offsets
+        self._structures: dict[V3Table, MobileNet] = {}
+
+    def _build(self, table: V3Table) -> MobileNet:
+        options = {k: v for k, v in self.options.items() if v is not None}
+        return build_backbone("mobilenet_v3", table=table_to_plain(table), **options)
+
+    def _block_map(self, choices: Sequence[int]) -> list[int]:
+        """For each block of the candidate, its block in the supernet (the stage's first d)."""
+        depth_choice = {
+            d.stage: int(c)
+            for d, c in zip(self.space.decisions, choices, strict=True)
+            if d.kind == "depth"
+        }
+        blocks: list[int] = []
+        for s, stage in enumerate(self.space.stages):
+            depth = stage.depths[depth_choice[s]]
+            blocks += [self._offsets[s] + b for b in range(depth)]
+        return blocks
+
+    def _structure(self, table: V3Table) -> MobileNet:
+        """The candidate's stand-alone network (its module tree; weights come from slices)."""
+        if table not in self._structures:
+            if len(self._structures) > 256:  # a long search: keep memory bounded
+                self._structures.clear()
+            self._structures[table] = self._build(table)
+        return self._structures[table]
+
+    def sliced_state(self, choices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The candidate's parameters and buffers as views into the supernet's."""
+        table = self.space.table(choices)
+        structure = self._structure(table)
+        block_map = self._block_map(choices)
+        shared = dict(self.network.named_parameters()) | dict(self.network.named_buffers())
+        state: dict[str, torch.Tensor] = {}
+        own = dict(structure.named_parameters()) | dict(structure.named_buffers())
+        for name, tensor in own.items():
+            source = name
+            if name.startswith("blocks."):
+                _, j, rest = name.split(".", 2)
+                source = f"blocks.{block_map[int(j)]}.{rest}"
+            state[name] = _slice(shared[source], tensor.shape)
+        return state
+
+    def forward(self, x: torch.Tensor, choices: Sequence[int]) -> torch.Tensor:
+        """The candidate ``choices`` on ``x``, computed with the shared weights."""
+        structure = self._structure(self.space.table(choices))
+        structure.train(self.training)
+        return functional_call(structure, self.sliced_state(choices), (x,))
+
+    def subnet(self, choices: Sequence[int], name: str = "searched") -> MobileNet:
+        """The candidate as a stand-alone network holding a copy of its slices."""
+        network = self._build(self.space.table(choices, name))
+        state = {k: v.detach().clone() for k, v in self.sliced_state(choices).items()}
+        network.load_state_dict(state)
+        return network

@@ -1,0 +1,64 @@
+"""The weight-sharing supernet: a candidate on the shared weights' slices is exactly the
+stand-alone network its table builds, with those weights copied in."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mnv3.cli import CONFIG_DIR
+from mnv3.models.mobilenetv3 import MOBILENET_V3_LARGE, MOBILENET_V3_SMALL
+from mnv3.search.space import SearchSpace
+from mnv3.search.supernet import SuperNet, largest_table
+
+PAPER = {"small": MOBILENET_V3_SMALL, "large": MOBILENET_V3_LARGE}
+
+
+def _supernet(name: str) -> SuperNet:
+    path = CONFIG_DIR / "search" / "space" / f"{name}.yaml"
+    space = SearchSpace.from_config(OmegaConf.to_container(OmegaConf.load(path)))
+    torch.manual_seed(0)
+    net = SuperNet(space, num_classes=5, bn_momentum=0.1)
+    with torch.no_grad():  # non-trivial BN everywhere, so a wrong slice shows
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    return net
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_a_slice_is_the_standalone_network_with_copied_weights(name: str) -> None:
+    net = _supernet(name).eval()
+    space = net.space
+    rng = random.Random(1)
+    x = torch.randn(2, 3, 64, 64)
+    candidates = [space.decode(PAPER[name]), *(space.sample(rng) for _ in range(4))]
+    for choices in candidates:
+        standalone = net.subnet(choices).eval()
+        assert standalone.arch.blocks == net._build(space.table(choices)).arch.blocks
+        with torch.no_grad():
+            assert torch.equal(net(x, choices), standalone(x))
+    largest = space.decode(largest_table(space))
+    assert largest is not None  # the supernet's own shape is a point of the space
+    with torch.no_grad():
+        assert torch.equal(net(x, largest), net.network(x))  # the largest slice is all of it
+
+
+def test_training_a_slice_moves_only_its_share_of_the_weights() -> None:
+    net = _supernet("small").train()
+    choices = net.space.decode(MOBILENET_V3_SMALL)
+    block = net.network.blocks[net._block_map(choices)[4]]  # Small's block 4: exp 240
+    mean = block.depthwise.bn.running_mean.clone()
+    net(torch.randn(4, 3, 64, 64), choices).logsumexp(1).sum().backward()
+    grad = block.depthwise.conv.weight.grad
+    used = net.space.table(choices).rows[4].exp
+    assert grad[:used].abs().sum() > 0 and grad[used:].abs().sum() == 0
+    assert not torch.equal(block.depthwise.bn.running_mean[:used], mean[:used])
+    assert torch.equal(block.depthwise.bn.running_mean[used:], mean[used:])
+    assert grad[:used, :, 1:4, 1:4].abs().sum() > 0  # Small's 5x5 in a 5x5 supernet: all of it
