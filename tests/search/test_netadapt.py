@@ -200,7 +200,9 @@ def test_a_tiny_search_runs_logs_every_proposal_and_resumes_after_a_kill(
     weights, and the train command; ``python -m mnv3.search resume=<run>`` finds it finished."""
     from mnv3.search.__main__ import search
 
-    overrides = [*TINY_SEARCH, "search.fast_dev_run.finetune_steps=1"]
+    # A target out of reach: it stops after its 2 iterations (or earlier, when a loaded machine
+    # leaves no proposal whose measured latency fell: a logged stop, not a failure).
+    overrides = [*TINY_SEARCH, "search.fast_dev_run.finetune_steps=1", "search.target_ratio=0.05"]
     real, calls = netadapt.train_steps, []
 
     def killed_in_the_first_fine_tune(*args, **kwargs):
@@ -224,7 +226,7 @@ def test_a_tiny_search_runs_logs_every_proposal_and_resumes_after_a_kill(
         {**r, **{k: rows[i][k] for k in ("status", "acc", "score", "finetune_s")}}
         for i, r in enumerate(before)
     ]
-    assert summary["iterations"] == 2
+    assert summary["iterations"] == 2 or summary["stopped"].startswith("iteration 1: no proposal")
     for row in rows:  # every proposal lowered measured latency, or was dropped with a reason
         if row["status"] == "dropped":
             assert row["reason"]
@@ -232,7 +234,7 @@ def test_a_tiny_search_runs_logs_every_proposal_and_resumes_after_a_kill(
             assert row["status"] in ("kept", "scored")
             assert float(row["measured_ms"]) < float(row["parent_measured_ms"])
             assert float(row["predicted_ms"]) < float(row["parent_predicted_ms"])
-    assert sum(r["status"] == "kept" for r in rows) == 2
+    assert sum(r["status"] == "kept" for r in rows) == summary["iterations"] >= 1
     table = load_backbone_file(run / "table.yaml")
     kept = [r for r in rows if r["status"] == "kept"]
     assert [list(r) for r in json.loads(kept[-1]["table"])] == [

@@ -62,3 +62,40 @@ def test_training_a_slice_moves_only_its_share_of_the_weights() -> None:
     assert not torch.equal(block.depthwise.bn.running_mean[:used], mean[:used])
     assert torch.equal(block.depthwise.bn.running_mean[used:], mean[used:])
     assert grad[:used, :, 1:4, 1:4].abs().sum() > 0  # Small's 5x5 in a 5x5 supernet: all of it
+
+
+def test_the_sandwich_holds_the_largest_and_the_smallest_network() -> None:
+    from mnv3.search.supernet import extreme_choices, sandwich
+
+    space = _supernet("small").space
+    big, small, *randoms = sandwich(space, random.Random(0), randoms=2)
+    assert space.table(big).rows == largest_table(space).rows
+    assert len(randoms) == 2
+    smallest = space.table(small)
+    assert len(smallest.rows) == sum(min(s.depths) for s in space.stages)
+    assert max(r.out for r in smallest.rows) == max(min(s.widths) for s in space.stages)
+    assert not any(r.se for r in smallest.rows) and {r.kernel for r in smallest.rows} == {3}
+    assert extreme_choices(space, largest=False) == small
+
+
+def test_bn_calibration_measures_the_candidates_own_statistics() -> None:
+    """After calibration, each BN's running mean is the mean of its input over the batches
+    (a cumulative average of equal batches), measured with a hook on the stand-alone network."""
+    from mnv3.search.supernet import calibrate_bn
+
+    net = _supernet("small")
+    choices = net.space.sample(random.Random(3))
+    batches = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    calibrate_bn(net, choices, batches)
+    # The same statistics, computed independently on a copy with fresh BN stats in train mode.
+    standalone = net.subnet(choices)
+    inputs: list[torch.Tensor] = []
+    bn = standalone.blocks[1].depthwise.bn
+    hook = bn.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+    with torch.no_grad():
+        for x in batches:
+            standalone.train()(x)
+    hook.remove()
+    expected = torch.stack([t.mean((0, 2, 3)) for t in inputs]).mean(0)
+    torch.testing.assert_close(net.subnet(choices).blocks[1].depthwise.bn.running_mean, expected)
+    assert net.subnet(choices).blocks[1].depthwise.bn.num_batches_tracked == 3

@@ -14,7 +14,8 @@ network its table builds. :meth:`SuperNet.subnet` copies the slices into that st
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -147,3 +148,63 @@ class SuperNet(nn.Module):
         state = {k: v.detach().clone() for k, v in self.sliced_state(choices).items()}
         network.load_state_dict(state)
         return network
+
+
+def extreme_choices(space: SearchSpace, largest: bool) -> list[int]:
+    """The decisions of the space's largest (or smallest) network: deepest / shallowest,
+    widest / narrowest, largest / smallest kernel and expansion, SE on / off where it is a
+    choice (the two ends the sandwich rule trains every step)."""
+    pick = max if largest else min
+    out: list[int] = []
+    for d in space.decisions:
+        stage = space.stages[d.stage]
+        options = {
+            "depth": stage.depths,
+            "width": stage.widths,
+            "kernel": stage.kernels,
+            "expansion": [float(e) for e in stage.expansions],
+            "se": stage.se,
+            "nl": [0] * len(stage.nl),  # parameter-free: the first
+        }[d.kind]
+        out.append(options.index(pick(options)))
+    return out
+
+
+def sandwich(space: SearchSpace, rng: random.Random, randoms: int = 2) -> list[list[int]]:
+    """One step's candidates under the sandwich rule (Yu & Huang, ICCV 2019; used by
+    Once-for-All and BigNAS): the largest, the smallest and ``randoms`` random ones."""
+    return [
+        extreme_choices(space, largest=True),
+        extreme_choices(space, largest=False),
+        *(space.sample(rng) for _ in range(randoms)),
+    ]
+
+
+@torch.no_grad()
+def calibrate_bn(
+    supernet: SuperNet, choices: Sequence[int], images: Iterable[torch.Tensor]
+) -> None:
+    """Re-estimate the candidate's BN statistics on ``images`` (a few training batches).
+
+    Shared running statistics are a mixture of every candidate trained; a candidate is scored
+    after its own are measured (Once-for-All §3.2): reset, then a cumulative average over the
+    batches, in train mode without gradients. The statistics land in the supernet's buffers
+    (the candidate's slices), so calibrate again before scoring another candidate."""
+    structure = supernet._structure(supernet.space.table(choices))
+    state = supernet.sliced_state(choices)
+    momenta = {}
+    for name, module in structure.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            state[f"{name}.running_mean"].zero_()
+            state[f"{name}.running_var"].fill_(1.0)
+            state[f"{name}.num_batches_tracked"].zero_()
+            momenta[module] = module.momentum
+            module.momentum = None  # cumulative moving average
+    try:
+        structure.train()
+        for batch in images:
+            functional_call(structure, state, (batch,))
+    finally:
+        for module, momentum in momenta.items():
+            module.momentum = momentum
+        structure.train(supernet.training)
