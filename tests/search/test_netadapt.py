@@ -277,3 +277,31 @@ def test_the_search_experiments_compose_and_pass_the_checks(tmp_path: Path) -> N
     assert settings.train_overrides == ("experiment=textures_quick",)
     assert Platform.from_config(to_plain(cfg.platform)).input_size == (224, 224)
     assert cfg.backbone.name == "mobilenet_v3_small" and cfg.data.name == "textures"
+
+
+def test_every_proposal_is_a_row_of_the_wandb_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The W&B run (offline) holds one history row per proposal, dropped ones included, with
+    the CSV's numbers, and per-iteration latency ratios on the same increasing step axis."""
+    from mnv3.run_records import read_wandb_offline
+    from mnv3.search.__main__ import search
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    overrides = [*TINY_DATA, "debug=fast_dev_run", "logger=wandb", "search.target_ratio=0.05"]
+    search(compose_config("search", tmp_path, overrides))
+    import wandb
+
+    wandb.finish()
+    rows = _rows(tmp_path / "run")
+    (offline,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    history = read_wandb_offline(offline).history
+    logged = [h for h in history if "proposal/row" in h]
+    assert sorted(int(h["proposal/row"]) for h in logged) == list(range(len(rows)))
+    for h in logged:
+        row = rows[int(h["proposal/row"])]
+        assert h["proposal/dropped"] == (row["status"] == "dropped")
+        if row["measured_ms"]:
+            assert h["proposal/measured_ms"] == pytest.approx(float(row["measured_ms"]), rel=1e-4)
+    ratios = [h["search/latency_ratio"] for h in history if "search/latency_ratio" in h]
+    assert len(ratios) == sum(r["status"] == "kept" for r in rows) >= 1

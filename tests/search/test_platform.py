@@ -6,6 +6,7 @@ import itertools
 import json
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from mnv3.cli import CONFIG_DIR
@@ -94,3 +95,15 @@ def test_interleaved_measurement_times_every_network_every_round() -> None:
     assert list(latencies) == ["small", "wide"]
     assert all(v.runs == 6 and v.low_ms <= v.ms <= v.high_ms for v in latencies.values())
     assert {v.input_size for v in latencies.values()} == {(32, 32)}
+
+
+def test_a_block_smaller_than_a_network_input_is_timed_by_onnxruntime() -> None:
+    """The per-block table times parts on their own inputs (Small's last blocks see 7x7 at
+    224): the exporters' stride-32 minimum is for whole networks only."""
+    pytest.importorskip("onnxruntime")
+    from mnv3.models import build_backbone
+
+    block = build_backbone("mobilenet_v3_small", num_classes=0).blocks[-1]
+    platform = Platform("ort", runtime="onnxruntime", warmup=1, min_runs=3, max_runs=5)
+    latency = platform.measure(block, torch.randn(1, 96, 7, 7))
+    assert latency.ms > 0 and latency.runtime.startswith("onnxruntime")

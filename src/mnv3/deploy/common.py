@@ -35,8 +35,20 @@ def sidecar_path(path: str | os.PathLike[str]) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def check_input_size(input_size: tuple[int, int]) -> tuple[int, int]:
-    """``(H, W)`` as ints, refused when smaller than the network's stride of 32."""
+def check_input_size(
+    input_size: tuple[int, int], model: torch.nn.Module | None = None
+) -> tuple[int, int]:
+    """``(H, W)`` as ints, refused when smaller than the network's stride of 32.
+
+    ``model`` that is a part of a network, not a whole one (a block the per-block latency
+    table times on its 7x7 input), needs only a non-empty input. Whole networks are the ones
+    with an ``arch`` (a backbone / classifier) or a ``backbone`` (a detector, a segmenter).
+    """
+    if model is not None and not any(hasattr(model, a) for a in ("arch", "backbone", "detector")):
+        h, w = (int(v) for v in input_size)
+        if min(h, w) < 1:
+            raise ExportError(f"input size {h}x{w} is empty; expected at least 1x1")
+        return h, w
     h, w = (int(v) for v in input_size)
     if min(h, w) < MIN_INPUT_SIZE:
         raise ExportError(

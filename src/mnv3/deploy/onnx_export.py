@@ -130,7 +130,7 @@ def export_onnx(
         raise ExportError(
             f"example input has shape {tuple(example_input.shape)}; expected (N, C, H, W)"
         )
-    check_input_size(tuple(example_input.shape[-2:]))
+    check_input_size(tuple(example_input.shape[-2:]), model)
     module, output_names = export_module(model.eval(), tuple(example_input.shape[-2:]))
     # A batch of one would be specialised by torch.export; trace with two when it must stay free.
     if dynamic_batch and example_input.shape[0] == 1:

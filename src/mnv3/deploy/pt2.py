@@ -93,7 +93,7 @@ def export_pt2(
     import torch._inductor
 
     dtype = PT2_PRECISIONS[precision]
-    input_size = check_input_size(tuple(example_input.shape[-2:]))
+    input_size = check_input_size(tuple(example_input.shape[-2:]), model)
     module, output_names = program_module(model.eval(), input_size)
     folded = fuse_conv_bn(module).to(dtype=dtype, memory_format=torch.channels_last)
     graph = _CastGraph(folded, dtype).eval()

@@ -74,7 +74,7 @@ def export_pte(
         )
     if quantize not in (None, "int8"):
         raise ExportError(f"quantize={quantize!r} is not supported; expected null or int8")
-    input_size = check_input_size(tuple(example_input.shape[-2:]))
+    input_size = check_input_size(tuple(example_input.shape[-2:]), model)
     module, output_names = program_module(model.eval(), input_size)
     graph = _lowered_graph(module, example_input, quantize, calibration, quantized_network)
     with torch.no_grad():

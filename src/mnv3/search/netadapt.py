@@ -439,7 +439,11 @@ class NetAdapt:
                 row["status"] = "pending"
                 pending.append(len(self.state["rows"]) + len(rows))
             rows.append(row)
+        first = len(self.state["rows"])
         self.state["rows"].extend(rows)
+        for n, row in enumerate(rows, start=first):
+            if row["status"] == "dropped":
+                self._log_row(row, n)
         self.state["pending"] = {
             "iteration": k,
             "rows": pending,
@@ -634,25 +638,31 @@ class NetAdapt:
             n_rows - scored,
             elapsed,
         )
-        for logger in self.loggers:
-            logger.log_metrics(
-                {
-                    "search/latency_ratio": self.state["ratio"],
-                    "search/measured_ms": row["measured_ms"],
-                    "search/acc": row["acc"],
-                },
-                step=k,
-            )
+        self._log(
+            {
+                "search/iteration": k,
+                "search/latency_ratio": self.state["ratio"],
+                "search/measured_ms": row["measured_ms"],
+                "search/acc": row["acc"],
+            }
+        )
         return True
 
     def _log_row(self, row: Mapping[str, Any], n: int) -> None:
+        """One proposal in the loggers (W&B, CSV): its numbers, its row index, dropped or not."""
         numeric = {
             f"proposal/{k}": float(v)
             for k, v in row.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         }
+        self._log({**numeric, "proposal/row": n, "proposal/dropped": row["status"] == "dropped"})
+
+    def _log(self, metrics: Mapping[str, float]) -> None:
+        """Metrics at the next step of one increasing counter (W&B drops a step that goes back)."""
+        step = self.state.setdefault("logged", 0)
         for logger in self.loggers:
-            logger.log_metrics(numeric, step=n)
+            logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        self.state["logged"] = step + 1
 
     def run(self) -> dict[str, Any]:
         """Start (or resume) the search and run it to the target; returns the final summary."""
@@ -681,6 +691,10 @@ class NetAdapt:
             self._finetune_pending()
             self._keep_best()
         self._save()
+        for logger in self.loggers:  # W&B: the whole proposals table, as the CSV has it
+            if hasattr(logger, "log_table"):
+                rows = [[str(r[c]) for c in CSV_COLUMNS] for r in self.state["rows"]]
+                logger.log_table("search/proposals", columns=list(CSV_COLUMNS), data=rows)
         return self._finish()
 
     def _finish(self) -> dict[str, Any]:
