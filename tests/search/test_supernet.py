@@ -99,3 +99,48 @@ def test_bn_calibration_measures_the_candidates_own_statistics() -> None:
     expected = torch.stack([t.mean((0, 2, 3)) for t in inputs]).mean(0)
     torch.testing.assert_close(net.subnet(choices).blocks[1].depthwise.bn.running_mean, expected)
     assert net.subnet(choices).blocks[1].depthwise.bn.num_batches_tracked == 3
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_the_classification_task_trains_a_supernet_by_the_sandwich_rule(tmp_path) -> None:
+    """A training step's loss is the task's own loss summed over the sandwich's candidates (the
+    largest, the smallest, two random), and Lightning fits it with the task unchanged."""
+    import pytorch_lightning as pl
+
+    from helpers import TINY_DATA, compose_train
+    from mnv3.cli import build_datamodule, to_plain
+    from mnv3.search.supernet import sandwich, sandwich_task
+    from mnv3.tasks.classification import ClassificationTask
+
+    cfg = to_plain(compose_train(tmp_path, [*TINY_DATA, "head.dropout=0.0", "logger=none"]))
+    path = CONFIG_DIR / "search" / "space" / "small.yaml"
+    cfg["search"] = {"space": OmegaConf.to_container(OmegaConf.load(path))}
+    datamodule = build_datamodule(cfg["data"], num_workers=0)
+    datamodule.prepare_data()
+    task = sandwich_task(ClassificationTask).from_config(cfg, datamodule)
+    assert type(task).__name__ == "SandwichClassificationTask"
+    batch = next(iter(datamodule.train_dataloader()))
+    task.train()
+    loss = task.training_step(batch, 0)
+    space = task.model.supernet.space
+    expected = sum(
+        task._loss(task.model.supernet(batch["image"], c), batch["label"])
+        for c in sandwich(space, random.Random(0), 2)
+    )
+    torch.testing.assert_close(loss, expected)
+    assert task.model.active is None  # validation scores the largest
+
+    trainer = pl.Trainer(
+        max_steps=3,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    before = task.model.supernet.network.stem.conv.weight.detach().clone()
+    trainer.fit(task, datamodule=datamodule)
+    assert trainer.global_step == 3
+    assert not torch.equal(before, task.model.supernet.network.stem.conv.weight)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -208,3 +209,72 @@ def calibrate_bn(
         for module, momentum in momenta.items():
             module.momentum = momentum
         structure.train(supernet.training)
+
+
+class SandwichNetwork(nn.Module):
+    """A supernet as a task's network: it runs the ``active`` candidate (the largest when none
+    is set, e.g. for validation), so a task's own step, loss and metrics drive it unchanged."""
+
+    def __init__(self, supernet: SuperNet) -> None:
+        super().__init__()
+        self.supernet = supernet
+        self.largest = extreme_choices(supernet.space, largest=True)
+        self.active: list[int] | None = None
+
+    def backbone_modules(self) -> list[nn.Module]:
+        """The shared feature extractor (what fine-tuning recipes treat as the backbone)."""
+        return self.supernet.network.backbone_modules()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.supernet(x, self.active if self.active is not None else self.largest)
+
+
+def sandwich_task(task_cls: type) -> type:
+    """``task_cls`` (a :class:`mnv3.tasks.base.BaseTask`, e.g. the classification task) whose
+    network is a :class:`SuperNet` over ``model["space"]`` and whose training step is the
+    task's own step run once per sandwich candidate, their losses summed (one optimizer step
+    for all: the sandwich rule). Validation and test score the largest candidate. Built with
+    the task's ``from_config``: the space comes from ``search.space`` in the run's config."""
+
+    class SandwichTask(task_cls):  # type: ignore[misc, valid-type]
+        randoms = 2
+
+        @classmethod
+        def network_kwargs(cls, cfg: Any) -> dict[str, Any]:
+            backbone = cfg["backbone"]
+            return {
+                "space": dict(cfg["search"]["space"]),
+                "dropout": cfg["head"].get("dropout", 0.2),
+                "bn_momentum": backbone.get("bn_momentum"),
+                "randoms": int(cfg["search"].get("sandwich_randoms", 2)),
+            }
+
+        @classmethod
+        def build_network(cls, model: dict[str, Any]) -> nn.Module:
+            space = SearchSpace.from_config(model["space"])
+            supernet = SuperNet(
+                space,
+                int(model["num_classes"]),
+                dropout=float(model.get("dropout", 0.2)),
+                bn_momentum=model.get("bn_momentum"),
+            )
+            network = SandwichNetwork(supernet)
+            network.randoms = int(model.get("randoms", 2))  # type: ignore[assignment]
+            return network
+
+        def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+            rng = random.Random(self.global_step * 7919 + batch_idx)
+            total = None
+            try:
+                for choices in sandwich(self.model.supernet.space, rng, self.model.randoms):
+                    self.model.active = choices
+                    loss = super().training_step(batch, batch_idx)
+                    if loss is None:
+                        return None
+                    total = loss if total is None else total + loss
+            finally:
+                self.model.active = None
+            return total
+
+    SandwichTask.__name__ = SandwichTask.__qualname__ = f"Sandwich{task_cls.__name__}"
+    return SandwichTask
