@@ -277,6 +277,9 @@ def test_the_search_experiments_compose_and_pass_the_checks(tmp_path: Path) -> N
     assert settings.train_overrides == ("experiment=textures_quick",)
     assert Platform.from_config(to_plain(cfg.platform)).input_size == (224, 224)
     assert cfg.backbone.name == "mobilenet_v3_small" and cfg.data.name == "textures"
+    nas = compose_config("search", tmp_path, ["experiment=nas_small_quick"])
+    assert nas.search.algorithm == "nas" and nas.search.space.name == "small"
+    assert nas.search.budget == 60 and nas.scheduler.name == "constant"
 
 
 def test_every_proposal_is_a_row_of_the_wandb_log(

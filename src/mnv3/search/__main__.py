@@ -33,13 +33,15 @@ from mnv3.errors import ConfigError
 from mnv3.output_dir_check import check_output_dir
 from mnv3.resume import restore_run_config, resume_argv
 from mnv3.run_folder import RUN_CONFIG, RunFolder
-from mnv3.search.netadapt import SEARCH_DIR, STATE_FILE, TABLE_FILE, WEIGHTS_FILE, run_netadapt
+from mnv3.search.nas import run_nas
+from mnv3.search.netadapt import SEARCH_DIR, STATE_FILE, TABLE_FILE, run_netadapt
 
 log = logging.getLogger("mnv3.search")
 
 # search.algorithm -> (plain config, run folder, loggers) -> summary
 SEARCHES: dict[str, Callable[[dict[str, Any], Path, list[Any]], dict[str, Any]]] = {
     "netadapt": run_netadapt,
+    "nas": run_nas,
 }
 
 
@@ -84,7 +86,7 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     print_metrics_table(f"{cfg.run_name}: search result", summary)
     table = output_dir / TABLE_FILE
     command = ["python", "-m", "mnv3.train", f"backbone={table}", *cfg.search.train_overrides]
-    log.info("table: %s; fine-tuned weights: %s", table, output_dir / WEIGHTS_FILE)
+    log.info("table: %s", table)
     print(f"train it:\n  {shlex.join(command)}")
     return summary
 
