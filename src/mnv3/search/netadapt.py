@@ -554,11 +554,13 @@ class NetAdapt:
         pending = self.state["pending"]
         k = pending["iteration"]
         current = table_from_plain(self.state["current"]["table"])
+        parent = self._network(
+            current, self.state["current"]["weights"]
+        )  # read once: never changed
         for n in pending["rows"]:
             if str(n) in pending["done"]:
                 continue
             row = self.state["rows"][n]
-            parent = self._network(current, self.state["current"]["weights"])
             proposal = _proposal(current, row)
             child = inherit(parent, self.build(proposal.table), kept_channels(parent, proposal))
             torch.manual_seed(self.seed * 7919 + k)
