@@ -12,7 +12,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +90,47 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_output`): a kill leaves the old file."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write plain JSON ``data`` (indented, one trailing newline) to ``path`` atomically."""
+    return atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def atomic_write_csv(
+    path: str | os.PathLike[str], columns: Sequence[str], rows: Iterable[Mapping[str, Any]]
+) -> Path:
+    """Write ``rows`` under the header ``columns`` atomically; floats rounded to 5 decimals,
+    keys outside ``columns`` left out (the search logs' CSV files)."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(
+        {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()} for row in rows
+    )
+    return atomic_write_text(path, text.getvalue())
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (weights a killed run never half-writes)."""
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
 def write_sidecar(path: str | os.PathLike[str], metadata: Mapping[str, Any]) -> Path:
     """Write ``metadata`` (plain JSON values) atomically as ``<path>.json``; return its path."""
     target = sidecar_path(path)
     text = json.dumps(dict(metadata), indent=2, sort_keys=True) + "\n"
-    with atomic_output(target) as tmp:
-        tmp.write_text(text)
-    return target
+    return atomic_write_text(target, text)
 
 
 def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -152,7 +152,7 @@ class LatencyTable:
         """Write the table (atomically) where it was opened from."""
         if self.path is None:
             return
-        from mnv3.deploy.common import atomic_output
+        from mnv3.deploy.common import atomic_write_json
 
         data = {
             "fingerprint": self.fingerprint(),
@@ -161,8 +161,7 @@ class LatencyTable:
             "scale": self.scale,
             "entries": dict(sorted(self.entries.items())),
         }
-        with atomic_output(self.path) as tmp:
-            tmp.write_text(json.dumps(data, indent=1) + "\n")
+        atomic_write_json(self.path, data)
 
     def part_ms(self, part: Part) -> float:
         """The entry of ``part``, measured (and cached) the first time its key is seen."""

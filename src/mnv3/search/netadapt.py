@@ -28,8 +28,6 @@ that trains the table from scratch (or, with ``backbone.weights=<run>/adapted.pt
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -45,6 +43,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from mnv3.cpus import cpu_model
+from mnv3.deploy.common import atomic_torch_save, atomic_write_csv, atomic_write_json
 from mnv3.errors import ConfigError
 from mnv3.models.backbone import build_backbone
 from mnv3.models.block_table import (
@@ -248,20 +247,6 @@ def select(results: Mapping[int, Mapping[str, float]]) -> int:
 # -- the search --------------------------------------------------------------------------------
 
 
-def _atomic_json(path: Path, data: Any) -> None:
-    from mnv3.deploy.common import atomic_output
-
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-
-
-def _atomic_weights(path: Path, network: nn.Module) -> None:
-    from mnv3.deploy.common import atomic_output
-
-    with atomic_output(path) as tmp:
-        torch.save(network.state_dict(), tmp)
-
-
 class NetAdapt:
     """One NetAdapt search in ``folder`` (the run folder); :meth:`run` starts or resumes it."""
 
@@ -293,21 +278,11 @@ class NetAdapt:
     # -- state ---------------------------------------------------------------------------------
 
     def _save(self) -> None:
-        _atomic_json(self.dir / STATE_FILE, self.state)
+        atomic_write_json(self.dir / STATE_FILE, self.state)
         self._write_csv()
 
     def _write_csv(self) -> None:
-        from mnv3.deploy.common import atomic_output
-
-        text = io.StringIO()
-        writer = csv.DictWriter(text, CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(
-            {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
-            for row in self.state["rows"]
-        )
-        with atomic_output(self.dir / PROPOSALS_CSV) as tmp:
-            tmp.write_text(text.getvalue())
+        atomic_write_csv(self.dir / PROPOSALS_CSV, CSV_COLUMNS, self.state["rows"])
 
     def _network(self, table: V3Table, weights: str) -> MobileNet:
         network = self.build(table)
@@ -340,7 +315,7 @@ class NetAdapt:
         latency = self.platform.measure(network)
         parts_sum = self.latency.parts_sum(network)
         acc = self.data.accuracy(network)
-        _atomic_weights(self.dir / "current_0.pt", network)
+        atomic_torch_save(network.state_dict(), self.dir / "current_0.pt")
         self.state = {
             "version": 1,
             "iteration": 0,
@@ -585,7 +560,7 @@ class NetAdapt:
             if select({int(j): v for j, v in pending["done"].items()}) == n:
                 # the weights first, then the state that names them: a kill in between
                 # leaves a stray file, never a state without its weights
-                _atomic_weights(self.dir / f"proposal_{k}_{n}.pt", child)
+                atomic_torch_save(child.state_dict(), self.dir / f"proposal_{k}_{n}.pt")
                 pending["best"] = n
             self._save()
             if previous is not None and pending["best"] != previous:
@@ -707,7 +682,7 @@ class NetAdapt:
             table_from_plain(self.state["current"]["table"]), self.state["current"]["weights"]
         )
         save_backbone_file(table, self.folder / TABLE_FILE)
-        _atomic_weights(self.folder / WEIGHTS_FILE, network)
+        atomic_torch_save(network.state_dict(), self.folder / WEIGHTS_FILE)
         start = self.build(table_from_plain(self.state["start"]["table"]))
         final = self.platform.measure_interleaved(
             {"start": start, "adapted": network}, self.settings.measure_rounds
@@ -726,7 +701,7 @@ class NetAdapt:
             "platform": f"{self.platform.name} ({final['start'].runtime}, "
             f"{self.platform.threads} thread(s), {final['start'].cpu})",
         }
-        _atomic_json(self.folder / "summary.json", summary)
+        atomic_write_json(self.folder / "summary.json", summary)
         return summary
 
 
