@@ -136,9 +136,10 @@ def test_space_files_are_the_shipped_ones() -> None:
 
 
 def test_a_tiny_block_search_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
-    """search=nas under debug=fast_dev_run: a supernet, 4 candidates, the best 2 measured; a
-    second run in the same folder reads the trained supernet and the candidates back (the
-    controller replays them) instead of redoing them."""
+    """search=nas under debug=fast_dev_run, the paper's pipeline: a supernet, 4 candidates, the
+    best 2 measured, NetAdapt on the winner; the top candidates and the refined network are
+    backbone options the printed multirun selects; a second run in the same folder reads the
+    trained supernet, the candidates and the winner back instead of redoing them."""
     import csv
     import json
 
@@ -146,7 +147,13 @@ def test_a_tiny_block_search_runs_end_to_end_and_resumes(tmp_path: Path) -> None
     from mnv3.models.block_table import load_backbone_file
     from mnv3.search.__main__ import search
 
-    overrides = [*TINY_DATA, "search=nas", "debug=fast_dev_run", "logger=none"]
+    overrides = [
+        *TINY_DATA,
+        "search=nas",
+        "debug=fast_dev_run",
+        "logger=none",
+        "search.netadapt=true",
+    ]
     summary = search(compose_config("search", tmp_path, overrides))
     run_dir = tmp_path / "run"
     with (run_dir / "search" / "candidates.csv").open() as f:
@@ -159,8 +166,26 @@ def test_a_tiny_block_search_runs_end_to_end_and_resumes(tmp_path: Path) -> None
     )
     assert space.decode(table) is not None  # the result is a point of the space
     assert json.loads(rows[0]["table"])  # each candidate's rows are in its CSV row
+    options = run_dir / "backbones" / "backbone"
+    assert sorted(p.stem for p in options.glob("*.yaml")) == ["nas_0", "nas_1", "nas_netadapt"]
+    assert load_backbone_file(options / "nas_0.yaml").rows == table.rows  # rank 0 = the winner
+    refined = load_backbone_file(run_dir / "netadapt" / "table.yaml")
+    assert load_backbone_file(options / "nas_netadapt.yaml").rows == refined.rows
+    # NetAdapt ran from the winner (on a loaded machine it may keep no proposal at 32 px)
+    refined_summary = json.loads((run_dir / "netadapt" / "summary.json").read_text())
+    assert refined_summary["stopped"] and refined_summary["start ms"] > 0
+    # the printed multirun selects them by name through the run's search path
+    train_cfg = compose_config(
+        "train", tmp_path, [f"hydra.searchpath=[file://{run_dir / 'backbones'}]", "backbone=nas_1"]
+    )
+    second = table_to_plain(load_backbone_file(options / "nas_1.yaml"))
+    assert OmegaConf.to_container(train_cfg.backbone.table) == second
+    assert train_cfg.backbone.width_mult == 1.0  # the other backbone keys come with it
+
     mtime = (run_dir / "search" / "supernet.pt").stat().st_mtime
     again = search(compose_config("search", tmp_path, overrides))
     assert (
         again["candidates"] == 4 and (run_dir / "search" / "supernet.pt").stat().st_mtime == mtime
     )
+    assert load_backbone_file(run_dir / "table.yaml").rows == table.rows  # the winner is kept
+    assert load_backbone_file(run_dir / "netadapt" / "table.yaml").rows == refined.rows

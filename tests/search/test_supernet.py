@@ -144,3 +144,56 @@ def test_the_classification_task_trains_a_supernet_by_the_sandwich_rule(tmp_path
     assert trainer.global_step == 3
     assert not torch.equal(before, task.model.supernet.network.stem.conv.weight)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_supernet_accuracy_is_the_standalone_networks_accuracy_after_calibration() -> None:
+    """The search's score of a candidate equals the top-1 of its stand-alone network holding
+    the calibrated slices, computed independently on the same batches."""
+    from mnv3.search.supernet import supernet_accuracy
+
+    supernet = _supernet("small")
+    space = supernet.space
+    rng = random.Random(4)
+    choices = space.sample(rng)
+    torch.manual_seed(0)
+    calibration = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    held_out = [{"image": torch.randn(5, 3, 32, 32), "label": torch.randint(0, 3, (5,))}]
+    acc = supernet_accuracy(supernet, choices, calibration, held_out)
+    alone = supernet.subnet(choices).eval()  # the slices, BN statistics just measured
+    with torch.no_grad():
+        expected = (alone(held_out[0]["image"]).argmax(1) == held_out[0]["label"]).float().mean()
+    assert acc == pytest.approx(float(expected))
+    assert supernet.training  # left as it was found
+
+
+def test_a_killed_supernet_training_resumes_from_its_last_checkpoint(tmp_path) -> None:
+    """The search's supernet training leaves ``supernet_last.ckpt`` (loadable with
+    ``weights_only=True``) every N steps; a new run with more steps continues from it and
+    runs only the steps that are left."""
+    from helpers import TINY_DATA, compose_train
+    from mnv3.cli import build_datamodule, to_plain
+    from mnv3.search.nas import SUPERNET_LAST, _train_supernet
+    from mnv3.search.supernet import sandwich_task
+    from mnv3.tasks.classification import ClassificationTask
+
+    cfg = to_plain(compose_train(tmp_path, [*TINY_DATA, "logger=none"]))
+    path = CONFIG_DIR / "search" / "space" / "small.yaml"
+    cfg["search"] = {"space": OmegaConf.to_container(OmegaConf.load(path))}
+    datamodule = build_datamodule(cfg["data"], num_workers=0)
+    datamodule.prepare_data()
+
+    def fit(steps: int) -> list[int]:
+        task = sandwich_task(ClassificationTask).from_config(cfg, datamodule)
+        calls: list[int] = []
+        step = task.training_step
+        task.training_step = lambda batch, batch_idx: (calls.append(batch_idx), step(batch, batch_idx))[1]
+        settings = {"supernet_steps": steps, "supernet_checkpoint_every": 1}
+        _train_supernet(cfg, settings, task, datamodule, tmp_path, "cpu")
+        return calls
+
+    assert len(fit(2)) == 2
+    first = torch.load(tmp_path / SUPERNET_LAST, map_location="cpu", weights_only=True)
+    assert first["global_step"] == 2
+    assert len(fit(3)) == 1  # the killed run's 2 steps are not redone
+    last = torch.load(tmp_path / SUPERNET_LAST, map_location="cpu", weights_only=True)
+    assert last["global_step"] == 3

@@ -129,12 +129,16 @@ def as_table(table: V3Table | Mapping[str, Any]) -> V3Table:
     return table if isinstance(table, V3Table) else table_from_plain(table, "backbone.table")
 
 
-def save_backbone_file(table: V3Table, path: str | os.PathLike[str], **options: Any) -> Path:
+def save_backbone_file(
+    table: V3Table, path: str | os.PathLike[str], extends: str | None = None, **options: Any
+) -> Path:
     """Write ``table`` as a backbone group file (``name: mobilenet_v3`` + ``table``) at ``path``.
 
     ``options``: other backbone keys to write beside it (``width_mult``, ``bn_momentum``, ...).
-    Put the file in ``conf/backbone/`` (or a folder on ``hydra.searchpath``) to select it with
-    ``backbone=<file stem>``.
+    Put the file in ``conf/backbone/`` (or ``<folder>/backbone/`` with ``folder`` on
+    ``hydra.searchpath``) to select it with ``backbone=<file stem>``; ``extends`` (e.g.
+    ``small_table``) then names the backbone option whose other keys it inherits (a Hydra
+    defaults list), as a group option must have them all.
     """
     from omegaconf import OmegaConf
 
@@ -147,8 +151,10 @@ def save_backbone_file(table: V3Table, path: str | os.PathLike[str], **options: 
         f"    - [{', '.join(flow(v) for v in (r.kernel, r.exp, r.out, r.se, r.nl, r.s))}]"
         for r in table.rows
     )
+    inherit = f"defaults:\n  - {extends}\n  - _self_\n" if extends else ""
     text = (
         f"# MobileNetV3 block table {table.name} (mnv3.models.block_table)\n"
+        f"{inherit}"
         "name: mobilenet_v3\n"
         "table:\n"
         f"  name: {table.name}\n"
@@ -216,5 +222,7 @@ def backbone_file_overrides(argv: Sequence[str]) -> list[str]:
             raise BlockTableError(f"backbone={value}: no such file; expected a backbone YAML file")
         data, _ = _read_backbone_file(path)
         out.append("backbone=small_table")
-        out.extend(f"++backbone.{k}={_override_value(v)}" for k, v in data.items())
+        out.extend(
+            f"++backbone.{k}={_override_value(v)}" for k, v in data.items() if k != "defaults"
+        )
     return out

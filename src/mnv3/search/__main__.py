@@ -61,6 +61,10 @@ def _checked_config(cfg: DictConfig) -> DictConfig:
             cfg.search = OmegaConf.merge(
                 cfg.search, {k: v for k, v in tiny.items() if k != "platform"}
             )
+            for key, part in cfg.search.items():  # a nested search's own (NAS's refine)
+                if isinstance(part, DictConfig) and part.get("fast_dev_run"):
+                    own = {k: v for k, v in part.fast_dev_run.items() if k != "platform"}
+                    cfg.search[key] = OmegaConf.merge(part, own)
     size_cpus(cfg)
     output_dir = Path(cfg.paths.output_dir)
     check_output_dir(output_dir, "paths.output_dir")
@@ -81,6 +85,7 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(to_plain(cfg))
     summary = SEARCHES[cfg.search.algorithm](to_plain(cfg), output_dir, loggers)
+    commands = summary.pop("commands", [])  # (what, command line): printed after the table
     for logger in loggers:
         logger.finalize("success")
     print_metrics_table(f"{cfg.run_name}: search result", summary)
@@ -88,6 +93,8 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     command = ["python", "-m", "mnv3.train", f"backbone={table}", *cfg.search.train_overrides]
     log.info("table: %s", table)
     print(f"train it:\n  {shlex.join(command)}")
+    for what, line in commands:
+        print(f"{what}:\n  {line}")
     return summary
 
 

@@ -18,21 +18,29 @@
    is saved after each, so a killed search resumes (the controller replays the history).
 3. **End to end**: the ``search.top_k`` best by reward are measured whole, side by side with
    the backbone network; the best reward with its *measured* latency is the result:
-   ``table.yaml`` and the printed ``python -m mnv3.train`` command.
+   ``table.yaml``. Each of the top k is also written as a backbone option
+   (``backbones/backbone/nas_<rank>.yaml``, rank 0 the winner), so retraining them from scratch
+   over seeds is one Hydra multirun (``hydra.searchpath=[file://<run>/backbones]
+   backbone=nas_0,nas_1 seed=0,1,2``; a SLURM launcher spreads it with no new code).
+4. **NetAdapt** (``search.netadapt: true``; paper §4.2 after §4.1): the winner, its weights
+   inherited from the supernet with its own BN statistics, is refined by NetAdapt
+   (:func:`mnv3.search.netadapt.run_netadapt` with the ``search.refine`` settings, the
+   ``search=netadapt`` group's) in ``<run>/netadapt``; it joins the multirun as ``nas_netadapt``.
+The printed commands train what was found.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mnv3.deploy.common import atomic_torch_save, atomic_write_csv, atomic_write_json
 from mnv3.errors import ConfigError
 from mnv3.models.backbone import build_backbone
 from mnv3.models.block_table import save_backbone_file, table_to_plain
@@ -41,7 +49,7 @@ from mnv3.search.controllers import Budget, History, make_controller, run
 from mnv3.search.latency_table import LatencyTable
 from mnv3.search.platform import Platform
 from mnv3.search.space import SearchSpace
-from mnv3.search.supernet import calibrate_bn, sandwich_task
+from mnv3.search.supernet import calibrate_bn, sandwich_task, supernet_accuracy
 
 log = logging.getLogger("mnv3.search")
 
@@ -49,14 +57,25 @@ SEARCH_DIR = "search"
 STATE_FILE = "state.json"
 CANDIDATES_CSV = "candidates.csv"
 SUPERNET_FILE = "supernet.pt"
-COLUMNS = ("candidate", "reward", "acc", "predicted_ms", "table")
+SUPERNET_LAST = "supernet_last.ckpt"  # the supernet's training, resumable
+COLUMNS = ("candidate", "reward", "acc", "predicted_ms", "measured_ms", "measured_reward", "table")
+BACKBONES_DIR = "backbones"  # <run>/backbones/backbone/nas_<rank>.yaml: a Hydra search path
+WINNER_WEIGHTS = "winner.pt"
+HELD_IN_MEMORY = 10_000  # validation images kept decoded in memory (ImageNet's 50,000 are not)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    from mnv3.deploy.common import atomic_output
+class _StepOffset:
+    """A logger whose steps start at ``offset`` (NetAdapt after the candidates: W&B drops a
+    step that goes back)."""
 
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)
+    def __init__(self, logger: Any, offset: int) -> None:
+        self._logger, self._offset = logger, offset
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._logger.log_metrics(metrics, step=None if step is None else step + self._offset)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
 
 
 def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,7 +94,6 @@ def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def run_nas(cfg: Mapping[str, Any], folder: Path, loggers: list[Any]) -> dict[str, Any]:
     """The block search as the config asks (plain ``cfg``); returns its summary."""
-    import pytorch_lightning as pl
 
     from mnv3.cli import build_datamodule
     from mnv3.tasks import TASKS
@@ -100,28 +118,14 @@ def run_nas(cfg: Mapping[str, Any], folder: Path, loggers: list[Any]) -> dict[st
     task = sandwich_task(TASKS["classification"]).from_config(cfg, datamodule)
     supernet = task.model.supernet
     weights = state_dir / SUPERNET_FILE
+    accelerator = cfg.get("trainer", {}).get("accelerator", "cpu")
     if weights.is_file():
         supernet.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         log.info("supernet: trained, read from %s", weights)
     elif s["supernet_steps"]:
-        log.info("supernet: %d sandwich steps on the training split", s["supernet_steps"])
-        trainer = pl.Trainer(
-            max_steps=s["supernet_steps"],
-            accelerator=cfg.get("trainer", {}).get("accelerator", "cpu"),
-            devices=1,
-            limit_val_batches=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=str(folder),
-        )
-        trainer.fit(task, datamodule=datamodule)
+        _train_supernet(cfg, s, task, datamodule, state_dir, accelerator)
     if not weights.is_file():
-        from mnv3.deploy.common import atomic_output
-
-        with atomic_output(weights) as tmp:
-            torch.save(supernet.state_dict(), tmp)
+        atomic_torch_save(supernet.state_dict(), weights)
 
     latency = LatencyTable(platform, s["latency_table"])
     dropout = float(cfg["head"].get("dropout", 0.2))
@@ -138,18 +142,14 @@ def run_nas(cfg: Mapping[str, Any], folder: Path, loggers: list[Any]) -> dict[st
             range(s["calibration_batches"]), datamodule.train_dataloader(), strict=False
         )
     ]
-    held_out = list(datamodule.val_dataloader())
+    held_out = datamodule.val_dataloader()
+    if len(held_out.dataset) <= HELD_IN_MEMORY:  # decoded once, not once per candidate
+        held_out = list(held_out)
+    if accelerator == "gpu" and torch.cuda.is_available():
+        supernet.cuda()  # Lightning leaves it on the CPU after fit; candidates score on the GPU
 
     def evaluate(choices: list[int]) -> float:
-        supernet.eval()
-        calibrate_bn(supernet, choices, calibration)
-        correct = total = 0
-        with torch.no_grad():
-            for batch in held_out:
-                logits = supernet(batch["image"], choices)
-                correct += int((logits.argmax(1) == batch["label"]).sum())
-                total += len(batch["label"])
-        acc = correct / total
+        acc = supernet_accuracy(supernet, choices, calibration, held_out)
         table = space.table(choices)
         ms = latency.predict(build(table))
         value = 0.0 if s["hard_cap"] and ms > target else mnasnet_reward(acc, ms, target, s["w"])
@@ -191,8 +191,121 @@ def run_nas(cfg: Mapping[str, Any], folder: Path, loggers: list[Any]) -> dict[st
     history = run(controller, evaluate, Budget(s["budget"]), done)
     latency.save()
 
+    if state.get("final") is None:  # measured once: a resumed run keeps its winner
+        state["final"] = _measure_top(
+            s, history, state, space, platform, latency, build, reference, target
+        )
+        _save(state_dir, state)
+        for logger in loggers:  # W&B: every candidate, as the CSV has it
+            if hasattr(logger, "log_table"):
+                data = [[str(r.get(c, "")) for c in COLUMNS] for r in state["rows"]]
+                logger.log_table("search/candidates", columns=list(COLUMNS), data=data)
+    final = state["final"]
+    top = final["top"]
+    table = space.table(top[0], f"{space.name}_nas")
+    save_backbone_file(table, folder / "table.yaml")
+    options = folder / BACKBONES_DIR / "backbone"
+    for rank, choices in enumerate(top):
+        save_backbone_file(
+            space.table(choices, f"{space.name}_nas_{rank}"),
+            options / f"nas_{rank}.yaml",
+            extends="small_table",
+        )
+    summary: dict[str, Any] = {
+        "controller": s["controller"],
+        "candidates": len(history.rewards),
+        "target ms (predicted units)": target,
+        "best reward (measured latency)": final["reward"],
+        "best supernet acc": final["acc"],
+        "best measured ms": final["ms"],
+        "reference measured ms": final["reference_ms"],
+        "latency vs reference (side by side)": final["ms"] / final["reference_ms"],
+        "platform": final["platform"],
+    }
+    names = [f"nas_{rank}" for rank in range(len(top))]
+    if s.get("netadapt"):
+        refined = _refine(cfg, s, folder, supernet, top[0], calibration, loggers)
+        save_backbone_file(refined, options / "nas_netadapt.yaml", extends="small_table")
+        names.append("nas_netadapt")
+        summary["netadapt latency ratio (side by side)"] = refined_ratio(folder)
+    atomic_write_json(folder / "summary.json", summary)
+    retrain = [
+        "python",
+        "-m",
+        "mnv3.train",
+        "-m",
+        f"hydra.searchpath=[file://{(folder / BACKBONES_DIR).resolve()}]",
+        f"backbone={','.join(names)}",
+        "seed=0,1,2",
+        *s["train_overrides"],
+    ]
+    summary["commands"] = [
+        ("retrain the top candidates from scratch, 3 seeds (a multirun)", shlex.join(retrain))
+    ]
+    return summary
+
+
+def _train_supernet(
+    cfg: Mapping[str, Any],
+    s: Mapping[str, Any],
+    task: Any,
+    datamodule: Any,
+    state_dir: Path,
+    accelerator: str,
+) -> None:
+    """``search.supernet_steps`` sandwich steps through Lightning; ``supernet_last.ckpt`` every
+    ``search.supernet_checkpoint_every`` steps (written atomically), so a killed run resumes
+    the supernet's training from there (optimizer and step included), not from scratch."""
+    import pytorch_lightning as pl
+
+    from mnv3.preemption import AtomicCheckpointIO, PeriodicLastCheckpoint
+
+    last = state_dir / SUPERNET_LAST
+    every = int(s.get("supernet_checkpoint_every") or max(1, s["supernet_steps"] // 10))
+    checkpoints = PeriodicLastCheckpoint(
+        dirpath=state_dir,
+        filename=last.stem,
+        every_n_train_steps=every,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    trainer = pl.Trainer(
+        max_steps=s["supernet_steps"],
+        accelerator=accelerator,
+        precision=cfg.get("trainer", {}).get("precision", "32-true"),
+        devices=1,
+        limit_val_batches=0,
+        logger=False,
+        callbacks=[checkpoints],
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(state_dir),
+    )
+    resume = last if last.is_file() else None
+    if resume is not None:
+        log.info("supernet: resuming its training from %s", resume)
+    else:
+        log.info("supernet: %d sandwich steps on the training split", s["supernet_steps"])
+    trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
+
+
+def _measure_top(
+    s: Mapping[str, Any],
+    history: History,
+    state: dict[str, Any],
+    space: SearchSpace,
+    platform: Platform,
+    latency: LatencyTable,
+    build: Any,
+    reference: torch.nn.Module,
+    target: float,
+) -> dict[str, Any]:
+    """The ``top_k`` best distinct candidates measured whole, interleaved with the reference;
+    ranked by the reward with measured latency (scaled to the table's predicted units). Their
+    rows in ``state`` get ``measured_ms`` and ``measured_reward``."""
     ranked = sorted(range(len(history.rewards)), key=lambda i: -history.rewards[i])
-    top = []
+    top: list[list[int]] = []
     for i in ranked:
         if history.choices[i] not in top:
             top.append(history.choices[i])
@@ -205,35 +318,65 @@ def run_nas(cfg: Mapping[str, Any], folder: Path, loggers: list[Any]) -> dict[st
     for j, choices in enumerate(top):
         row = state["rows"][history.choices.index(choices)]
         ms = measured[str(j)].ms / ref_ms * latency.predict(reference)  # in predicted-ms units
-        value = (
-            0.0 if s["hard_cap"] and ms > target else mnasnet_reward(row["acc"], ms, target, s["w"])
+        capped = s["hard_cap"] and ms > target
+        value = 0.0 if capped else mnasnet_reward(row["acc"], ms, target, s["w"])
+        row["measured_ms"], row["measured_reward"] = measured[str(j)].ms, value  # in the CSV
+        finals.append(
+            {"reward": value, "acc": row["acc"], "ms": measured[str(j)].ms, "choices": choices}
         )
-        finals.append((value, j, row, measured[str(j)].ms))
-    value, j, row, ms = max(finals, key=lambda f: f[0])
-    table = space.table(top[j], f"{space.name}_nas")
-    save_backbone_file(table, folder / "table.yaml")
-    summary = {
-        "controller": s["controller"],
-        "candidates": len(history.rewards),
-        "target ms (predicted units)": target,
-        "best reward (measured latency)": value,
-        "best supernet acc": row["acc"],
-        "best measured ms": ms,
-        "reference measured ms": ref_ms,
-        "latency vs reference (side by side)": ms / ref_ms,
+    finals.sort(key=lambda f: -f["reward"])
+    return {
+        "top": [f["choices"] for f in finals],
+        "reward": finals[0]["reward"],
+        "acc": finals[0]["acc"],
+        "ms": finals[0]["ms"],
+        "reference_ms": ref_ms,
         "platform": f"{platform.name} ({measured['reference'].runtime}, {platform.threads} "
         f"thread(s), {measured['reference'].cpu})",
     }
-    _atomic_text(folder / "summary.json", json.dumps(summary, indent=1) + "\n")
-    return summary
+
+
+def _refine(
+    cfg: Mapping[str, Any],
+    s: Mapping[str, Any],
+    folder: Path,
+    supernet: Any,
+    choices: list[int],
+    calibration: list[torch.Tensor],
+    loggers: list[Any],
+) -> Any:
+    """NetAdapt on the winner (paper §4.2 after §4.1), started from its supernet weights with
+    its own BN statistics, in ``<run>/netadapt``; returns the refined table."""
+    from mnv3.models.block_table import load_backbone_file
+    from mnv3.search.netadapt import TABLE_FILE, run_netadapt
+
+    where = folder / "netadapt"
+    start = where / WINNER_WEIGHTS
+    if not start.is_file():
+        supernet.eval()
+        calibrate_bn(supernet, choices, calibration)
+        atomic_torch_save(supernet.subnet(choices).state_dict(), start)
+    space = supernet.space
+    backbone = {
+        k: cfg["backbone"][k] for k in ("bn_momentum", "in_channels") if cfg["backbone"].get(k)
+    }
+    backbone |= {
+        "name": "mobilenet_v3",
+        "table": table_to_plain(space.table(choices, f"{space.name}_nas")),
+        "weights": str(start),
+    }
+    log.info("NetAdapt on the winner, from its supernet weights, in %s", where)
+    offset = [_StepOffset(logger, int(s["budget"])) for logger in loggers]
+    run_netadapt({**cfg, "backbone": backbone, "search": s["refine"]}, where, offset)
+    return load_backbone_file(where / TABLE_FILE)
+
+
+def refined_ratio(folder: Path) -> float:
+    """NetAdapt's final side-by-side latency ratio (refined / winner) from its summary."""
+    summary = json.loads((folder / "netadapt" / "summary.json").read_text())
+    return float(summary["latency ratio (final side by side)"])
 
 
 def _save(state_dir: Path, state: dict[str, Any]) -> None:
-    _atomic_text(state_dir / STATE_FILE, json.dumps(state) + "\n")
-    text = io.StringIO()
-    writer = csv.DictWriter(text, COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(
-        {k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()} for r in state["rows"]
-    )
-    _atomic_text(state_dir / CANDIDATES_CSV, text.getvalue())
+    atomic_write_json(state_dir / STATE_FILE, state)
+    atomic_write_csv(state_dir / CANDIDATES_CSV, COLUMNS, state["rows"])

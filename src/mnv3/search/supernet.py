@@ -15,7 +15,7 @@ network its table builds. :meth:`SuperNet.subnet` copies the slices into that st
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -203,12 +203,40 @@ def calibrate_bn(
             module.momentum = None  # cumulative moving average
     try:
         structure.train()
+        device = next(supernet.parameters()).device
         for batch in images:
-            functional_call(structure, state, (batch,))
+            functional_call(structure, state, (batch.to(device),))
     finally:
         for module, momentum in momenta.items():
             module.momentum = momentum
         structure.train(supernet.training)
+
+
+@torch.no_grad()
+def supernet_accuracy(
+    supernet: SuperNet,
+    choices: Sequence[int],
+    calibration: Iterable[torch.Tensor],
+    held_out: Iterable[Mapping[str, torch.Tensor]],
+) -> float:
+    """Top-1 of candidate ``choices`` on ``held_out`` batches (``image``, ``label``), scored
+    with the shared weights after its own BN statistics are measured on ``calibration`` images
+    (:func:`calibrate_bn`): how the block search ranks candidates without training them."""
+    was_training = supernet.training
+    device = next(supernet.parameters()).device
+    supernet.eval()
+    try:
+        calibrate_bn(supernet, choices, calibration)
+        correct = total = 0
+        for batch in held_out:
+            logits = supernet(batch["image"].to(device), choices)
+            correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
+            total += len(batch["label"])
+    finally:
+        supernet.train(was_training)
+    if not total:
+        raise ValueError("the held-out split is empty; expected at least one labelled image")
+    return correct / total
 
 
 class SandwichNetwork(nn.Module):
