@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from common import load_average, machine_info, write_results
 from omegaconf import OmegaConf
@@ -36,6 +37,7 @@ from omegaconf import OmegaConf
 from mnv3.models import build_backbone, count_params
 from mnv3.models.block_table import load_backbone_file, table_to_plain
 from mnv3.models.profile import count_madds
+from mnv3.report import markdown_table
 from mnv3.search.platform import Platform
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +64,45 @@ def test_acc1(run_dir: Path) -> float:
     if not values:
         sys.exit(f"{run_dir} logged no test/acc1")
     return values[-1]
+
+
+def train(folder: Path, backbone: list[str], seed: int, epochs: int | None) -> float:
+    """Test top-1 of one training with the ``make train`` recipe (``experiment=textures_quick``)
+    in ``folder``; a finished run there is read, not redone."""
+    if not (folder / "csv" / "metrics.csv").is_file() or not _has_test(folder):
+        extra = [f"trainer.max_epochs={epochs}"] if epochs else []
+        run(
+            "mnv3.train",
+            [
+                "experiment=textures_quick",
+                *backbone,
+                f"seed={seed}",
+                "logger=csv",
+                "callbacks.progress_bar=none",
+                f"hydra.run.dir={folder}",
+                *extra,
+            ],
+        )
+    acc = test_acc1(folder)
+    print(f"{folder.name}: test top-1 {acc:.4f}", file=sys.stderr)
+    return acc
+
+
+def network_row(
+    name: str, network: Any, ms: float, base_ms: float, size: Any, accs: list[float]
+) -> dict[str, Any]:
+    """One network's report row: latency (and its ratio to Small x1.0's, measured side by
+    side), size, MAdds at the platform's input size, test top-1 mean / spread / per seed."""
+    return {
+        "network": name,
+        "latency_ms": round(ms, 3),
+        "ratio_vs_x1.0": round(ms / base_ms, 3),
+        "params_m": round(count_params(network) / 1e6, 3),
+        "madds_m": round(count_madds(network, size) / 1e6, 1),
+        "top1_mean": round(statistics.mean(accs), 4),
+        "top1_std": round(statistics.stdev(accs) if len(accs) > 1 else 0.0, 4),
+        "top1_seeds": " ".join(f"{a:.4f}" for a in accs),
+    }
 
 
 def backbone_args(name: str, table_file: Path) -> list[str]:
@@ -121,22 +162,7 @@ def main() -> None:
     for name in names:
         for seed in seeds:
             folder = work / "runs" / f"{name.replace(' ', '_')}_s{seed}"
-            if not (folder / "csv" / "metrics.csv").is_file() or not _has_test(folder):
-                extra = [f"trainer.max_epochs={epochs}"] if epochs else []
-                run(
-                    "mnv3.train",
-                    [
-                        "experiment=textures_quick",
-                        *backbone_args(name, table_file),
-                        f"seed={seed}",
-                        "logger=csv",
-                        "callbacks.progress_bar=none",
-                        f"hydra.run.dir={folder}",
-                        *extra,
-                    ],
-                )
-            accs[name].append(test_acc1(folder))
-            print(f"{name} seed {seed}: test top-1 {accs[name][-1]:.4f}", file=sys.stderr)
+            accs[name].append(train(folder, backbone_args(name, table_file), seed, epochs))
     train_s = time.time() - started - search_s
 
     classes = _num_classes(work / "runs" / f"netadapt_s{seeds[0]}")
@@ -145,22 +171,7 @@ def main() -> None:
     latency = platform.measure_interleaved(networks, rounds)
     base = latency["small x1.0"].ms
     size = platform.input_size
-    rows = []
-    for n in names:
-        mean = statistics.mean(accs[n])
-        spread = statistics.stdev(accs[n]) if len(accs[n]) > 1 else 0.0
-        rows.append(
-            {
-                "network": n,
-                "latency_ms": round(latency[n].ms, 3),
-                "ratio_vs_x1.0": round(latency[n].ms / base, 3),
-                "params_m": round(count_params(networks[n]) / 1e6, 3),
-                "madds_m": round(count_madds(networks[n], size) / 1e6, 1),
-                "top1_mean": round(mean, 4),
-                "top1_std": round(spread, 4),
-                "top1_seeds": " ".join(f"{a:.4f}" for a in accs[n]),
-            }
-        )
+    rows = [network_row(n, networks[n], latency[n].ms, base, size, accs[n]) for n in names]
     points = {
         r["network"]: (r["latency_ms"], r["top1_mean"]) for r in rows if r["network"] != "netadapt"
     }
@@ -191,16 +202,13 @@ def main() -> None:
         ("time", f"search {search_s:.0f} s, training {train_s:.0f} s"),
         ("load average at the end", load_average()),
     ]
-    header = list(rows[0])
     report = "\n".join(
         [
             "# NetAdapt vs width multiplier (bench/bench_netadapt.py)",
             "",
             *(f"- {k}: {v}" for k, v in info),
             "",
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
-            *("| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows),
+            markdown_table(rows, list(rows[0])),
             "",
             f"**NetAdapt: {verdict}.**",
             "",
