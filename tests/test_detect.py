@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from dense_suite import DETECT, TINY_DETECT, DenseRunSuite
-from helpers import QUIET, compose_train, last_metric, metrics_rows, run_cli
+from helpers import QUIET, compose_train, last_metric, metrics_rows, run_cli, train_for_epochs
 from mnv3.cli import ConfigError
 from mnv3.train import train
 from mnv3.validate import check_head_and_data
@@ -149,3 +150,19 @@ def _export_pte(run: Path, name: str, args: list[str]) -> tuple[dict, torch.Tens
     with torch.no_grad():
         expected_boxes, expected_scores = DetectorForExport(network, (96, 96))(images)
     return read_sidecar(out), boxes - expected_boxes, scores - expected_scores
+
+
+def test_a_batch_of_one_image_trains(tmp_path: Path) -> None:
+    """``data.batch_size=1`` (or a batch that unreadable images shrank to one): the extra blocks'
+    BatchNorm on 1x1 maps uses running statistics for it instead of a 133-line traceback."""
+    overrides = [
+        *TINY_DETECT,
+        "data.batch_size=1",
+        "data.generate.train_images=3",
+        "data.generate.val_images=2",
+        "data.generate.empty_val_images=0",
+    ]
+    train_for_epochs(tmp_path, overrides, epochs=1)
+    rows = metrics_rows(tmp_path / "run")
+    assert math.isfinite(last_metric(rows, "train/loss_epoch"))
+    assert last_metric(rows, "val/map") >= 0.0

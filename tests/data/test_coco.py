@@ -255,6 +255,11 @@ def test_an_unreadable_image_is_skipped_with_a_warning(tmp_path: Path) -> None:
         assert dataset[0] is None
 
 
+_ONE_IMAGE_ONE_CATEGORY = (
+    '{"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1, "name": "a"}]'
+)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -271,12 +276,63 @@ def test_an_unreadable_image_is_skipped_with_a_warning(tmp_path: Path) -> None:
         (
             '{"images": [], "annotations": [{"id": 1, "image_id": 1, "category_id": 1,'
             ' "bbox": [0, 0, 1]}], "categories": [{"id": 1, "name": "a"}]}',
-            r"has a bbox that is not 4 numbers",
+            r"annotations\[0\] has bbox=\[0, 0, 1\]; expected 4 numbers \[x, y, width, height\]",
         ),
         (
             '{"images": [], "annotations": [{"id": 4, "image_id": 1, "category_id": 1,'
             ' "bbox": [0, 0, 1, 1]}], "categories": [{"id": 1, "name": "a"}]}',
             r"annotation 4 names image_id 1, which is not in images",
+        ),
+        # Wrong json types: one sentence before pycocotools indexes the file.
+        (
+            _ONE_IMAGE_ONE_CATEGORY + ', "annotations": [{"id": 1, "image_id": 1,'
+            ' "category_id": "1", "bbox": [0, 0, 1, 1]}]}',
+            r'annotations\[0\] has category_id="1"; expected an integer',
+        ),
+        (
+            _ONE_IMAGE_ONE_CATEGORY + ', "annotations": [{"id": 1, "image_id": null,'
+            ' "category_id": 1, "bbox": [0, 0, 1, 1]}]}',
+            r"annotations\[0\] has image_id=null; expected an integer",
+        ),
+        (
+            _ONE_IMAGE_ONE_CATEGORY + ', "annotations": [{"id": [1], "image_id": 1,'
+            ' "category_id": 1, "bbox": [0, 0, 1, 1]}]}',
+            r"annotations\[0\] has id=\[1\]; expected an integer",
+        ),
+        (
+            '{"images": [{"id": true, "file_name": "a.png"}], "annotations": [], "categories": []}',
+            r"images\[0\] has id=true; expected an integer",
+        ),
+        (
+            '{"images": [{"id": 1, "file_name": 7}], "annotations": [], "categories": []}',
+            r"images\[0\] has file_name=7; expected a string",
+        ),
+        (
+            _ONE_IMAGE_ONE_CATEGORY + ', "annotations": [{"id": 1, "image_id": 1,'
+            ' "category_id": 1, "bbox": [0, "0", 1, 1]}]}',
+            r'has bbox=\[0, "0", 1, 1\]; expected 4 numbers',
+        ),
+        (
+            _ONE_IMAGE_ONE_CATEGORY + ', "annotations": [{"id": 1, "image_id": 1,'
+            ' "category_id": 1, "bbox": [0, 0, 1, 1], "area": "big"}]}',
+            r'has area="big"; expected a number',
+        ),
+        # Non-finite or impossible values: refused, never scored.
+        (
+            _ONE_IMAGE_ONE_CATEGORY + ', "annotations": [{"id": 9, "image_id": 1,'
+            ' "category_id": 1, "bbox": [NaN, 0, 1, 1]}, {"id": 10, "image_id": 1,'
+            ' "category_id": 1, "bbox": [Infinity, 0, 1, 1]}]}',
+            r"annotation 9 \(annotations\[0\]\) has a bbox with a non-finite number .*; 2 ",
+        ),
+        (
+            _ONE_IMAGE_ONE_CATEGORY + ', "annotations": [{"id": 3, "image_id": 1,'
+            ' "category_id": 1, "bbox": [0, 0, 1, 1], "area": NaN}]}',
+            r"annotation 3 \(annotations\[0\]\) has a non-finite area",
+        ),
+        (
+            _ONE_IMAGE_ONE_CATEGORY + ', "annotations": [{"id": 3, "image_id": 1,'
+            ' "category_id": 1, "bbox": [0, 0, 1, 1], "area": -4}]}',
+            r"annotation 3 \(annotations\[0\]\) has a negative area",
         ),
     ],
 )

@@ -198,6 +198,36 @@ def test_a_few_steps_on_one_image_lower_the_loss() -> None:
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_a_batch_of_one_trains_the_1x1_batchnorms_on_running_statistics() -> None:
+    from mnv3.models.layers import running_stats_for_single_values
+
+    torch.manual_seed(5)
+    model = build_detector("ssdlite320", backbone="mobilenet_v3_small", num_classes=3).train()
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    targets = [{"boxes": torch.tensor([[8.0, 8, 40, 40]]), "labels": torch.tensor([1])}]
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        model(image)
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    sizes: dict[str, int] = {}
+    hooks = [
+        m.register_forward_hook(lambda m, a, o, n=n: sizes.__setitem__(n, a[0][0, 0].numel()))
+        for n, m in norms.items()
+    ]
+    before = {n: m.running_mean.clone() for n, m in norms.items()}
+    with running_stats_for_single_values(model):
+        loss = model.loss(model(image), targets)["loss"]
+    for hook in hooks:
+        hook.remove()
+    loss.backward()
+    assert torch.isfinite(loss) and all(m.training for m in norms.values())
+    single = {n for n, size in sizes.items() if size == 1}
+    assert single and len(single) < len(norms)  # the last extra blocks' 1x1 maps only
+    for name, module in norms.items():
+        unchanged = torch.equal(module.running_mean, before[name])
+        assert unchanged == (name in single), name  # batch statistics everywhere else
+    assert all(norms[n].weight.grad is not None for n in single)  # still trained
+
+
 def test_other_backbones_and_reduced_tail_rules() -> None:
     for backbone in ("mobilenet_v3_small", "mobilenet_v2"):
         model = ssdlite320(backbone=backbone, num_classes=5).eval()

@@ -186,7 +186,10 @@ def test_a_killed_supernet_training_resumes_from_its_last_checkpoint(tmp_path) -
         task = sandwich_task(ClassificationTask).from_config(cfg, datamodule)
         calls: list[int] = []
         step = task.training_step
-        task.training_step = lambda batch, batch_idx: (calls.append(batch_idx), step(batch, batch_idx))[1]
+        task.training_step = lambda batch, batch_idx: (
+            calls.append(batch_idx),
+            step(batch, batch_idx),
+        )[1]
         settings = {"supernet_steps": steps, "supernet_checkpoint_every": 1}
         _train_supernet(cfg, settings, task, datamodule, tmp_path, "cpu")
         return calls

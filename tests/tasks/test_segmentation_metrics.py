@@ -96,3 +96,78 @@ def test_miou_is_the_whole_split_confusion_matrix_iou(tmp_path) -> None:
         one, _ = _hand_iou([s])
         per_image.append(np.nanmean(one))
     assert abs(np.mean(per_image) - logged["val/miou"]) > 1e-2  # not a mean of per-image IoUs
+
+
+class OneByOneConv(nn.Module):
+    """A trainable stand-in segmenter (a 1x1 convolution) with the backbone a task freezes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Identity()
+        self.classifier = nn.Conv2d(3, NUM_CLASSES, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(images))
+
+
+def _void(samples: list[dict[str, object]]) -> list[dict[str, object]]:
+    """The same samples with every pixel ignored (a crop of a real frame that is all void)."""
+    return [s | {"mask": torch.full_like(s["mask"], IGNORE_INDEX)} for s in samples]
+
+
+def _task(model: nn.Module) -> SegmentationTask:
+    task = SegmentationTask(
+        model={"backbone": "mobilenet_v3_small", "reduced_tail": True},
+        num_classes=NUM_CLASSES,
+        optimizer={"name": "adamw", "lr": 1e-2},
+        class_names=["a", "b", "c", "d"],
+        mask_images=0,
+    )
+    task.model = model
+    return task
+
+
+def test_the_loss_of_a_batch_without_a_labelled_pixel_is_zero_not_nan() -> None:
+    from mnv3.tasks.segmentation import segmentation_loss
+
+    logits = torch.randn(2, NUM_CLASSES, 8, 8, requires_grad=True)
+    void = torch.full((2, 8, 8), IGNORE_INDEX)
+    assert torch.isnan(nn.functional.cross_entropy(logits, void, ignore_index=IGNORE_INDEX))
+    loss = segmentation_loss(logits, void)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(logits.grad) == 0
+    labelled = void.clone()
+    labelled[0, :3] = 1
+    expected = nn.functional.cross_entropy(logits, labelled, ignore_index=IGNORE_INDEX)
+    assert torch.equal(segmentation_loss(logits, labelled), expected)
+
+
+def test_all_void_batches_train_on_and_are_left_out_of_the_val_loss(tmp_path) -> None:
+    samples = _split()
+    # Batches of 2: the first and third all void, the second labelled.
+    split = _void(samples[:2]) + samples[2:4] + _void(samples[4:])
+    network = OneByOneConv()
+    start = network.classifier.weight.detach().clone()
+    task = _task(network)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        max_epochs=1,
+        default_root_dir=tmp_path,
+    )
+    loader = DataLoader(split, batch_size=2, collate_fn=_collate)
+    trainer.fit(task, train_dataloaders=loader)
+    assert trainer.global_step == 3 and task.void_batches["train"] == 2
+    assert trainer.callback_metrics["train/void_batches"] == 2
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert not torch.equal(network.classifier.weight, start)  # the labelled batch trained it
+
+    (logged,) = trainer.validate(task, dataloaders=loader, verbose=False)
+    images, masks = _collate(samples[2:4])["image"], _collate(samples[2:4])["mask"]
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(network(images), masks, ignore_index=IGNORE_INDEX)
+    assert logged["val/loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert logged["val/void_batches"] == 2

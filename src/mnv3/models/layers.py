@@ -7,7 +7,8 @@ The block is the MobileNetV2 inverted residual (Sandler et al. 2018, Fig. 3) ext
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -172,3 +173,40 @@ class InvertedResidual(nn.Module):
 def default_squeeze_excite(expanded_channels: int) -> SqueezeExcite:
     """MobileNetV3's SE: squeeze to make_divisible(exp / 4, 8) channels (paper §5.3)."""
     return SqueezeExcite(expanded_channels, make_divisible(expanded_channels // 4, 8))
+
+
+@contextlib.contextmanager
+def running_stats_for_single_values(network: nn.Module) -> Iterator[None]:
+    """Inside the block, a training-mode BatchNorm whose input holds one value per channel
+    normalizes with its running statistics (and leaves them as they are) instead of raising.
+
+    A batch of one image reaches 1x1 maps in SSDLite's last extra blocks (and R-ASPP's image
+    pooling branch), where batch statistics do not exist: PyTorch raises "Expected more than 1
+    value per channel when training". ``data.batch_size=1``, or a batch that unreadable images
+    shrank to one, trains those layers as frozen BatchNorm for that step; every other layer,
+    and every batch of two or more, is unchanged. The task enters this only for batches of one.
+    """
+    switched: set[int] = set()
+
+    def before(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0]
+        if module.training and x.dim() > 1 and x.numel() == x.shape[1]:
+            switched.add(id(module))
+            module.train(False)
+
+    def after(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if id(module) in switched:
+            switched.discard(id(module))
+            module.train(True)
+
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    handles = [m.register_forward_pre_hook(before) for m in norms]
+    handles += [m.register_forward_hook(after) for m in norms]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in norms:
+            if id(module) in switched:  # an exception inside that module's forward
+                module.train(True)

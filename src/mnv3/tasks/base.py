@@ -24,6 +24,7 @@ from torch import nn
 from mnv3.errors import ConfigError
 from mnv3.models import build_model, count_madds, count_params
 from mnv3.models.backbone import UnsupportedBackbone, check_backbone_limits
+from mnv3.models.layers import running_stats_for_single_values
 from mnv3.tasks.common import NonFiniteLossError, check_plain
 from mnv3.tasks.ema import ModelEma
 from mnv3.tasks.optim import build_optimizer, build_scheduler
@@ -265,6 +266,17 @@ class BaseTask(pl.LightningModule):
                 self.__dict__["_compiled"] = torch.compile(self.model)
             return self._compiled
         return network
+
+    def train_forward(self, images: torch.Tensor) -> Any:
+        """The training network on ``images`` (memory format applied); a batch of one image
+        trains BatchNorm layers that see one value per channel with running statistics (see
+        :func:`~mnv3.models.layers.running_stats_for_single_values`) instead of crashing."""
+        network = self.net(evaluating=False)
+        images = self.prepare_images(images)
+        if images.shape[0] != 1:
+            return network(images)
+        with running_stats_for_single_values(self.model):
+            return network(images)
 
     def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in the memory format the network runs in."""

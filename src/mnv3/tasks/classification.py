@@ -181,7 +181,7 @@ class ClassificationTask(BaseTask):
         images, labels = batch["image"], batch["label"]
         if images.shape[0] == 0:  # every image of the batch was unreadable
             return None
-        logits = self.net(evaluating=False)(self.prepare_images(images))
+        logits = self.train_forward(images)
         loss = self._loss(logits, labels)
         self.check_finite(loss)
         bs = images.shape[0]

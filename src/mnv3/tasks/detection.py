@@ -181,7 +181,7 @@ class DetectionTask(BaseTask):
         images = batch["image"]
         if images.shape[0] == 0:  # every image of the batch was unreadable
             return None
-        outputs = self.net(evaluating=False)(self.prepare_images(images))
+        outputs = self.train_forward(images)
         losses = self.model.loss(outputs, self._targets(batch))
         loss = losses["loss"]
         self.check_finite(loss)

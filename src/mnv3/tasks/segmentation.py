@@ -26,6 +26,19 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = 255
 
 
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the labelled pixels (``IGNORE_INDEX`` left out), and 0 for a batch
+    with none.
+
+    A random crop of a real Cityscapes frame can be all void; ``F.cross_entropy`` then divides 0
+    by 0 and returns NaN, which stopped training with advice about the learning rate. The zero
+    keeps the autograd graph (``logits.sum() * 0``), so every DDP rank still runs its backward.
+    """
+    if bool((masks != IGNORE_INDEX).any()):
+        return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+    return logits.sum() * 0.0
+
+
 def default_palette(num_classes: int) -> list[list[int]]:
     """Distinct colours (evenly spaced hues) for datasets that bring no palette of their own."""
     colours = []
@@ -88,6 +101,7 @@ class SegmentationTask(BaseTask):
         self.label_ids = label_ids
         self.palette = palette or default_palette(num_classes)
         self.mask_images = int(mask_images)
+        self.void_batches: dict[str, int] = {}  # stage -> batches without a labelled pixel
         iou = {
             "num_classes": num_classes,
             "ignore_index": IGNORE_INDEX,
@@ -152,23 +166,44 @@ class SegmentationTask(BaseTask):
     def qat_objective(self, network: nn.Module, example: torch.Tensor) -> QATObjective:
         """The segmenter itself, cross-entropy on its logits at the input size, 255 ignored."""
 
-        def loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
-
-        return QATObjective(network, loss, lambda b: (b["image"], b["mask"]))
+        return QATObjective(network, segmentation_loss, lambda b: (b["image"], b["mask"]))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         self.count_skipped(batch)
         images, masks = batch["image"], batch["mask"]
         if images.shape[0] == 0:  # every image of the batch was unreadable
             return None
-        logits = self.net(evaluating=False)(self.prepare_images(images))
-        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+        logits = self.train_forward(images)
+        loss = segmentation_loss(logits, masks)
         self.check_finite(loss)
         bs = images.shape[0]
+        self._count_void(masks, "train")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         self.log_skipped(bs)
         return loss
+
+    def _count_void(self, masks: torch.Tensor, stage: str) -> bool:
+        """Count a batch without one labelled pixel (logged as ``<stage>/void_batches``); True
+        if it is one. Its training loss is 0; in evaluation it adds no loss and no pixel."""
+        void = not bool((masks != IGNORE_INDEX).any())
+        if void:
+            self.void_batches[stage] = self.void_batches.get(stage, 0) + 1
+            log.warning(
+                "%s batch without a labelled pixel (all %d ignored): %d such batch(es) so far",
+                stage,
+                IGNORE_INDEX,
+                self.void_batches[stage],
+            )
+        if stage in self.void_batches:
+            self.log(
+                f"{stage}/void_batches",
+                float(self.void_batches[stage]),
+                on_step=False,
+                on_epoch=True,
+                reduce_fx="max",
+                batch_size=masks.shape[0],
+            )
+        return void
 
     def _eval_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
         self.count_skipped(batch)
@@ -179,8 +214,9 @@ class SegmentationTask(BaseTask):
         if logits.shape[-2:] != masks.shape[-2:]:  # an eval preset that resized the images
             logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear")
         bs = images.shape[0]
-        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=bs)
+        if not self._count_void(masks, stage):  # an all-void batch has no loss to average
+            loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+            self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=bs)
         predicted = logits.argmax(dim=1)
         iou, accuracy = (
             (self.val_iou, self.val_accuracy)
