@@ -8,6 +8,7 @@ status 1, exactly one line on stderr, no traceback.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -300,3 +301,89 @@ def test_an_error_raised_in_a_dataloader_worker_keeps_its_sentence() -> None:
     assert str(caught.value).startswith("Caught DatasetError")  # torch's wrapping
     assert user_message(caught.value) == sentence
     assert user_message(DatasetError(f"{sentence}\nmore")) == sentence
+
+
+# One config per task, as the quick experiments compose them.
+TASK_RUNS = {
+    "classification": ["experiment=shapes_quick"],
+    "detection": ["experiment=shapes_detect_quick"],
+    "segmentation": ["experiment=shapes_segment_quick"],
+}
+PAIRS = [(a, b) for a in TASK_RUNS for b in TASK_RUNS if a != b]
+
+
+def _task_checkpoint(tmp_path: Path, task_name: str) -> tuple[Path, str]:
+    """A checkpoint whose hyperparameters are those a ``task_name`` run writes (its builder
+    arguments from the quick experiment's config); no tensors: the task check reads none."""
+    task = TASKS[task_name]
+    model = task.network_kwargs(to_plain(compose_train(tmp_path, TASK_RUNS[task_name])))
+    path = tmp_path / f"{task_name}.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": model, "num_classes": 3}}, path)
+    return path, task.network_name(model)
+
+
+@pytest.mark.parametrize(("held", "run"), PAIRS)
+def test_resuming_a_checkpoint_of_another_task_names_both_tasks(
+    tmp_path: Path, held: str, run: str
+) -> None:
+    ckpt, network = _task_checkpoint(tmp_path, held)
+    cfg = compose_train(tmp_path, [*TASK_RUNS[run], f"ckpt_path={ckpt}"])
+    with pytest.raises(CheckpointError) as info:
+        check_train_config(cfg)
+    message = str(info.value)
+    assert message.startswith(
+        f"ckpt_path={ckpt} holds a {held} checkpoint ({network}) but this run is {run} "
+        f"(head={cfg.head.name}, data={cfg.data.name}); "
+    )
+    # The way to use it that does work: a classifier starts a dense run's backbone.
+    assert ("backbone.weights=" in message) == (held == "classification"), message
+
+
+@pytest.mark.parametrize(("held", "run"), PAIRS)
+def test_fine_tuning_weights_of_another_task_name_both_tasks(
+    tmp_path: Path, held: str, run: str
+) -> None:
+    ckpt, network = _task_checkpoint(tmp_path, held)
+    key = TASKS[run].weights_key
+    cfg = compose_train(tmp_path, [*TASK_RUNS[run], f"{key}={ckpt}"])
+    with pytest.raises(CheckpointError) as info:
+        check_train_config(cfg)
+    takes = run if key != "backbone.weights" else "classification"
+    assert str(info.value).startswith(
+        f"{key}={ckpt} holds a {held} checkpoint ({network}) but {key} of this {run} run "
+        f"(head={cfg.head.name}) takes {takes} weights; "
+    )
+
+
+@pytest.mark.parametrize("run", ["detection", "segmentation"])
+def test_a_dense_checkpoint_as_backbone_weights_points_to_head_weights(
+    tmp_path: Path, run: str
+) -> None:
+    ckpt, _ = _task_checkpoint(tmp_path, run)
+    cfg = compose_train(tmp_path, [*TASK_RUNS[run], f"backbone.weights={ckpt}"])
+    with pytest.raises(CheckpointError, match=re.escape(f"; pass it as head.weights={ckpt}") + "$"):
+        check_train_config(cfg)
+
+
+def test_a_classifier_of_another_tail_names_the_setting_that_makes_it_fit(
+    tmp_path: Path,
+) -> None:
+    cfg = compose_train(tmp_path, TASK_RUNS["classification"])
+    model = TASKS["classification"].network_kwargs(to_plain(cfg))
+    assert model["name"] == "mobilenet_v3_small" and model["reduced_tail"] is False
+    network = TASKS["classification"].network(model, 3)
+    ckpt = _lightning_checkpoint(tmp_path / "cls.ckpt", network, model, 3)
+    detect = [*TASK_RUNS["detection"], f"backbone.weights={ckpt}"]
+    with pytest.raises(CheckpointError, match=r"trained with backbone\.reduced_tail=false: set"):
+        check_train_config(compose_train(tmp_path, detect))
+    check_train_config(compose_train(tmp_path, [*detect, "backbone.reduced_tail=false"]))
+
+
+def test_train_cli_resuming_another_tasks_checkpoint_is_one_sentence(tmp_path: Path) -> None:
+    """Also run in the default run folder (no ``hydra.run.dir``): its folder check once printed
+    a 5-line UserWarning there, before every run."""
+    ckpt, _ = _task_checkpoint(tmp_path, "detection")
+    result = _run_as_user(
+        "mnv3.train", [*TASK_RUNS["segmentation"], f"ckpt_path={ckpt}"], cwd=tmp_path
+    )
+    assert "holds a detection checkpoint" in _one_sentence(result)

@@ -79,11 +79,11 @@ class OutputDirCheck:
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Single run: ``hydra.run.dir``."""
-        _exit_if_unwritable(str(config.hydra.run.dir), "hydra.run.dir")
+        _exit_if_unwritable(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Sweep: ``hydra.sweep.dir`` (each job's subfolder is checked again by the job)."""
-        _exit_if_unwritable(str(config.hydra.sweep.dir), "hydra.sweep.dir")
+        _exit_if_unwritable(config, "hydra.sweep.dir")
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Nothing to do."""
@@ -98,7 +98,16 @@ class OutputDirCheck:
         """Nothing to do."""
 
 
-def _exit_if_unwritable(path: str, key: str) -> None:
+def _exit_if_unwritable(config: DictConfig, key: str) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    # The default folder interpolates ${hydra:runtime.cwd}, which resolves only once Hydra's
+    # config is registered; Hydra registers it after the run-start callbacks, so do it here
+    # as Hydra's run_job does (without it every default run printed a 5-line UserWarning and
+    # the folder went unchecked).
+    HydraConfig.instance().set_config(config)
+    path = str(OmegaConf.select(config, key))
     try:
         check_output_dir(Path(path), key)
     except ConfigError as exc:

@@ -109,11 +109,38 @@ def check_backbone_weights(cfg: DictConfig) -> None:
     if not weights:
         return
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+    assert isinstance(backbone, dict)
     try:
         # One logit: a checkpoint's classifier of any class count is re-initialised, as in fine-tuning.
-        build_backbone(**backbone, num_classes=1)  # type: ignore[arg-type]
+        build_backbone(**backbone, num_classes=1)
     except CheckpointError as exc:
-        raise CheckpointError(f"backbone.weights: {exc}") from exc
+        raise CheckpointError(f"backbone.weights: {exc}{_shape_advice(weights, backbone)}") from exc
+
+
+def _shape_advice(weights: Any, backbone: Mapping[str, Any]) -> str:
+    """``; set backbone.reduced_tail=false ...`` when ``weights`` is an mnv3 classifier checkpoint
+    whose shape options (width, tail, ...) differ from the backbone group's; else ``""``."""
+    from mnv3.models.backbone import SHAPE_OPTIONS
+    from mnv3.models.checkpoints import CheckpointError, load_checkpoint_file
+
+    path = Path(str(weights)).expanduser()
+    try:
+        checkpoint = load_checkpoint_file(path) if path.is_file() else None
+    except CheckpointError:
+        return ""
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
+    model = hparams.get("model") if isinstance(hparams, Mapping) else None
+    if not isinstance(model, Mapping) or model.get("name") != backbone.get("name"):
+        return ""
+    differ = [
+        k
+        for k in SHAPE_OPTIONS
+        if backbone.get(k) is not None and k in model and model[k] != backbone[k]
+    ]
+    if not differ:
+        return ""
+    sets = " ".join(f"backbone.{k}={_shown(model[k])}" for k in differ)
+    return f"; its network was trained with {sets}: set that to start from it"
 
 
 def lightning_checkpoint(path: Path, key: str) -> dict[str, Any]:
@@ -135,6 +162,69 @@ def lightning_checkpoint(path: Path, key: str) -> dict[str, Any]:
             "state_dict and hyper_parameters); expected <run>/checkpoints/last.ckpt or best.ckpt"
         )
     return dict(checkpoint)
+
+
+def _task_and_network(checkpoint: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The task an mnv3.train checkpoint holds and its network's name, e.g. ``("detection",
+    "ssdlite320_mobilenet_v3_small")``; None for any other file."""
+    from mnv3.tasks import TASKS, task_of_model
+
+    hparams = checkpoint.get("hyper_parameters")
+    model = hparams.get("model") if isinstance(hparams, Mapping) else None
+    task = task_of_model(model)
+    if task is None:
+        return None
+    return task, TASKS[task].network_name(model)  # type: ignore[arg-type]
+
+
+def _weights_key_for(checkpoint_task: str, run_task: str) -> str | None:
+    """The setting of a ``run_task`` run that starts from a ``checkpoint_task`` checkpoint: the
+    task's own whole-network weights key, or ``backbone.weights`` for a classifier's backbone."""
+    from mnv3.tasks import TASKS
+
+    if checkpoint_task == run_task:
+        return TASKS[run_task].weights_key
+    return "backbone.weights" if checkpoint_task == "classification" else None
+
+
+def check_weights_task(cfg: DictConfig) -> None:
+    """``backbone.weights`` / ``head.weights`` naming an mnv3.train checkpoint of the wrong task
+    is one sentence saying which task it holds and which the setting takes.
+
+    ``backbone.weights`` takes a classifier (its backbone); the task's own weights key
+    (``head.weights`` for detection and segmentation) takes a checkpoint of the run's task.
+    Without this, a detector checkpoint in a segmentation run failed on its first tensor name.
+    Files that are not mnv3.train checkpoints (torchvision's, known names, URLs) pass through to
+    the loaders, which check their tensors.
+    """
+    from mnv3.models.checkpoints import CheckpointError, load_checkpoint_file
+    from mnv3.tasks import TASKS
+
+    run_task = str(cfg.head.get("task")) if cfg.get("head") else ""
+    if run_task not in TASKS:
+        return
+    for key in ("backbone.weights", "head.weights"):
+        value = OmegaConf.select(cfg, key, default=None)
+        path = Path(str(value)).expanduser() if value else None
+        if path is None or not path.is_file():
+            continue
+        try:
+            held = _task_and_network(load_checkpoint_file(path))
+        except CheckpointError:
+            continue  # unreadable: the loader says so in its own sentence
+        takes = run_task if key == TASKS[run_task].weights_key else "classification"
+        if held is None or held[0] == takes:
+            continue
+        alternative = _weights_key_for(held[0], run_task)
+        advice = (
+            f"pass it as {alternative}={path}"
+            if alternative and alternative != key
+            else f"use a checkpoint of a {takes} run"
+        )
+        raise CheckpointError(
+            f"{key}={path} holds a {held[0]} checkpoint ({held[1]}) but {key} of this {run_task} "
+            f"run (head={cfg.head.get('name')}) takes {takes} weights; {advice}"
+        )
 
 
 def _arch(kwargs: Mapping[str, Any], task: Any) -> dict[str, Any]:
@@ -199,9 +289,19 @@ def check_resume_checkpoint(cfg: DictConfig) -> None:
     path = Path(str(ckpt)).expanduser()
     checkpoint = lightning_checkpoint(path, "ckpt_path")
     hparams = checkpoint["hyper_parameters"]
-    task = TASKS.get(str(cfg.head.get("task")))
+    run_task = str(cfg.head.get("task"))
+    task = TASKS.get(run_task)
     if task is None or not isinstance(hparams["model"], Mapping):
         return
+    held = _task_and_network(checkpoint)
+    if held is not None and held[0] != run_task:
+        start = _weights_key_for(held[0], run_task)
+        also = f", or start this run from its weights with {start}={path}" if start else ""
+        raise CheckpointError(
+            f"ckpt_path={path} holds a {held[0]} checkpoint ({held[1]}) but this run is "
+            f"{run_task} (head={cfg.head.get('name')}, data={cfg.data.get('name')}); resume it "
+            f"with the head and data of the run that wrote it{also}"
+        )
     theirs = dict(hparams["model"])
     ours = model_kwargs(cfg)
     # The pretrained weights the run started from are not read: the checkpoint replaces them.
@@ -259,6 +359,7 @@ def check_train_config(cfg: DictConfig) -> None:
     """Everything ``mnv3.train`` can check before reading data: values, builder keys, checkpoints."""
     check_values(cfg)
     check_backbone_keys(cfg)
+    check_weights_task(cfg)
     check_backbone_weights(cfg)
     check_resume_checkpoint(cfg)
 
@@ -314,6 +415,7 @@ def check_evaluated_config(cfg: DictConfig) -> None:
     check_values(cfg)
     check_groups_fit(cfg)
     check_backbone_keys(cfg)
+    check_weights_task(cfg)
 
 
 def check_export_config(cfg: DictConfig) -> None:

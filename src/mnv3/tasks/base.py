@@ -93,6 +93,9 @@ class BaseTask(pl.LightningModule):
     #: the network's kind in mnv3.models.MODELS, and the name built when the config names none
     network_kind: ClassVar[str] = "classifier"
     default_network: ClassVar[str] = "mobilenet_v3_large"
+    #: the key of the builder arguments (a checkpoint's ``hyper_parameters["model"]``) that only
+    #: this task's networks have: how a checkpoint tells which task wrote it
+    model_name_key: ClassVar[str] = "name"
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,8 +25,60 @@ from mnv3.errors import ConfigError
 from mnv3.models.detection.builders import BACKBONE_LIMITS, use_reduced_tail
 from mnv3.tasks.base import BaseTask, QATObjective
 from mnv3.tasks.common import check_plain, log_images, save_figure
+from mnv3.tasks.sharded_map import ShardedMeanAveragePrecision
 
 log = logging.getLogger(__name__)
+
+
+def coco_map_metric(backend: str = "pycocotools") -> MeanAveragePrecision:
+    """COCO box mAP as the task scores validation and test: torchmetrics with COCOeval's own
+    thresholds and per-class AP; one home for these arguments, so that a benchmark or a test
+    scores exactly as training does.
+
+    Args:
+        backend: torchmetrics' COCO backend, ``"pycocotools"`` or ``"faster_coco_eval"``.
+    """
+    from mnv3.data.coco import COCO_IOU_THRESHOLDS, COCO_RECALL_THRESHOLDS
+
+    # Sharded: DDP ranks may hold different numbers of images (an odd split over 2 ranks).
+    metric = ShardedMeanAveragePrecision(
+        box_format="xyxy",
+        iou_type="bbox",
+        backend=backend,
+        class_metrics=True,
+        # COCOeval's own thresholds: torchmetrics' float32 defaults move AP by up to 6e-4.
+        iou_thresholds=list(COCO_IOU_THRESHOLDS),
+        rec_thresholds=list(COCO_RECALL_THRESHOLDS),
+    )
+    # The detector keeps up to 300 boxes, COCO scores the best 100: expected, not a warning.
+    metric.warn_on_many_detections = False
+    return metric
+
+
+def compute_coco_map(
+    metric: MeanAveragePrecision, stage: str, verbose: bool = True
+) -> dict[str, torch.Tensor]:
+    """``metric.compute()`` between two log lines: what is scored before, mAP and seconds after.
+
+    COCOeval over thousands of images takes minutes (torchmetrics#866; 5,000 images x 100
+    detections in ``bench/bench_coco_scale.py``) while the progress bar stands still: the lines
+    say the run is not hung. The counts are this process's (before a multi-GPU gather).
+    """
+    if not verbose:
+        return metric.compute()
+    images = len(metric.groundtruth_labels)
+    detections = sum(int(labels.numel()) for labels in metric.detection_labels)
+    log.info("%s: computing COCO mAP over %d images, %d detections ...", stage, images, detections)
+    start = time.perf_counter()
+    results = metric.compute()
+    log.info(
+        "%s: COCO mAP %.4f over %d images in %.1f s",
+        stage,
+        float(results["map"]),
+        images,
+        time.perf_counter() - start,
+    )
+    return results
 
 
 class DetectionTask(BaseTask):
@@ -50,6 +103,7 @@ class DetectionTask(BaseTask):
     monitor_mode = "max"
 
     network_kind, default_network = "detector", "ssdlite320"
+    model_name_key = "detector"
     architecture_keys: ClassVar[dict[str, str]] = {
         "detector": "head.detector",
         "backbone": "backbone.name",
@@ -77,22 +131,8 @@ class DetectionTask(BaseTask):
         self.label_to_category_id = label_to_category_id
         self.box_images = int(box_images)
         self.box_score_thresh = float(box_score_thresh)
-        from mnv3.data.coco import COCO_IOU_THRESHOLDS, COCO_RECALL_THRESHOLDS
-
-        metric = {
-            "box_format": "xyxy",
-            "iou_type": "bbox",
-            "backend": map_backend,
-            "class_metrics": True,
-            # COCOeval's own thresholds: torchmetrics' float32 defaults move AP by up to 6e-4.
-            "iou_thresholds": list(COCO_IOU_THRESHOLDS),
-            "rec_thresholds": list(COCO_RECALL_THRESHOLDS),
-        }
-        self.val_map = MeanAveragePrecision(**metric)
-        self.test_map = MeanAveragePrecision(**metric)
-        for m in (self.val_map, self.test_map):
-            # The detector keeps up to 300 boxes, COCO scores the best 100: expected, not a warning.
-            m.warn_on_many_detections = False
+        self.val_map = coco_map_metric(map_backend)
+        self.test_map = coco_map_metric(map_backend)
         self._results: list[dict[str, Any]] = []
         self._pictures: dict[str, Any] | None = None
 
@@ -213,7 +253,9 @@ class DetectionTask(BaseTask):
 
     def _end_of_eval(self, stage: str) -> None:
         metric = self.val_map if stage == "val" else self.test_map
-        results = metric.compute()
+        world = self.trainer.world_size
+        where = stage if world == 1 else f"{stage} (rank 0's share of {world} ranks)"
+        results = compute_coco_map(metric, where, verbose=self.global_rank == 0)
         metric.reset()
         # compute() also returns per-class tensors: only scalars go to log_dict.
         self.log_dict(

@@ -72,6 +72,7 @@ class SegmentationTask(BaseTask):
     monitor_mode = "max"
 
     network_kind, default_network = "segmenter", "lraspp"
+    model_name_key = "segmenter"
     architecture_keys: ClassVar[dict[str, str]] = {
         "segmenter": "head.segmenter",
         "backbone": "backbone.name",
