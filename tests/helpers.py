@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -141,15 +142,16 @@ def epoch_losses(rows: list[dict[str, str]]) -> list[float]:
     return [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
 
 
-def eval_one_process_and_ddp(ckpt: Path, cwd: Path) -> list[Path]:
+def eval_one_process_and_ddp(ckpt: Path, cwd: Path, overrides: Sequence[str] = ()) -> list[Path]:
     """Evaluate ``ckpt`` on val with one process, then with DDP over 2 CPU processes.
 
-    Returns the two run folders (``cwd/eval_one``, ``cwd/eval_ddp``), each with its metrics CSV.
+    ``overrides`` (e.g. ``data.*``) apply to both runs. Returns the two run folders
+    (``cwd/eval_one``, ``cwd/eval_ddp``), each with its metrics CSV.
     """
     outs = []
     for name, trainer in (("one", []), ("ddp", ["trainer=ddp", "trainer.devices=2"])):
         out = cwd / f"eval_{name}"
-        args = [f"ckpt_path={ckpt}", "split=val", *trainer, f"hydra.run.dir={out}"]
+        args = [f"ckpt_path={ckpt}", "split=val", *overrides, *trainer, f"hydra.run.dir={out}"]
         result = run_cli("mnv3.eval", args, cwd=cwd, timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
         outs.append(out)

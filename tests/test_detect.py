@@ -35,7 +35,8 @@ class TestDetectionRun(DenseRunSuite):
 
     def check_eval_output(self, out: Path) -> None:
         detections = json.loads((out / "coco_results.json").read_text())
-        assert len({d["image_id"] for d in detections}) >= 7  # both ranks' images written
+        # The 7 images of the DDP test: both ranks' written (one may have no box left).
+        assert len({d["image_id"] for d in detections}) >= 6
 
     def test_logged_map_equals_cocoeval_on_the_written_results(self, trained_run: Path) -> None:
         from pycocotools.coco import COCO

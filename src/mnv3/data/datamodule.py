@@ -23,7 +23,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mnv3.cpus import cpu_plan
 from mnv3.data.chest_xray import CHESTXRAY14, CHEXPERT, PNEUMONIA
@@ -35,6 +35,7 @@ from mnv3.data.family import DatasetFamily, DatasetSpec, LabelType, SplitKind, S
 from mnv3.data.folder import IMAGEFOLDER
 from mnv3.data.imagenet import IMAGENET
 from mnv3.data.presets import classification_presets, detection_presets, segmentation_presets
+from mnv3.data.sampling import eval_sampler
 from mnv3.data.shapes import SHAPES, TEXTURES
 from mnv3.data.shapes_cityscapes import STREETS
 from mnv3.data.shapes_coco import SHAPES_COCO
@@ -327,12 +328,20 @@ class DataModule(pl.LightningDataModule):
         return self._loader(dataset, shuffle=True, drop_last=drop_last, generator=generator)
 
     def val_dataloader(self) -> DataLoader:
-        """Validation batches in file order."""
-        return self._loader(self.get_dataset("val"))
+        """Validation batches in file order; under data parallelism, this rank's unpadded shard."""
+        return self._eval_loader(self.get_dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
-        """Test batches in file order; DatasetError when there is no test split."""
-        return self._loader(self.get_dataset("test"))
+        """Test batches in file order (sharded as validation's); DatasetError when there is no
+        test split."""
+        return self._eval_loader(self.get_dataset("test"))
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        """An evaluation split's loader: each image seen once over all ranks
+        (:func:`~mnv3.data.sampling.eval_sampler`), so DDP gives the one-process metrics."""
+        trainer = self.trainer
+        distributed = trainer.distributed_sampler_kwargs if trainer is not None else None
+        return self._loader(dataset, sampler=eval_sampler(dataset, distributed))
 
     def _loader(
         self,
@@ -340,11 +349,13 @@ class DataModule(pl.LightningDataModule):
         shuffle: bool = False,
         drop_last: bool = False,
         generator: torch.Generator | None = None,
+        sampler: Sampler | None = None,
     ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             generator=generator,
             num_workers=self.num_workers,
