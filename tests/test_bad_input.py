@@ -21,8 +21,10 @@ from mnv3.models import mobilenet_v3_large
 from mnv3.models.checkpoints import CheckpointError
 from mnv3.tasks import TASKS
 from mnv3.validate import (
+    check_accelerator,
     check_backbone_keys,
     check_checkpoint_fits,
+    check_known_keys,
     check_train_config,
     check_values,
 )
@@ -90,6 +92,9 @@ def _lightning_checkpoint(path: Path, network: nn.Module, model: dict, num_class
         ("head=lraspp head.pool=max", "one of paper, global"),
         ("head=lraspp head.output_stride=8", "null or one of 16, 32"),
         ("data=shapes_cityscapes data.crop_size=[0,5]", "a positive integer or a list of 2"),
+        ("head=ssdlite head.detector=yolo", "one of ssdlite320"),
+        ("head=lraspp head.segmenter=deeplab", "one of lraspp, raspp"),
+        ("head=lraspp head.low_tap=C9", "one of C1, C2, C3, C4, C4_expansion, C5, C3_first"),
     ],
 )
 def test_bad_value_names_key_value_and_expectation(tmp_path: Path, override: str, expected: str):
@@ -109,6 +114,7 @@ def test_every_shipped_config_option_passes_the_checks(tmp_path: Path) -> None:
             if group == "experiment" and entry_point_of(option) != "train":
                 continue  # a search experiment: tests/search compose and check it
             cfg = compose_train(tmp_path, [f"{group}={option}"])
+            check_known_keys(cfg)
             check_values(cfg)
             check_backbone_keys(cfg)
             checked += 1
@@ -387,3 +393,47 @@ def test_train_cli_resuming_another_tasks_checkpoint_is_one_sentence(tmp_path: P
         "mnv3.train", [*TASK_RUNS["segmentation"], f"ckpt_path={ckpt}"], cwd=tmp_path
     )
     assert "holds a detection checkpoint" in _one_sentence(result)
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        (
+            "+head.foo=1",
+            "head.foo is not an option of head=classifier; its options: callbacks, class_",
+        ),
+        ("+head.num_classes=5", "head.num_classes is not an option of head=classifier"),
+        ("head=ssdlite +head.dropout=0.1", "head.dropout is not an option of head=ssdlite"),
+        ("+optim.moment=0.9", "optim.moment is not an option of optim=adamw; its options: lr,"),
+        ("+scheduler.warmup=1", "scheduler.warmup is not an option of scheduler=cosine"),
+        ("+cpu.thread=2", "cpu.thread is not an option of cpu=default"),
+        ("+callbacks.patience=3", "callbacks.patience is not an option of callbacks=default"),
+        ("+trainer.epochs=3", "trainer.epochs is not an option of Lightning's Trainer"),
+        ("+learning_rate=0.1", "learning_rate is not an option of train.yaml (top level)"),
+    ],
+)
+def test_a_key_nothing_reads_is_refused_not_ignored(
+    tmp_path: Path, override: str, named: str
+) -> None:
+    cfg = compose_train(tmp_path, override.split())
+    with pytest.raises(ConfigError) as info:
+        check_train_config(cfg)
+    assert str(info.value).startswith(named), str(info.value)
+
+
+def test_a_gpu_recipe_without_enough_gpus_is_one_sentence(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, ["experiment=ssdlite_mnv3s_320_coco"])  # gpu, 8 devices
+    with pytest.raises(ConfigError, match=r"^trainer\.accelerator=gpu needs a GPU, but this"):
+        check_accelerator(cfg, gpus=0)
+    with pytest.raises(ConfigError, match=r"^trainer\.devices=8 but this machine has 1 GPU"):
+        check_accelerator(cfg, gpus=1)
+    check_accelerator(cfg, gpus=8)
+    check_accelerator(compose_train(tmp_path, ["experiment=ssdlite_mnv3s_320_coco", "trainer=cpu"]))
+
+
+def test_train_cli_gpu_recipe_on_a_cpu_machine_is_one_sentence(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args = ["experiment=lraspp_mnv3s-rf2-f128_769_cityscapes", f"hydra.run.dir={tmp_path}/r"]
+    line = _one_sentence(_run_as_user("mnv3.train", args, tmp_path))
+    assert line.startswith("error: trainer.accelerator=gpu needs a GPU")

@@ -17,13 +17,15 @@ foreign file, and a checkpoint of another architecture, fail at start with one s
 from __future__ import annotations
 
 import fnmatch
+import functools
+import inspect
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mnv3.cli import ConfigError, model_kwargs, to_plain
+from mnv3.cli import CONFIG_DIR, ConfigError, model_kwargs, to_plain
 from mnv3.value_rules import RULES, SECTIONS, Rule
 
 # Lightning's own names for a checkpoint (trainer.fit(ckpt_path="last")), not files.
@@ -74,6 +76,133 @@ def check_values(cfg: DictConfig) -> None:
             value = OmegaConf.to_container(value, resolve=True)
         if not rule.test(value):
             raise ConfigError(f"{key}={_shown(value)} is not valid: expected {rule.expected}")
+
+
+# Groups whose options are files of keys (conf/<group>/<name>.yaml): a key no shipped option of
+# the group has is a typo or a setting nothing reads, refused rather than silently ignored.
+# (backbone: check_backbone_keys, by builder; data: the data module's constructor.)
+SCHEMA_GROUPS = ("head", "optim", "scheduler", "cpu", "callbacks")
+# Files that set keys of any group or at the top level (``# @package _global_``).
+GLOBAL_GROUPS = ("experiment", "debug", "hparams_search")
+
+
+@functools.cache
+def _option_keys(group: str, option: str) -> frozenset[str]:
+    """The keys ``conf/<group>/<option>.yaml`` sets, its own ``defaults`` options included."""
+    path = CONFIG_DIR / group / f"{option}.yaml"
+    if not path.is_file():
+        return frozenset()
+    node = OmegaConf.load(path)
+    keys = {str(k) for k in node if k != "defaults"}
+    for parent in node.get("defaults", []):
+        if isinstance(parent, str) and parent != "_self_":
+            keys |= _option_keys(group, parent)
+    return frozenset(keys)
+
+
+def _overrides(node: DictConfig, group: str) -> str | None:
+    """The option a global file's defaults list picks for ``group`` (``override /head: x``)."""
+    for entry in node.get("defaults", []):
+        if isinstance(entry, DictConfig):
+            for key, value in entry.items():
+                if str(key).removeprefix("override ").strip("/") == group:
+                    return str(value)
+    return None
+
+
+@functools.cache
+def _global_keys(section: str | None, option: str | None = None) -> frozenset[str]:
+    """The keys the experiment, debug and search files set in ``section`` (None: top level),
+    from the files that pick ``option`` for that group or leave the group's choice alone."""
+    keys: set[str] = set()
+    for group in GLOBAL_GROUPS:
+        for path in sorted((CONFIG_DIR / group).glob("*.yaml")):
+            node = OmegaConf.load(path)
+            if section is None:
+                keys |= {str(k) for k in node if k != "defaults"}
+                continue
+            picked = _overrides(node, section)
+            if isinstance(node.get(section), DictConfig) and picked in (None, option):
+                keys |= {str(k) for k in node[section]}
+    return frozenset(keys)
+
+
+def _unknown(key: str, known: set[str] | frozenset[str], where: str) -> ConfigError:
+    return ConfigError(
+        f"{key} is not an option of {where}; its options: {', '.join(sorted(known))} (a typo, "
+        "or a setting nothing reads: mnv3 refuses it rather than ignore it)"
+    )
+
+
+def check_known_keys(cfg: DictConfig, top_level: str | None = "train") -> None:
+    """Refuse a key nothing reads: ``+head.foo=1``, ``+optim.moment=0.9``, ``+trainer.epochs=3``.
+
+    A group's keys are those of its chosen option file plus those any experiment / debug file
+    sets in it; ``trainer`` keys are Lightning ``Trainer`` arguments; top-level keys (for the
+    ``top_level`` entry point's config, e.g. ``conf/train.yaml``) those of that file, its groups
+    and the experiment files. Without this, a misspelt key was silently ignored.
+    """
+    for group in SCHEMA_GROUPS:
+        section = cfg.get(group)
+        if not isinstance(section, DictConfig):
+            continue
+        option = str(section.get("name") or "default")
+        own = _option_keys(group, option)
+        if not own:  # a group option from the user's own search path: nothing to compare
+            continue
+        known = own | _global_keys(group, option)
+        for key in section:
+            if str(key) not in known:
+                raise _unknown(f"{group}.{key}", own, f"{group}={option}")
+    trainer = cfg.get("trainer")
+    if isinstance(trainer, DictConfig) and "_target_" in trainer:
+        import pytorch_lightning as pl
+
+        accepted = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+        for key in trainer:
+            if str(key) not in accepted | {"_target_"}:
+                raise _unknown(f"trainer.{key}", accepted, "Lightning's Trainer")
+    if top_level is not None:
+        own = _option_keys(".", top_level) | {"hydra"}
+        defaults = OmegaConf.load(CONFIG_DIR / f"{top_level}.yaml").get("defaults", [])
+        groups = {str(next(iter(d))) for d in defaults if isinstance(d, DictConfig)}
+        known = own | groups | _global_keys(None)
+        for key in cfg:
+            if str(key) not in known:
+                raise _unknown(str(key), own - {"hydra"}, f"{top_level}.yaml (top level)")
+
+
+def check_accelerator(cfg: DictConfig, gpus: int | None = None) -> None:
+    """A GPU config on a machine without (enough) GPUs is one sentence before any data is read.
+
+    Lightning says ``MisconfigurationException('No supported gpu backend found!')`` inside a
+    5-line Hydra instantiation error, after the data module was built; the paper recipes
+    (``override /trainer: gpu``, ``devices: 8``) meet this on every laptop. ``gpus``: the
+    machine's CUDA device count (default: ``torch.cuda.device_count()``).
+    """
+    trainer = cfg.get("trainer")
+    if not isinstance(trainer, DictConfig):
+        return
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator not in ("gpu", "cuda"):
+        return
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    if gpus == 0:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} needs a GPU, but this machine has none "
+            "(torch.cuda.is_available() is False); run it on a GPU machine, or try the recipe "
+            "here on the CPU with trainer=cpu"
+        )
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > gpus:
+        raise ConfigError(
+            f"trainer.devices={devices} but this machine has {gpus} GPU(s); set "
+            f"trainer.devices={gpus} (data.batch_size is per device: the global batch shrinks) "
+            f"or run on a machine with {devices}"
+        )
 
 
 def check_backbone_keys(cfg: DictConfig) -> None:
@@ -357,7 +486,9 @@ def check_checkpoint_fits(ckpt_path: Any, module: Any) -> None:
 
 def check_train_config(cfg: DictConfig) -> None:
     """Everything ``mnv3.train`` can check before reading data: values, builder keys, checkpoints."""
+    check_known_keys(cfg)
     check_values(cfg)
+    check_accelerator(cfg)
     check_backbone_keys(cfg)
     check_weights_task(cfg)
     check_backbone_weights(cfg)

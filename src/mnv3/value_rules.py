@@ -110,6 +110,26 @@ def _datasets() -> Rule:
     return one_of(*sorted(DATASETS))
 
 
+def _builders(kind: str) -> Callable[[], Rule]:
+    """One of the :data:`mnv3.models.MODELS` builders of ``kind`` (detector, segmenter)."""
+
+    def rule() -> Rule:
+        from mnv3.models import MODELS
+
+        return one_of(*MODELS[kind])
+
+    return rule
+
+
+def _low_taps() -> Rule:
+    """A feature tap name of the MobileNetV3 backbones (levels and inner taps)."""
+    from mnv3.models.backbone import backbone_arch
+    from mnv3.models.mobilenet import feature_taps, inner_feature_taps
+
+    arch = backbone_arch("mobilenet_v3_small")
+    return one_of(*(t.name for t in (*feature_taps(arch), *inner_feature_taps(arch))))
+
+
 def _interpolation() -> Rule:
     names = ("nearest", "bilinear", "bicubic")  # mnv3.data.transforms.interpolation_mode
     return Rule("one of " + ", ".join(names), lambda v: isinstance(v, str) and v.lower() in names)
@@ -178,6 +198,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "head.class_weights": either(optional(one_of("balanced")), list_of(NON_NEGATIVE)),
     "head.weights": optional(TEXT),
     # detection head (conf/head/ssdlite.yaml)
+    "head.detector": _builders("detector"),
     "head.loss": one_of("softmax_hnm", "focal"),
     "head.score_thresh": PROBABILITY,
     "head.nms_thresh": PROBABILITY,
@@ -188,7 +209,8 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "head.output_stride": optional(one_of(16, 32)),
     "head.inter_channels": POSITIVE_INT,
     "head.pool": one_of("paper", "global"),
-    "head.low_tap": TEXT,
+    "head.segmenter": _builders("segmenter"),
+    "head.low_tap": _low_taps,
     "head.mask_images": NON_NEGATIVE_INT,
     # optim: mnv3.tasks.optim.build_optimizer
     "optim.name": one_of("rmsprop_tf", "sgd", "adamw"),
