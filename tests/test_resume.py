@@ -350,3 +350,42 @@ def test_read_only_run_folder_is_refused(tmp_path: Path) -> None:
         if immutable:
             subprocess.run(["chattr", "-i", str(folder)])
         os.chmod(folder, 0o755)
+
+
+def test_a_disk_that_fills_during_a_checkpoint_write_keeps_the_previous_one(
+    uninterrupted: Path, workdir: Path
+) -> None:
+    """The resumed run may write files no larger than half a checkpoint (RLIMIT_FSIZE, the
+    kernel's EFBIG, as a full disk's ENOSPC fails the same write): its first checkpoint write
+    fails, the run says so in one sentence and exits 1, and the previous last.ckpt survives."""
+    import resource
+    import sys
+
+    from helpers import _cli_env
+
+    run = workdir / "disk_full"
+    shutil.copytree(uninterrupted, run)
+    last = run / "checkpoints" / "last.ckpt"
+    limit = last.stat().st_size // 2
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, not kills
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mnv3.train", f"resume={run}", "trainer.max_epochs=3"],
+        cwd=workdir,
+        env=_cli_env(AS_A_USER),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_files,
+    )
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert lines[-1].startswith(f"error: could not write checkpoint {run}/checkpoints/"), lines
+    assert "File too large" in lines[-1] and "previous last.ckpt is kept unchanged" in lines[-1]
+    assert lines[-1].endswith(f"then resume with resume={run}")
+    assert _global_step(last) == STEPS
+    assert not list(last.parent.glob(".*.tmp-*"))

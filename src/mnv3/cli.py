@@ -32,6 +32,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's input, reported as one sentence and a non-zero exit."""
     from mnv3.data.errors import DatasetError, UnreadableImageError
+    from mnv3.errors import StorageError
     from mnv3.models.checkpoints import CheckpointError
     from mnv3.tasks.common import NonFiniteLossError
 
@@ -42,6 +43,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         NonFiniteLossError,
         FileNotFoundError,
         UnreadableImageError,
+        StorageError,
     )
 
 
@@ -139,6 +141,10 @@ def to_plain(cfg: Any) -> Any:
     return cfg
 
 
+# The key size_cpus adds to the cpu group: a resumed run's saved config carries it.
+CPU_PLAN_KEY = "resolved"
+
+
 def size_cpus(cfg: DictConfig) -> Any:
     """Size torch's threads and the DataLoader workers to the usable CPUs (``cfg.cpu``,
     ``data.num_workers``); the numbers go into ``cfg.cpu.resolved`` and the log.
@@ -160,7 +166,7 @@ def size_cpus(cfg: DictConfig) -> Any:
         raise ConfigError(str(exc)) from None
     apply_cpu_plan(plan)
     with open_dict(cfg):
-        cfg.cpu = {**requests, "resolved": plan.as_config()}
+        cfg.cpu = {**requests, CPU_PLAN_KEY: plan.as_config()}
     logging.getLogger("mnv3").info("%s", plan.describe())
     return plan
 

@@ -9,3 +9,9 @@ from __future__ import annotations
 
 class ConfigError(ValueError):
     """A configuration that cannot work (e.g. a head with a dataset of the wrong kind)."""
+
+
+class StorageError(OSError):
+    """A file the run must write could not be written (disk full, quota, file size limit,
+    read-only disk): one sentence that says what was kept, instead of torch's
+    ``[enforce fail at inline_container.cc] unexpected pos`` traceback."""

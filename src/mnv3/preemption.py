@@ -20,6 +20,7 @@ from lightning_fabric.plugins import TorchCheckpointIO
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from mnv3.errors import StorageError
 from mnv3.run_folder import LAST_CKPT
 
 
@@ -164,10 +165,44 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
-            raise
+            cause = _os_error(exc)
+            if cause is None:
+                raise
+            raise StorageError(_write_failed(target, cause)) from exc
         _fsync_dir(target.parent)
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: torch's zip writer reports a failed write as a RuntimeError
+    (``unexpected pos ...``) whose context is the file's OSError (ENOSPC, EFBIG, EDQUOT...)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _write_failed(target: Path, cause: OSError) -> str:
+    """One sentence: which checkpoint, why, the space left, what was kept, how to go on."""
+    import shutil
+
+    try:
+        free = f"{shutil.disk_usage(target.parent).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    kept = (
+        f"the previous {target.name} is kept unchanged"
+        if target.exists()
+        else f"no {target.name} was written"
+    )
+    return (
+        f"could not write checkpoint {target} ({cause.strerror or cause}; {free}): {kept}; "
+        f"free space, or move the run folder to a larger disk, then resume with "
+        f"resume={target.parent.parent}"
+    )
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mnv3.cli import CONFIG_DIR, ConfigError, model_kwargs, to_plain
+from mnv3.cli import CONFIG_DIR, CPU_PLAN_KEY, ConfigError, model_kwargs, to_plain
 from mnv3.value_rules import RULES, SECTIONS, Rule
 
 # Lightning's own names for a checkpoint (trainer.fit(ckpt_path="last")), not files.
@@ -82,6 +82,8 @@ def check_values(cfg: DictConfig) -> None:
 # the group has is a typo or a setting nothing reads, refused rather than silently ignored.
 # (backbone: check_backbone_keys, by builder; data: the data module's constructor.)
 SCHEMA_GROUPS = ("head", "optim", "scheduler", "cpu", "callbacks")
+# Keys mnv3 itself adds to a group while it runs, so a resumed run's saved config holds them.
+ADDED_WHILE_RUNNING = {"cpu": frozenset({CPU_PLAN_KEY})}
 # Files that set keys of any group or at the top level (``# @package _global_``).
 GLOBAL_GROUPS = ("experiment", "debug", "hparams_search")
 
@@ -150,7 +152,7 @@ def check_known_keys(cfg: DictConfig, top_level: str | None = "train") -> None:
         own = _option_keys(group, option)
         if not own:  # a group option from the user's own search path: nothing to compare
             continue
-        known = own | _global_keys(group, option)
+        known = own | _global_keys(group, option) | ADDED_WHILE_RUNNING.get(group, frozenset())
         for key in section:
             if str(key) not in known:
                 raise _unknown(f"{group}.{key}", own, f"{group}={option}")
