@@ -461,3 +461,27 @@ def test_explain_runs_a_gray_model_with_the_data_modules_eval_transform(
     with torch.no_grad():
         expected = torch.softmax(network(batch).float()[0], dim=0).max()
     assert result["probability"] == pytest.approx(float(expected), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("experiment", "task"),
+    [("shapes_detect_quick", "detection"), ("shapes_segment_quick", "segmentation")],
+)
+def test_explain_of_a_dense_checkpoint_names_its_task(
+    tmp_path: Path, experiment: str, task: str
+) -> None:
+    from mnv3.cli import ConfigError, to_plain
+    from mnv3.explain import _open_classifier
+    from mnv3.tasks import TASKS
+
+    cfg = compose_train(tmp_path, [f"experiment={experiment}"])
+    model = TASKS[task].network_kwargs(to_plain(cfg))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    OmegaConf.save(cfg, run / "config_resolved.yaml")
+    ckpt = run / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": model, "num_classes": 3}}, ckpt)
+    with pytest.raises(
+        ConfigError, match=f"^explain works on classification checkpoints; .* is {task}$"
+    ):
+        _open_classifier(ckpt)
