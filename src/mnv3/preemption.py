@@ -27,7 +27,15 @@ from mnv3.run_folder import LAST_CKPT
 class Preempted(Exception):
     """The run was stopped by a signal after saving a resumable ``last.ckpt``."""
 
-    def __init__(self, signum: int, step: int, checkpoint_step: int | None, run_dir: Path) -> None:
+    def __init__(
+        self,
+        signum: int,
+        step: int,
+        checkpoint_step: int | None,
+        run_dir: Path,
+        command: str = "mnv3.train",
+        checkpoint: Path | None = None,
+    ) -> None:
         self.signum = signum
         self.exit_code = 128 + signum  # the shell's convention for a process ended by a signal
         name = signal.Signals(signum).name
@@ -35,10 +43,25 @@ class Preempted(Exception):
             message = f"interrupted by {name} at step {step}, before any checkpoint; run it again"
         else:
             message = (
-                f"interrupted by {name} at step {step}; {run_dir / LAST_CKPT} holds step "
-                f"{checkpoint_step}; resume with python -m mnv3.train resume={run_dir}"
+                f"interrupted by {name} at step {step}; {checkpoint or run_dir / LAST_CKPT} "
+                f"holds step {checkpoint_step}; resume with python -m {command} "
+                f"resume={run_dir}"
             )
         super().__init__(message)
+
+
+def exit_preempted(preempted: Preempted, loggers: list[Any]) -> None:
+    """One sentence and exit 128 + signal (143 for SIGTERM): a preempted job is not a success."""
+    import logging
+    import sys
+
+    logging.getLogger("mnv3").error("%s", preempted)
+    print(f"error: {preempted}", file=sys.stderr)
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish(exit_code=preempted.exit_code)
+    sys.exit(preempted.exit_code)
 
 
 class PreemptionCheckpoint(pl.Callback):

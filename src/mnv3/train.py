@@ -35,6 +35,7 @@ from mnv3.preemption import (
     PeriodicLastCheckpoint,
     Preempted,
     PreemptionCheckpoint,
+    exit_preempted,
 )
 from mnv3.resumable_logs import ResumableCSVLogger, wandb_run_id
 from mnv3.resume import requeued_checkpoint, restore_run_config, resume_argv
@@ -170,7 +171,7 @@ def train(cfg: DictConfig) -> float | None:
     except SIGTERMException:  # Lightning stops the fit on SIGTERM (and SIGUSR1, preemption.py)
         signum = preemption.signum or int(signal.SIGTERM)
         stopped = Preempted(signum, trainer.global_step, preemption.checkpoint_step, output_dir)
-        _exit_preempted(stopped, loggers)
+        exit_preempted(stopped, loggers)
     metrics = _test_and_report(cfg, trainer, task, datamodule)
     if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
         import wandb
@@ -221,17 +222,6 @@ def _test_and_report(
     if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
         log.info("best checkpoint: %s", trainer.checkpoint_callback.best_model_path)
     return metrics
-
-
-def _exit_preempted(preempted: Preempted, loggers: list[Any]) -> None:
-    """One sentence and exit 128 + signal (143 for SIGTERM): a preempted job is not a success."""
-    log.error("%s", preempted)
-    print(f"error: {preempted}", file=sys.stderr)
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
-
-        wandb.finish(exit_code=preempted.exit_code)
-    sys.exit(preempted.exit_code)
 
 
 def _resume_argv() -> None:

@@ -200,3 +200,55 @@ def test_a_killed_supernet_training_resumes_from_its_last_checkpoint(tmp_path) -
     assert len(fit(3)) == 1  # the killed run's 2 steps are not redone
     last = torch.load(tmp_path / SUPERNET_LAST, map_location="cpu", weights_only=True)
     assert last["global_step"] == 3
+
+
+def test_sigterm_during_the_supernet_training_saves_the_step_and_says_how_to_resume(
+    tmp_path,
+) -> None:
+    """A preempted search (SIGTERM in its supernet training) saves ``supernet_last.ckpt`` at
+    the end of the step it was in and stops with :class:`Preempted` (exit 143 from the entry
+    point); the next run does only the steps that are left."""
+    import os
+    import signal
+
+    from helpers import TINY_DATA, compose_train
+    from mnv3.cli import build_datamodule, to_plain
+    from mnv3.preemption import Preempted
+    from mnv3.search.nas import SUPERNET_LAST, _train_supernet
+    from mnv3.search.supernet import sandwich_task
+    from mnv3.tasks.classification import ClassificationTask
+
+    cfg = to_plain(compose_train(tmp_path, [*TINY_DATA, "logger=none"]))
+    path = CONFIG_DIR / "search" / "space" / "small.yaml"
+    cfg["search"] = {"space": OmegaConf.to_container(OmegaConf.load(path))}
+    datamodule = build_datamodule(cfg["data"], num_workers=0)
+    datamodule.prepare_data()
+    state_dir = tmp_path / "run" / "search"
+    state_dir.mkdir(parents=True)
+
+    def fit(steps: int, kill_at: int | None = None) -> int:
+        task = sandwich_task(ClassificationTask).from_config(cfg, datamodule)
+        calls: list[int] = []
+        step = task.training_step
+
+        def counted(batch, batch_idx):
+            calls.append(batch_idx)
+            if len(calls) == kill_at:
+                os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler is installed
+            return step(batch, batch_idx)
+
+        task.training_step = counted
+        settings = {"supernet_steps": steps, "supernet_checkpoint_every": 100}
+        _train_supernet(cfg, settings, task, datamodule, state_dir, "cpu")
+        return len(calls)
+
+    with pytest.raises(Preempted) as info:
+        fit(5, kill_at=2)
+    assert info.value.exit_code == 143
+    assert str(info.value) == (
+        f"interrupted by SIGTERM at step 2; {state_dir / SUPERNET_LAST} holds step 2; "
+        f"resume with python -m mnv3.search resume={tmp_path / 'run'}"
+    )
+    saved = torch.load(state_dir / SUPERNET_LAST, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 2
+    assert fit(5) == 3

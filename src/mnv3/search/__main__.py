@@ -31,6 +31,7 @@ from mnv3.cli import (
 )
 from mnv3.errors import ConfigError
 from mnv3.output_dir_check import check_output_dir
+from mnv3.preemption import Preempted, exit_preempted
 from mnv3.resume import restore_run_config, resume_argv
 from mnv3.run_folder import RUN_CONFIG, RunFolder
 from mnv3.search.nas import run_nas
@@ -84,7 +85,10 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(cfg, output_dir, resuming=resuming)
     for logger in loggers:
         logger.log_hyperparams(to_plain(cfg))
-    summary = SEARCHES[cfg.search.algorithm](to_plain(cfg), output_dir, loggers)
+    try:
+        summary = SEARCHES[cfg.search.algorithm](to_plain(cfg), output_dir, loggers)
+    except Preempted as stopped:  # SIGTERM during the supernet's training: saved, exit 143
+        exit_preempted(stopped, loggers)
     commands = summary.pop("commands", [])  # (what, command line): printed after the table
     for logger in loggers:
         logger.finalize("success")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,7 @@ def run_nas(cfg: Mapping[str, Any], folder: Path, loggers: list[Any]) -> dict[st
     state: dict[str, Any] = (
         json.loads(state_file.read_text()) if state_file.is_file() else {"rows": []}
     )
+    _save(state_dir, state)  # from now on resume=<run> finds the search, even mid-supernet
 
     datamodule = build_datamodule(cfg["data"], num_workers=cfg["cpu"]["resolved"]["num_workers"])
     datamodule.prepare_data()
@@ -257,8 +259,14 @@ def _train_supernet(
     ``search.supernet_checkpoint_every`` steps (written atomically), so a killed run resumes
     the supernet's training from there (optimizer and step included), not from scratch."""
     import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from mnv3.preemption import AtomicCheckpointIO, PeriodicLastCheckpoint
+    from mnv3.preemption import (
+        AtomicCheckpointIO,
+        PeriodicLastCheckpoint,
+        Preempted,
+        PreemptionCheckpoint,
+    )
 
     last = state_dir / SUPERNET_LAST
     every = int(s.get("supernet_checkpoint_every") or max(1, s["supernet_steps"] // 10))
@@ -269,6 +277,9 @@ def _train_supernet(
         save_top_k=1,
         enable_version_counter=False,
     )
+    # SIGTERM / SIGUSR1 (a preempted job): supernet_last.ckpt at the next step's end, then
+    # Preempted (exit 143), so the kill loses no step.
+    preemption = PreemptionCheckpoint(last)
     trainer = pl.Trainer(
         max_steps=s["supernet_steps"],
         accelerator=accelerator,
@@ -276,7 +287,7 @@ def _train_supernet(
         devices=1,
         limit_val_batches=0,
         logger=False,
-        callbacks=[checkpoints],
+        callbacks=[checkpoints, preemption],
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -287,7 +298,14 @@ def _train_supernet(
         log.info("supernet: resuming its training from %s", resume)
     else:
         log.info("supernet: %d sandwich steps on the training split", s["supernet_steps"])
-    trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
+    except SIGTERMException:
+        signum = preemption.signum or int(signal.SIGTERM)
+        run_dir = state_dir.parent
+        raise Preempted(
+            signum, trainer.global_step, preemption.checkpoint_step, run_dir, "mnv3.search", last
+        ) from None
 
 
 def _measure_top(
