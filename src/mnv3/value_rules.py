@@ -155,6 +155,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "data.random_erase_prob": PROBABILITY,
     "data.min_scale": number(0, 1, low_open=True),
     "data.val_fraction": optional(FRACTION),  # 0 or null: the official val folder
+    "data.holdout_per_class": optional(POSITIVE_INT),  # ImageNet: MnasNet's held-out split
     "data.*seed": NON_NEGATIVE_INT,
     "data.uncertain": one_of("ones", "zeros", "ignore"),
     "data.frontal_only": BOOL,

@@ -20,6 +20,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from mnv3.data.errors import DatasetError, require_root
 from mnv3.data.family import DatasetFamily, DatasetSpec, SplitKind
 from mnv3.data.folder import (
@@ -242,11 +244,57 @@ def _imagenet_classes(spec: DatasetSpec) -> tuple[list[str], list[str]]:
     return imagenet_classes(spec.root)
 
 
+def holdout_indices(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Indices of ``per_class`` images of every class, drawn at random (``seed``), sorted.
+
+    MnasNet (Tan et al. 2019, §5) held out 50,000 randomly chosen ImageNet training images to rank
+    its candidates, so that the official validation set stays an unbiased estimate of the
+    winner; 50 per class is that number, drawn per class so every class is ranked on. The draw
+    depends only on the labels' order (the sorted file list) and ``seed``.
+
+    Raises:
+        DatasetError: a class has no more than ``per_class`` images (nothing left to train on).
+    """
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) <= per_class:
+            raise DatasetError(
+                f"data.holdout_per_class={per_class} but class {int(label)} has only "
+                f"{len(members)} training images; expected fewer held out than it has"
+            )
+        chosen.append(rng.choice(members, size=per_class, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def _subset(dataset: LabeledImageDataset, keep: np.ndarray) -> LabeledImageDataset:
+    """The images ``keep`` (indices) of ``dataset``, with its classes and transform."""
+    paths = [os.fsdecode(p) for p in dataset._paths[keep]]
+    return LabeledImageDataset(
+        dataset.root,
+        paths,
+        dataset._labels[keep],
+        dataset.classes,
+        dataset.class_names,
+        dataset.transform,
+    )
+
+
 def _imagenet_build(
     spec: DatasetSpec, kind: SplitKind, transform: Transform
 ) -> LabeledImageDataset:
-    label_file = spec.option("val_label_file") if kind == "val" else None
-    return imagenet_split(spec.root, spec.folder(kind), transform, label_file)
+    per_class = spec.option("holdout_per_class")
+    if per_class and kind in ("train", "val"):
+        # The search's held-out split: val = per_class training images of each class, train =
+        # the rest; the official validation folder is then the test split (data.test_split).
+        train = imagenet_split(spec.root, "train", transform)
+        held = holdout_indices(train._labels, int(per_class), int(spec.option("split_seed")))
+        keep = held if kind == "val" else np.setdiff1d(np.arange(len(train)), held)
+        return _subset(train, keep)
+    folder = spec.folder(kind)
+    label_file = spec.option("val_label_file") if folder == spec.val_split else None
+    return imagenet_split(spec.root, folder, transform, label_file)
 
 
 def _imagenet_has_split(spec: DatasetSpec, folder: str) -> bool:
@@ -259,5 +307,7 @@ IMAGENET = DatasetFamily(
     _imagenet_build,
     _imagenet_has_split,
     IMAGENET_LAYOUT,
-    options={"val_label_file": None},
+    # holdout_per_class: val = that many training images per class (MnasNet's held-out split),
+    # train = the rest; split_seed draws them.
+    options={"val_label_file": None, "holdout_per_class": None, "split_seed": 0},
 )
