@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +105,68 @@ def test_empty_or_non_image_file_is_unreadable(tmp_path: Path, content: bytes) -
 def test_unreadable_error_survives_pickling() -> None:
     error = pickle.loads(pickle.dumps(UnreadableImageError("/x.jpg", "truncated")))
     assert (error.path, error.reason) == ("/x.jpg", "truncated")
+
+
+def _twelve_bit_png(path: Path, top: int = 4095, significant_bits: int | None = None) -> Path:
+    """A 12-bit detector image as hospitals export it: values 0..``top`` in a 16-bit gray PNG,
+    optionally with the ``sBIT`` chunk (significant bits) written before the image data."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    values = np.linspace(0, top, 32 * 48).reshape(32, 48).round().astype(np.uint16)
+    Image.fromarray(values).save(path)
+    if significant_bits is not None:
+        data = path.read_bytes()
+        ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length + type, its 13 bytes, CRC
+        body = b"sBIT" + bytes([significant_bits])
+        chunk = struct.pack(">I", 1) + body + struct.pack(">I", zlib.crc32(body))
+        path.write_bytes(data[:ihdr_end] + chunk + data[ihdr_end:])
+    return path
+
+
+@pytest.mark.parametrize("name", ["xray.png", "xray.tiff"])  # torchvision path, PIL path
+def test_a_12_bit_xray_in_a_16_bit_file_spans_0_to_255_by_its_range(
+    tmp_path: Path, name: str
+) -> None:
+    from PIL import Image
+
+    path = tmp_path / name
+    if name.endswith(".png"):
+        _twelve_bit_png(path)
+    else:
+        values = np.linspace(0, 4095, 32 * 48).reshape(32, 48).round().astype(np.uint16)
+        Image.fromarray(values).save(path)
+    assert load_rgb(path).max() == 15  # the top byte: what photographs keep (4095 >> 8)
+    image = load_rgb(path, wide="range")
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 48)
+    assert image.min() == 0 and image.max() == 255
+    assert torch.equal(image[0], image[2])
+
+
+def test_the_png_s_significant_bits_decide_the_scale_when_declared(tmp_path: Path) -> None:
+    from mnv3.data.io import png_significant_bits
+
+    path = _twelve_bit_png(tmp_path / "dim.png", top=2000, significant_bits=12)
+    assert png_significant_bits(str(path)) == 12
+    image = load_rgb(path, wide="range")
+    assert image.max() == round(2000 * 255 / 4095)  # 125: scaled by 12 bits, not stretched
+    plain = _twelve_bit_png(tmp_path / "plain.png", top=2000)
+    assert png_significant_bits(str(plain)) is None
+    assert load_rgb(plain, wide="range").max() == 255  # no sBIT: its own range
+
+
+def test_chest_xray_datasets_read_16_bit_files_by_their_range(tmp_path: Path) -> None:
+    from mnv3.data.chest_xray import ChestXray14Dataset, CheXpertDataset, PneumoniaDataset
+    from mnv3.data.folder import LabeledImageDataset
+
+    path = _twelve_bit_png(tmp_path / "a.png")
+    photos = LabeledImageDataset(tmp_path, ["a.png"], [0], ["x"])
+    assert photos[0]["image"].max() == 15
+
+    class Xrays(LabeledImageDataset):
+        wide_gray = PneumoniaDataset.wide_gray
+
+    assert Xrays(tmp_path, [path.name], [0], ["x"])[0]["image"].max() == 255
+    assert {ChestXray14Dataset.wide_gray, CheXpertDataset.wide_gray} == {"range"}

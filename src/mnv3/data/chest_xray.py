@@ -160,6 +160,9 @@ class PneumoniaDataset(LabeledImageDataset):
         DatasetError: the root, the split folder or a class folder is missing, or it has no images.
     """
 
+    # 16-bit exports (12-bit detector values) scale by their real range, not the top byte.
+    wide_gray = "range"
+
     def __init__(
         self,
         root: str | os.PathLike[str],
@@ -236,6 +239,9 @@ class ChestXray14Dataset(MultiLabelImageDataset):
         DatasetError: a missing root, CSV or list; a CSV without the needed columns; an unknown
             finding; a split left with no image on disk.
     """
+
+    # 16-bit exports (12-bit detector values) scale by their real range, not the top byte.
+    wide_gray = "range"
 
     def __init__(
         self,
@@ -327,6 +333,9 @@ class CheXpertDataset(MultiLabelImageDataset):
             than 1.0 / 0.0 / -1.0 / blank; an unknown label name or policy; a split left with no
             image on disk.
     """
+
+    # 16-bit exports (12-bit detector values) scale by their real range, not the top byte.
+    wide_gray = "range"
 
     def __init__(
         self,

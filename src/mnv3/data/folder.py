@@ -12,11 +12,12 @@ generated shapes and textures also read through.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -128,6 +129,10 @@ class LabeledImageDataset(Dataset[Sample | None]):
         transform: applied to the uint8 ``(3, H, W)`` image; ``None`` returns it unchanged.
     """
 
+    #: how a 16-bit image becomes 8-bit (:func:`~mnv3.data.io.load_rgb`'s ``wide``): the top
+    #: byte, as torchvision does, for photographs; the medical datasets use the image's range
+    wide_gray: ClassVar[str] = "top_byte"
+
     def __init__(
         self,
         root: str | os.PathLike[str],
@@ -179,7 +184,7 @@ class LabeledImageDataset(Dataset[Sample | None]):
         return os.path.join(self.root, os.fsdecode(self._paths[index]))
 
     def __getitem__(self, index: int) -> Sample | None:
-        image = skip_unreadable(load_rgb, self.path(index))
+        image = skip_unreadable(functools.partial(load_rgb, wide=self.wide_gray), self.path(index))
         if image is None:
             return None
         if self.transform is not None:

@@ -7,7 +7,12 @@ measured, and why each branch below exists:
 - grayscale and CMYK JPEGs, palette / RGBA / gray-alpha PNGs, GIF and WebP decode correctly to RGB
   with ``ImageReadMode.RGB``;
 - 16-bit PNGs come back as ``uint16`` tensors (values up to 65535), so they are rescaled to uint8;
-  PIL is no help there: ``convert("RGB")`` of an ``I;16`` image clips everything above 255 to white;
+  PIL is no help there: ``convert("RGB")`` of an ``I;16`` image clips everything above 255 to white.
+  How (``wide=``): ``"top_byte"`` keeps the top 8 of 16 bits (torchvision's ``to_dtype(...,
+  scale=True)``; photographs and ImageNet-style data, unchanged); ``"range"`` uses the bits the
+  image really holds (medical exports: a 12-bit X-ray in a 16-bit PNG, values 0-4095, would
+  otherwise become values 0-15, an almost black image): the PNG's ``sBIT`` chunk (significant
+  bits) when it has one, else the image's own minimum and maximum stretched to 0-255;
 - a truncated JPEG (even one missing only its 2-byte end marker) raises "Image is incomplete or
   truncated" instead of returning a grey-filled image, and a truncated PNG raises "Out of bound read";
 - animated GIFs come back as a 4-D stack of frames; the first frame is used, as PIL would;
@@ -47,12 +52,22 @@ _DAMAGED = re.compile(r"truncated|incomplete|non empty", re.IGNORECASE)
 _WIDE_GRAY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
-def load_rgb(path: str | os.PathLike[str]) -> torch.Tensor:
+# How an image with more than 8 bits per sample becomes uint8 (see the module docstring).
+WIDE_SCALINGS = ("top_byte", "range")
+
+
+def load_rgb(path: str | os.PathLike[str], wide: str = "top_byte") -> torch.Tensor:
     """Read an image file as a ``uint8`` tensor of shape ``(3, H, W)`` in RGB order.
+
+    Args:
+        path: the image file.
+        wide: how a 16-bit image becomes 8-bit: ``"top_byte"`` or ``"range"`` (module docstring).
 
     Raises:
         UnreadableImageError: the file is empty, truncated, corrupt or not an image.
     """
+    if wide not in WIDE_SCALINGS:
+        raise ValueError(f"wide={wide!r}; expected one of {', '.join(WIDE_SCALINGS)}")
     path = os.fspath(path)
     try:
         image = decode_image(path, mode=ImageReadMode.RGB)
@@ -60,12 +75,53 @@ def load_rgb(path: str | os.PathLike[str]) -> torch.Tensor:
         reason = _last_line(str(error))
         if _DAMAGED.search(reason):
             raise UnreadableImageError(path, reason) from None
-        return _load_rgb_pil(path, torchvision_reason=reason)
+        return _load_rgb_pil(path, reason, wide)
     if image.ndim == 4:  # animated GIF / WebP: a stack of frames
         image = image[0]
     if image.dtype != torch.uint8:  # 16-bit PNG
+        if wide == "range":
+            return torch.from_numpy(_to_uint8(image.to(torch.int32).numpy(), path))
         image = F.to_dtype(image, torch.uint8, scale=True)
     return image
+
+
+def png_significant_bits(path: str) -> int | None:
+    """The bits per sample a PNG declares it really uses (its ``sBIT`` chunk), or None.
+
+    A 12-bit detector image exported to a 16-bit PNG may say ``sBIT = 12``; PIL does not report
+    the chunk, so the chunks before the image data are read here (PNG spec, section 11.3.3.4).
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            while True:
+                header = f.read(8)
+                if len(header) < 8:
+                    return None
+                length, kind = int.from_bytes(header[:4], "big"), header[4:]
+                if kind in (b"IDAT", b"IEND"):
+                    return None
+                data = f.read(length)
+                f.read(4)  # CRC
+                if kind == b"sBIT" and data:
+                    return max(data)
+    except OSError:
+        return None
+
+
+def _to_uint8(wide: np.ndarray, path: str) -> np.ndarray:
+    """``wide`` (integers, any shape) to uint8 by the bits it holds: the PNG's sBIT when
+    declared, else its own min..max stretched to 0..255 (a flat image becomes 0)."""
+    bits = png_significant_bits(path)
+    if bits is not None and 8 < bits <= 16:
+        low, high = 0, (1 << bits) - 1
+    else:
+        low, high = int(wide.min()), int(wide.max())
+    if high <= low:
+        return np.zeros(wide.shape, dtype=np.uint8)
+    scaled = (np.clip(wide, low, high) - low) * 255.0 / (high - low)
+    return np.rint(scaled).astype(np.uint8)
 
 
 Loaded = TypeVar("Loaded")
@@ -87,15 +143,15 @@ def skip_unreadable(
         return None
 
 
-def _load_rgb_pil(path: str, torchvision_reason: str) -> torch.Tensor:
+def _load_rgb_pil(path: str, torchvision_reason: str, wide: str = "top_byte") -> torch.Tensor:
     """Decode with PIL the files torchvision refused; PIL raises on truncated data by default."""
     try:
         with Image.open(path) as pil:
             pil.load()
             if pil.mode in _WIDE_GRAY_MODES:
-                wide = np.asarray(pil, dtype=np.int64)
-                gray = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
-                array = np.repeat(gray[:, :, None], 3, axis=2)
+                values = np.clip(np.asarray(pil, dtype=np.int64), 0, 65535)
+                gray = _to_uint8(values, path) if wide == "range" else (values >> 8)
+                array = np.repeat(gray.astype(np.uint8)[:, :, None], 3, axis=2)
             else:
                 array = np.array(pil.convert("RGB"))  # a writable copy, as torch requires
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
