@@ -154,7 +154,9 @@ def test_the_png_s_significant_bits_decide_the_scale_when_declared(tmp_path: Pat
     assert image.max() == round(2000 * 255 / 4095)  # 125: scaled by 12 bits, not stretched
     plain = _twelve_bit_png(tmp_path / "plain.png", top=2000)
     assert png_significant_bits(str(plain)) is None
-    assert load_rgb(plain, wide="range").max() == 255  # no sBIT: its own range
+    # No sBIT: the fewest bits that hold 2000 are 11, so 2000 / 2047 of white, zero stays 0.
+    image = load_rgb(plain, wide="range")
+    assert image.min() == 0 and image.max() == round(2000 * 255 / 2047)
 
 
 def test_chest_xray_datasets_read_16_bit_files_by_their_range(tmp_path: Path) -> None:

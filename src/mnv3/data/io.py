@@ -12,7 +12,9 @@ measured, and why each branch below exists:
   scale=True)``; photographs and ImageNet-style data, unchanged); ``"range"`` uses the bits the
   image really holds (medical exports: a 12-bit X-ray in a 16-bit PNG, values 0-4095, would
   otherwise become values 0-15, an almost black image): the PNG's ``sBIT`` chunk (significant
-  bits) when it has one, else the image's own minimum and maximum stretched to 0-255;
+  bits) when it has one, else the fewest bits that hold the image's maximum (12 for a 0-4095
+  image, 16 for one reaching 40000); either way ``value * 255 / (2**bits - 1)``, linear from 0,
+  so one exported dataset scales alike and a true 16-bit image reads as with the top byte;
 - a truncated JPEG (even one missing only its 2-byte end marker) raises "Image is incomplete or
   truncated" instead of returning a grey-filled image, and a truncated PNG raises "Out of bound read";
 - animated GIFs come back as a 4-D stack of frames; the first frame is used, as PIL would;
@@ -111,17 +113,13 @@ def png_significant_bits(path: str) -> int | None:
 
 
 def _to_uint8(wide: np.ndarray, path: str) -> np.ndarray:
-    """``wide`` (integers, any shape) to uint8 by the bits it holds: the PNG's sBIT when
-    declared, else its own min..max stretched to 0..255 (a flat image becomes 0)."""
+    """``wide`` (non-negative integers, any shape) to uint8 by the bits it holds: the PNG's
+    sBIT when declared, else the fewest bits (at least 8) that hold its maximum."""
     bits = png_significant_bits(path)
-    if bits is not None and 8 < bits <= 16:
-        low, high = 0, (1 << bits) - 1
-    else:
-        low, high = int(wide.min()), int(wide.max())
-    if high <= low:
-        return np.zeros(wide.shape, dtype=np.uint8)
-    scaled = (np.clip(wide, low, high) - low) * 255.0 / (high - low)
-    return np.rint(scaled).astype(np.uint8)
+    if bits is None or not 8 <= bits <= 16:
+        bits = max(8, int(wide.max()).bit_length())
+    high = (1 << bits) - 1
+    return np.rint(np.clip(wide, 0, high) * (255.0 / high)).astype(np.uint8)
 
 
 Loaded = TypeVar("Loaded")
