@@ -16,7 +16,7 @@ $(BIN)/python:
 
 install: $(BIN)/python  ## create .venv and install mnv3 with its dev tools (pinned torch 2.14.1 / torchvision 0.29.1)
 	@echo "installing mnv3 and its pinned dependencies into $(VENV) (log: $(VENV)/pip-install.log)"
-	@$(PIP) install $(PIP_FLAGS) -e ".[dev,slurm,deploy]" > $(VENV)/pip-install.log 2>&1 \
+	@$(PIP) install $(PIP_FLAGS) -e ".[dev,slurm,deploy,medical]" > $(VENV)/pip-install.log 2>&1 \
 		|| { grep -v "^WARNING: Location" $(VENV)/pip-install.log; echo "pip install failed"; exit 1; }
 	$(BIN)/python -c "import torch, torchvision, mnv3; print('mnv3 ready: torch', torch.__version__, 'torchvision', torchvision.__version__)"
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mnv3.data.dicom import DICOM_EXTENSIONS
 from mnv3.data.errors import DatasetError, require_root
 from mnv3.data.family import TRAIN_SPLIT, DatasetFamily, DatasetSpec, SplitKind
 from mnv3.data.io import load_rgb, skip_unreadable
@@ -38,6 +39,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".tiff",
     ".ppm",
     ".pgm",
+    *DICOM_EXTENSIONS,  # read by mnv3.data.dicom (the medical extra)
 )
 
 Transform = Callable[[torch.Tensor], torch.Tensor]

@@ -36,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
+from mnv3.data.dicom import is_dicom_path, load_dicom
 from mnv3.data.errors import UnreadableImageError, UnreadableImageWarning
 
 # torchvision 0.29 warns on every decode that its codecs move to TorchCodec; one line per image
@@ -71,6 +72,8 @@ def load_rgb(path: str | os.PathLike[str], wide: str = "top_byte") -> torch.Tens
     if wide not in WIDE_SCALINGS:
         raise ValueError(f"wide={wide!r}; expected one of {', '.join(WIDE_SCALINGS)}")
     path = os.fspath(path)
+    if is_dicom_path(path):  # displayed as the file says (mnv3.data.dicom), whatever ``wide``
+        return load_dicom(path)
     try:
         image = decode_image(path, mode=ImageReadMode.RGB)
     except RuntimeError as error:
