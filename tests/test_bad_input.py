@@ -437,3 +437,11 @@ def test_train_cli_gpu_recipe_on_a_cpu_machine_is_one_sentence(tmp_path: Path) -
     args = ["experiment=lraspp_mnv3s-rf2-f128_769_cityscapes", f"hydra.run.dir={tmp_path}/r"]
     line = _one_sentence(_run_as_user("mnv3.train", args, tmp_path))
     assert line.startswith("error: trainer.accelerator=gpu needs a GPU")
+
+
+def test_search_cli_gpu_recipe_on_a_cpu_machine_is_one_sentence(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args = ["experiment=nas_large_imagenet", f"hydra.run.dir={tmp_path}/r"]
+    line = _one_sentence(_run_as_user("mnv3.search", args, tmp_path))
+    assert line.startswith("error: trainer.accelerator=gpu needs a GPU")

@@ -1,4 +1,5 @@
-"""Helpers for the data tests: tiny real image files written into tmp_path."""
+"""Helpers for the data tests: tiny real image files written into tmp_path (the writers live in
+``tests/data_writers.py``, shared with the experiment tests)."""
 
 from __future__ import annotations
 
@@ -9,29 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_writers import write_solid
+
 WriteImage = Callable[..., Path]
-
-
-def write_solid(
-    path: Path,
-    colour: tuple[int, ...] | int = (200, 30, 90),
-    mode: str = "RGB",
-    size: tuple[int, int] = (20, 16),
-    **save_kwargs: object,
-) -> Path:
-    """Write a constant-colour image (converted to ``mode``) and return its path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if mode.startswith("I;16"):
-        value = colour if isinstance(colour, int) else colour[0]
-        image = Image.fromarray(np.full(size[::-1], value, dtype=np.uint16))
-    else:
-        rgb = colour if not isinstance(colour, int) else (colour,) * 3
-        base_mode = "RGBA" if len(rgb) == 4 else "RGB"
-        image = Image.new(base_mode, size, tuple(rgb))
-        if mode != base_mode:
-            image = image.convert(mode)
-    image.save(path, **save_kwargs)
-    return path
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Chest X-ray datasets, each written here in its publisher's real on-disk format.
+"""Chest X-ray datasets, each written in its publisher's real on-disk format (the Kaggle and NIH
+writers are in ``tests/data_writers.py``, shared with the experiment tests; CheXpert's is here).
 
 The fakes keep the traps of the real files: the NIH CSV's split header cells, trailing empty column
 and CRLF line ends, 'No Finding' and pipe-separated findings, CheXpert's ``Path`` prefix and its
@@ -16,6 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_writers import (
+    NORMAL_TRAIN,
+    PNEUMONIA_TRAIN,
+    write_csv,
+    write_kaggle_pneumonia,
+    write_nih_chestxray14,
+)
 from mnv3.data import (
     CHESTXRAY14_FINDINGS,
     CHEXPERT_COMPETITION_LABELS,
@@ -43,46 +51,13 @@ def _module(root: Path, dataset: str, **kwargs) -> DataModule:
     return DataModule(str(root), dataset=dataset, **(options | kwargs))
 
 
-def _write_csv(path: Path, lines: list[str], newline: str = "\r\n") -> Path:
-    """Write lines byte-exact (no newline translation), ending in ``newline``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes("".join(line + newline for line in lines).encode())
-    return path
-
-
 # --- Kaggle pediatric pneumonia -------------------------------------------------------------------
-
-# Real Kermany names: NORMAL files carry no patient id, PNEUMONIA files are person<N>_<kind>_<k>.
-NORMAL_TRAIN = [f"IM-{i:04d}-0001.jpeg" for i in range(1, 5)] + ["NORMAL2-IM-0005-0001.jpeg"]
-PNEUMONIA_TRAIN = [
-    "person1_bacteria_1.jpeg",
-    "person1_bacteria_2.jpeg",
-    "person1_virus_3.jpeg",
-    "person2_bacteria_4.jpeg",
-    "person3_virus_5.jpeg",
-    "person4_bacteria_6.jpeg",
-    "person5_virus_7.jpeg",
-]
 
 
 @pytest.fixture
-def kaggle_download(tmp_path: Path, write_image) -> Path:
+def kaggle_download(tmp_path: Path) -> Path:
     """Kaggle's archive as extracted: chest_xray/chest_xray/{train,val,test}, __MACOSX debris."""
-    root = tmp_path / "download"
-    data = root / "chest_xray" / "chest_xray"
-    for name in NORMAL_TRAIN:
-        write_image(data / "train" / "NORMAL" / name, 60, mode="L")  # gray JPEG, as Kaggle's
-    for name in PNEUMONIA_TRAIN:
-        write_image(data / "train" / "PNEUMONIA" / name, 190, mode="L")
-    for split in ("val", "test"):
-        write_image(data / split / "NORMAL" / "NORMAL2-IM-1427-0001.jpeg", 60, mode="L")
-        write_image(data / split / "PNEUMONIA" / "person1946_bacteria_4874.jpeg", 190, mode="L")
-    # macOS debris: AppleDouble twins, .DS_Store and a __MACOSX tree; none is an image of the set.
-    (data / "train" / "NORMAL" / "._IM-0001-0001.jpeg").write_bytes(b"\x00\x05\x16\x07")
-    (data / "train" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
-    write_image(root / "chest_xray" / "__MACOSX" / "chest_xray" / "train" / "NORMAL" / "x.jpeg")
-    write_image(data / "train" / "PNEUMONIA" / "__MACOSX" / "y.jpeg")
-    return root
+    return write_kaggle_pneumonia(tmp_path / "download")
 
 
 def test_pneumonia_end_to_end_from_kaggles_nested_archive(kaggle_download: Path) -> None:
@@ -142,42 +117,11 @@ def test_pneumonia_missing_root_and_class_folder(tmp_path: Path, kaggle_download
 
 # --- NIH ChestX-ray14 -----------------------------------------------------------------------------
 
-# The real header: the bracketed names hold unquoted commas, and a trailing empty column follows.
-NIH_HEADER = (
-    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
-)
-
-
-def _nih_row(name: str, findings: str, follow_up: int, patient: int) -> str:
-    if "|" in findings and patient % 2:
-        findings = f'"{findings}"'  # a quoted field, as some re-exports write it
-    return f"{name},{findings},{follow_up},{patient},58,M,PA,2682,2749,0.143,0.143,"
-
 
 @pytest.fixture
-def nih_root(tmp_path: Path, write_image) -> Path:
+def nih_root(tmp_path: Path) -> Path:
     """Patients 1-8 in train_val (3 images each), 9-10 in test; official images_00N sub-folders."""
-    root = tmp_path / "chestxray14"
-    rows = [NIH_HEADER]
-    findings = ["Cardiomegaly", "No Finding", "Effusion|Mass|Hernia", "Pleural_Thickening"]
-    train_val, test = [], []
-    for patient in range(1, 11):
-        for follow_up in range(3):
-            name = f"{patient:08d}_{follow_up:03d}.png"
-            rows.append(_nih_row(name, findings[(patient + follow_up) % 4], follow_up, patient))
-            (test if patient > 8 else train_val).append(name)
-            folder = root / f"images_{1 + (patient > 5):03d}" / "images"
-            if name == "00000001_000.png":
-                write_image(folder / name, 40000, mode="I;16")  # 16-bit gray
-            elif name == "00000002_000.png":
-                write_image(folder / name, (90, 90, 90, 255))  # RGBA, as some re-exports
-            else:
-                write_image(folder / name, 30 * (patient % 8), mode="L")
-    _write_csv(root / "Data_Entry_2017.csv", rows)
-    _write_csv(root / "train_val_list.txt", train_val)
-    _write_csv(root / "test_list.txt", test)
-    return root
+    return write_nih_chestxray14(tmp_path / "chestxray14")
 
 
 def test_chestxray14_end_to_end(nih_root: Path) -> None:
@@ -317,14 +261,14 @@ def chexpert_parent(tmp_path: Path, write_image) -> Path:
                         Support_Devices="1.0",
                     )
                 )
-    _write_csv(folder / "train.csv", rows, newline="\n")
+    write_csv(folder / "train.csv", rows, newline="\n")
     valid = [CHEXPERT_HEADER]
     for patient in (64541, 64542):
         rel = f"valid/patient{patient}/study1/view1_frontal.jpg"
         write_image(folder / rel, (80, 80, 80, 255))  # RGBA
         cells = {name.replace(" ", "_"): "0.0" for name in CHEXPERT_OBSERVATIONS}
         valid.append(_chexpert_row(f"CheXpert-v1.0-small/{rel}", "Frontal", **cells))
-    _write_csv(folder / "valid.csv", valid, newline="\n")
+    write_csv(folder / "valid.csv", valid, newline="\n")
     return parent
 
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
+from data_writers import CITYSCAPES_FRAME, street_label, write_tiny_cityscapes
 from mnv3.data import DataModule
 from mnv3.data.cityscapes import (
     CITYSCAPES_CLASSES,
@@ -32,43 +33,13 @@ pytestmark = pytest.mark.filterwarnings(
 # cityscapesScripts helpers/labels.py (FACTS.md): labelId -> trainId of the 19 evaluated classes.
 TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10}
 TRAIN_ID |= {24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-H, W = 32, 64
-
-
-def street_label(seed: int) -> np.ndarray:
-    """A 32x64 labelIds map: sky over building over road, a car, and void (ego vehicle) at the bottom."""
-    rng = np.random.default_rng(seed)
-    label = np.full((H, W), 23, dtype=np.uint8)
-    label[8:16] = 11
-    label[16:] = 7
-    left = int(rng.integers(0, 40))
-    label[18:26, left : left + 16] = 26
-    label[30:] = 1
-    return label
-
-
-def write_frame(root: Path, split: str, city: str, stem: str, label: np.ndarray | None) -> Path:
-    """Write ``<stem>_leftImg8bit.png`` (noise) and, unless None, its labelIds PNG."""
-    image_dir = root / "leftImg8bit" / split / city
-    label_dir = root / "gtFine" / split / city
-    image_dir.mkdir(parents=True, exist_ok=True)
-    label_dir.mkdir(parents=True, exist_ok=True)
-    noise = np.random.default_rng(len(stem)).integers(0, 256, (H, W, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(image_dir / f"{stem}_leftImg8bit.png")
-    if label is not None:
-        Image.fromarray(label, mode="L").save(label_dir / f"{stem}_gtFine_labelIds.png")
-    return image_dir / f"{stem}_leftImg8bit.png"
+H, W = CITYSCAPES_FRAME
 
 
 @pytest.fixture
 def tiny_cityscapes(tmp_path: Path) -> Path:
     """Two cities of two train frames each and one val city, 32x64, labelIds only."""
-    root = tmp_path / "cityscapes"
-    for i, (city, seq) in enumerate([("aachen", 0), ("aachen", 3), ("bremen", 1), ("bremen", 2)]):
-        write_frame(root, "train", city, f"{city}_{seq:06d}_000019", street_label(i))
-    for seq in range(2):
-        write_frame(root, "val", "frankfurt", f"frankfurt_{seq:06d}_000294", street_label(10 + seq))
-    return root
+    return write_tiny_cityscapes(tmp_path / "cityscapes")
 
 
 # --- label tables ---------------------------------------------------------------------------

@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torchvision import tv_tensors
 
+from data_writers import coco_image as image
+from data_writers import write_coco
 from mnv3.data.coco import (
     CocoDetection,
     DegenerateBoxWarning,
@@ -29,41 +30,6 @@ from mnv3.data.transforms import RandomIoUCropWithBoxes
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
 )
-
-CATEGORIES = [
-    {"id": 90, "name": "toothbrush"},
-    {"id": 3, "name": "car"},
-    {"id": 17, "name": "cat"},
-]
-
-
-def write_coco(
-    root: Path,
-    split: str,
-    images: list[dict[str, Any]],
-    annotations: list[dict[str, Any]],
-    categories: list[dict[str, Any]] = CATEGORIES,
-    write_files: bool = True,
-) -> Path:
-    """Write ``annotations/instances_<split>2017.json`` and a black PNG per listed image."""
-    for number, ann in enumerate(annotations, start=1):
-        ann.setdefault("id", number)
-        ann.setdefault("iscrowd", 0)
-        ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
-    path = coco_annotation_file(root, split)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    document = {"images": images, "annotations": annotations, "categories": categories}
-    path.write_text(json.dumps(document))
-    folder = root / f"{split}2017"
-    folder.mkdir(parents=True, exist_ok=True)
-    if write_files:
-        for image in images:
-            Image.new("RGB", (image["width"], image["height"])).save(folder / image["file_name"])
-    return path
-
-
-def image(image_id: int, width: int = 40, height: int = 30) -> dict[str, Any]:
-    return {"id": image_id, "file_name": f"{image_id:04d}.png", "width": width, "height": height}
 
 
 def test_sparse_category_ids_map_to_contiguous_labels_and_back(tmp_path: Path) -> None:

@@ -2,45 +2,25 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
+from data_writers import IMAGENET_NAMES as NAMES
+from data_writers import IMAGENET_WNIDS as WNIDS
+from data_writers import imagenet_val_name as _val_name
+from data_writers import write_tiny_imagenet
 from mnv3.data import DatasetError, imagenet_classes, imagenet_split
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
 )
 
-# Written out of order on purpose: labels follow the sorted wnids whatever the file order.
-CLASS_INDEX = {
-    "2": ["n01484850", "great_white_shark"],
-    "0": ["n01440764", "tench"],
-    "1": ["n01443537", "goldfish"],
-}
-WNIDS = ["n01440764", "n01443537", "n01484850"]
-NAMES = ["tench", "goldfish", "great_white_shark"]
-
-
-def _val_name(i: int) -> str:
-    return f"ILSVRC2012_val_{i:08d}.JPEG"
-
 
 @pytest.fixture
-def imagenet_root(tmp_path: Path, write_image) -> Path:
+def imagenet_root(tmp_path: Path) -> Path:
     """Three classes, two training images each, a flat val of 4 images with a CRLF label file."""
-    root = tmp_path / "imagenet"
-    for wnid in WNIDS:
-        for i in range(2):
-            write_image(root / "train" / wnid / f"{wnid}_{i}.JPEG", (10, 10, 10), format="JPEG")
-    labels = [2, 0, 1, 2]
-    for i, label in enumerate(labels, start=1):
-        write_image(root / "val" / _val_name(i), (80 * label, 0, 0), format="JPEG")
-    lines = "".join(f"{_val_name(i)} {label}\r\n" for i, label in enumerate(labels, start=1))
-    (root / "val_labels.txt").write_bytes(lines.encode())
-    (root / "imagenet_class_index.json").write_text(json.dumps(CLASS_INDEX))
-    return root
+    return write_tiny_imagenet(tmp_path / "imagenet")
 
 
 def test_flat_val_with_crlf_label_file(imagenet_root: Path) -> None:

@@ -36,6 +36,7 @@ from mnv3.resume import restore_run_config, resume_argv
 from mnv3.run_folder import RUN_CONFIG, RunFolder
 from mnv3.search.nas import run_nas
 from mnv3.search.netadapt import SEARCH_DIR, STATE_FILE, TABLE_FILE, run_netadapt
+from mnv3.validate import check_accelerator
 
 log = logging.getLogger("mnv3.search")
 
@@ -55,6 +56,7 @@ def _checked_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(
             f"search.algorithm={algorithm!r} is unknown; expected one of {', '.join(SEARCHES)}"
         )
+    check_accelerator(cfg)  # a GPU recipe on a CPU machine: one sentence, before any data
     if cfg.get("trainer", {}).get("fast_dev_run") and cfg.search.get("fast_dev_run"):
         tiny = cfg.search.fast_dev_run
         with open_dict(cfg):
