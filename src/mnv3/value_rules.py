@@ -159,6 +159,15 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "data.*seed": NON_NEGATIVE_INT,
     "data.uncertain": one_of("ones", "zeros", "ignore"),
     "data.frontal_only": BOOL,
+    # xray_csv: your own CSV (mnv3.data.xray_csv)
+    "data.csv": optional(TEXT),
+    "data.image_column": TEXT,
+    "data.label_columns": either(TEXT, list_of(TEXT)),
+    "data.classes": optional(list_of(either(TEXT, NON_NEGATIVE_INT))),  # 0 / 1 columns
+    "data.multilabel": optional(BOOL),
+    "data.*_column": optional(TEXT),
+    "data.views": optional(either(TEXT, list_of(TEXT))),
+    "data.test_fraction": optional(FRACTION),
     "data.drop_last": BOOL,
     "data.persistent_workers": BOOL,
     "data.pin_memory": optional(BOOL),

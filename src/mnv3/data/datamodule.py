@@ -39,6 +39,7 @@ from mnv3.data.sampling import eval_sampler
 from mnv3.data.shapes import SHAPES, TEXTURES
 from mnv3.data.shapes_cityscapes import STREETS
 from mnv3.data.shapes_coco import SHAPES_COCO
+from mnv3.data.xray_csv import XRAY_CSV
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ DATASETS: dict[str, DatasetFamily] = {
     "chest_xray_pneumonia": PNEUMONIA,
     "chestxray14": CHESTXRAY14,
     "chexpert": CHEXPERT,
+    "xray_csv": XRAY_CSV,
 }
 
 
@@ -252,7 +254,8 @@ class DataModule(pl.LightningDataModule):
     @property
     def label_type(self) -> LabelType:
         """``"multiclass"`` (int64 class indices) or ``"multilabel"`` (float32 (K,) vectors)."""
-        return self.family.label_type
+        label_type = self.family.label_type
+        return label_type(self.spec) if callable(label_type) else label_type
 
     @property
     def channels(self) -> int:

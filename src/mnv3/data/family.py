@@ -63,7 +63,8 @@ class DatasetFamily:
         layout: the expected layout, worded for error messages.
         prepare: run once per node before ``setup`` (download, generate); None: nothing to do.
         label_type: ``"multiclass"`` (an int64 class index per image, softmax) or ``"multilabel"``
-            (a float32 vector of K independent labels per image, sigmoid; NaN = unknown).
+            (a float32 vector of K independent labels per image, sigmoid; NaN = unknown); or
+            ``spec -> label type`` for a family whose options decide it (``xray_csv``).
         task: what its samples carry: ``"classification"`` ``{"image", "label"}``,
             ``"detection"`` ``{"image", "boxes", "labels", ...}``, ``"segmentation"``
             ``{"image", "mask"}``; picks the presets and collate function in
@@ -78,7 +79,7 @@ class DatasetFamily:
     has_split: Callable[[DatasetSpec, str], bool]
     layout: str
     prepare: Callable[[DatasetSpec], None] | None = None
-    label_type: LabelType = "multiclass"
+    label_type: LabelType | Callable[[DatasetSpec], LabelType] = "multiclass"
     task: str = "classification"
     options: Mapping[str, Any] = field(default_factory=dict)
     palette: Callable[[Sequence[str]], list[tuple[int, int, int]]] | None = None
