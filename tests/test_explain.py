@@ -485,3 +485,78 @@ def test_explain_of_a_dense_checkpoint_names_its_task(
         ConfigError, match=f"^explain works on classification checkpoints; .* is {task}$"
     ):
         _open_classifier(ckpt)
+
+
+def test_mahalanobis_fits_on_training_images_and_explain_flags_with_it(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mnv3.models.ood import fit_class_gaussians, mahalanobis_score, pooled_features
+    from mnv3.tasks.classifier_callbacks import MahalanobisCalibration
+
+    run = trained_run / "run"
+    task = ClassificationTask.load_from_checkpoint(
+        run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True
+    )
+    datamodule = build_datamodule(OmegaConf.load(run / "config_resolved.yaml").data)
+    detector = MahalanobisCalibration(quantile=0.25, max_train_images=40)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        callbacks=[detector],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(trained_run / "mahalanobis"),
+    )
+    trainer.fit(task, datamodule=datamodule)
+
+    # The same numbers computed here: 40 of the 48 training images (eval transform), 2 val batches.
+    # (Same memory format as the task: this one-step network's features vary so little between
+    # images that float32 rounding differences of channels_last show in the distances.)
+    task.eval()
+    with torch.no_grad():
+
+        def features(images: torch.Tensor) -> torch.Tensor:
+            return pooled_features(task.model, task.prepare_images(images))
+
+        train = list(datamodule.train_eval_dataloader(40, datamodule.seed))
+        fitted = fit_class_gaussians(
+            torch.cat([features(b["image"]) for b in train]),
+            torch.cat([b["label"] for b in train]),
+        )
+        val = [b["image"] for _, b in zip(range(2), datamodule.val_dataloader(), strict=False)]
+        scores = mahalanobis_score(
+            torch.cat([features(v) for v in val]), fitted["means"], fitted["precision"]
+        )
+    assert detector.num_train == 40 and detector.num_scores == 16
+    torch.testing.assert_close(detector.means, fitted["means"], rtol=1e-4, atol=1e-4)
+    assert detector.threshold == pytest.approx(calibrate_threshold(scores, 0.25), rel=1e-3)
+    assert float(trainer.callback_metrics["val/mahalanobis_threshold"]) == pytest.approx(
+        detector.threshold
+    )
+
+    # Saved with weights_only-readable tensors; restored for evaluation; used by explain.
+    ckpt = run / "checkpoints" / "mahalanobis.ckpt"
+    trainer.save_checkpoint(ckpt)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    restored = ClassificationTask.restore_callbacks(checkpoint)
+    assert any(isinstance(c, MahalanobisCalibration) and c.fitted for c in restored)
+    image = _image(trained_run / "stripes.png")
+    for threshold, flagged in [(1.0, True), (-1e30, False)]:  # scores are <= 0
+        checkpoint["callbacks"]["MahalanobisCalibration"]["threshold"] = threshold
+        torch.save(checkpoint, ckpt)
+        # ood_threshold=0 and no OODCalibration state: only the feature check can flag.
+        cfg = _compose_explain(
+            trained_run, [f"ckpt_path={ckpt}", f"image={image}", "ood_threshold=0.0"]
+        )
+        result = explain(cfg)
+        out = capsys.readouterr().out
+        assert result["mahalanobis_threshold"] == threshold
+        assert "Mahalanobis score:" in out and "class statistics of 40 training images" in out
+        assert result["out_of_distribution"] is flagged
+        assert ("WARNING: OUT-OF-DISTRIBUTION: the Mahalanobis score" in out) is flagged

@@ -12,7 +12,11 @@ overlay has the image's own size up to ``overlay_max_size`` pixels on the long s
 image is shown downscaled (and the output says so): the network only ever sees the resized crop,
 and full-size float copies of an 8000x8000 photo cost gigabytes. The out-of-distribution threshold
 is the one :class:`~mnv3.tasks.classifier_callbacks.OODCalibration` saved in the checkpoint, or
-``ood_threshold``.
+``ood_threshold``. When the checkpoint also carries a fitted
+:class:`~mnv3.tasks.classifier_callbacks.MahalanobisCalibration` (class means and shared
+covariance of the pooled features), the image's Mahalanobis score is checked against its threshold
+too, and the image is flagged when either check fails: the two catch different things (a
+low-confidence prediction; features unlike any training image).
 """
 
 from __future__ import annotations
@@ -189,6 +193,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         "prediction": class_names[int(indices[0])],
         "probability": float(values[0]),
         **{k: found[k] for k in ("confidence", "energy", "threshold")},
+        "mahalanobis": found["mahalanobis"],
+        "mahalanobis_threshold": found["mahalanobis_threshold"],
         "threshold_source": found["source"],
         "out_of_distribution": found["out_of_distribution"],
         "explained_class": class_names[explained],
@@ -197,24 +203,53 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def temperature_of(task: Any) -> float:
+    """The temperature the run fitted on validation (``temperature`` buffer of binary and
+    multi-label classifiers), 1.0 when it has none."""
+    temperature = getattr(task, "temperature", None)
+    return float(temperature) if isinstance(temperature, torch.Tensor) else 1.0
+
+
+def calibrated_probs(logits: torch.Tensor, multilabel: bool, temperature: float) -> torch.Tensor:
+    """Probabilities of one image's logits divided by the temperature: the calibrated numbers
+    evaluation reports (a two-class softmax of ``l / T`` is ``sigmoid((l1 - l0) / T)``)."""
+    scaled = logits.float() / temperature
+    return torch.sigmoid(scaled) if multilabel else torch.softmax(scaled, dim=0)
+
+
 def _scores(run: TrainedRun, datamodule: Any, batch: torch.Tensor, cfg: DictConfig) -> dict:
-    """Logits, probabilities, confidence and energy scores, and the OOD verdict of ``batch``."""
-    from mnv3.models.ood import confidence_score, energy_score, joint_energy_score
+    """Logits, probabilities, confidence, energy and Mahalanobis scores, and the OOD verdict of
+    ``batch`` (flagged by the softmax check or, when the checkpoint has one, the feature check)."""
+    from mnv3.models.ood import confidence_score, energy_score, joint_energy_score, pooled_features
+    from mnv3.tasks.classifier_callbacks import MahalanobisCalibration
 
     with torch.no_grad():
         logits = run.network(batch).float()
     multilabel = is_multilabel(run.task, datamodule)
     confidence = float(confidence_score(logits, multilabel)[0])
     threshold, source = _ood_threshold(run.checkpoint, cfg)
+    detector = MahalanobisCalibration.from_checkpoint(run.checkpoint)
+    mahalanobis = mahalanobis_threshold = None
+    if detector is not None:
+        with torch.no_grad():
+            mahalanobis = float(detector.scores(pooled_features(run.network, batch))[0])
+        mahalanobis_threshold = detector.threshold
+    feature_flag = mahalanobis is not None and mahalanobis < mahalanobis_threshold
     return {
         "logits": logits,
         "multilabel": multilabel,
-        "probs": torch.sigmoid(logits[0]) if multilabel else torch.softmax(logits[0], dim=0),
+        "probs": calibrated_probs(logits[0], multilabel, temperature_of(run.task)),
+        "temperature": temperature_of(run.task),
         "confidence": confidence,
         "energy": float((joint_energy_score if multilabel else energy_score)(logits)[0]),
         "threshold": threshold,
         "source": source,
-        "out_of_distribution": confidence < threshold,
+        "mahalanobis": mahalanobis,
+        "mahalanobis_threshold": mahalanobis_threshold,
+        "mahalanobis_train_images": detector.num_train if detector is not None else 0,
+        "low_confidence": confidence < threshold,
+        "far_features": feature_flag,
+        "out_of_distribution": confidence < threshold or feature_flag,
     }
 
 
@@ -257,7 +292,12 @@ def _summary(
     score_name = "max-sigmoid" if multilabel else "max-softmax"
     energy_name = "joint energy" if multilabel else "energy"
     lines = [
-        f"top {len(indices)} predictions ({'sigmoid' if multilabel else 'softmax'} probability):",
+        f"top {len(indices)} predictions ({'sigmoid' if multilabel else 'softmax'} probability"
+        + (
+            f", temperature {found['temperature']:.3f} fitted on validation):"
+            if found.get("temperature", 1.0) != 1.0
+            else "):"
+        ),
         *(
             f"  {rank}. {class_names[i]:<{width}}  {p:.4f}"
             for rank, (i, p) in enumerate(zip(indices.tolist(), values.tolist(), strict=True), 1)
@@ -265,11 +305,24 @@ def _summary(
         f"{score_name} score: {confidence:.4f}   {energy_name} score: {found['energy']:.4f}",
         f"OOD threshold: {threshold:.4f} ({found['source']})",
     ]
+    if found["mahalanobis"] is not None:
+        lines.append(
+            f"Mahalanobis score: {found['mahalanobis']:.2f}   threshold: "
+            f"{found['mahalanobis_threshold']:.2f} (pooled features; class statistics of "
+            f"{found['mahalanobis_train_images']} training images in the checkpoint)"
+        )
+    reasons = []
+    if found["low_confidence"]:
+        reasons.append(f"the {score_name} score {confidence:.4f} is below {threshold:.4f}")
+    if found["far_features"]:
+        reasons.append(
+            f"the Mahalanobis score {found['mahalanobis']:.2f} is below "
+            f"{found['mahalanobis_threshold']:.2f}"
+        )
     if found["out_of_distribution"]:
         lines.append(
-            f"WARNING: OUT-OF-DISTRIBUTION: the {score_name} score {confidence:.4f} is below the "
-            f"threshold {threshold:.4f}; this image is unlike the training data, do not trust the "
-            "prediction"
+            f"WARNING: OUT-OF-DISTRIBUTION: {' and '.join(reasons)}; this image is unlike the "
+            "training data, do not trust the prediction"
         )
     return lines
 

@@ -207,6 +207,13 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "head.label_smoothing": FRACTION,
     "head.class_weights": either(optional(one_of("balanced")), list_of(NON_NEGATIVE)),
     "head.weights": optional(TEXT),
+    # classifier evaluation of binary / multi-label problems (mnv3.tasks.xray_report)
+    "head.evaluation.bootstrap_resamples": NON_NEGATIVE_INT,
+    "head.evaluation.bootstrap_seed": NON_NEGATIVE_INT,
+    "head.evaluation.confidence_level": number(0, 1, low_open=True, high_open=True),
+    "head.evaluation.sensitivities": list_of(number(0, 1, low_open=True)),
+    "head.evaluation.calibration_bins": POSITIVE_INT,
+    "head.evaluation.temperature_scaling": BOOL,
     # detection head (conf/head/ssdlite.yaml)
     "head.detector": _builders("detector"),
     "head.loss": one_of("softmax_hnm", "focal"),
@@ -245,6 +252,8 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "callbacks.model_summary_depth": optional(NON_NEGATIVE_INT),
     "callbacks.lr_monitor": BOOL,
     "*callbacks.ood_quantile": optional(FRACTION),  # 0 or null: off
+    "*callbacks.mahalanobis_quantile": optional(FRACTION),  # 0 or null: off
+    "*callbacks.mahalanobis_max_images": integer(2),
     "*callbacks.gradcam_images": optional(NON_NEGATIVE_INT),
     "*callbacks.gradcam_every_n_epochs": POSITIVE_INT,
     # trainer: the few keys whose wrong values Lightning reports only as a traceback

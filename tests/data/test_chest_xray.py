@@ -402,3 +402,21 @@ def test_data_configs_build_these_modules(tmp_path: Path, nih_root: Path) -> Non
         assert dm.hparams["dataset"] == name and dm.num_classes == num_classes
         assert dm.label_type == ("multiclass" if num_classes == 2 else "multilabel")
     assert build_datamodule(cfg.data).spec.option("uncertain") == "ones"
+
+
+def test_patient_ids_follow_sample_order(
+    kaggle_download: Path, nih_root: Path, chexpert_parent: Path
+) -> None:
+    # The contract of every X-ray dataset: one patient id per sample, in sample order (the
+    # patient-level bootstrap of mnv3.tasks.xray_metrics resamples them).
+    pneumonia = PneumoniaDataset(kaggle_download, "train")
+    assert len(pneumonia.patient_ids) == len(pneumonia)
+    names = [Path(path).name for path, _ in pneumonia.samples]
+    persons = [n.split("_")[0] for n in names if n.startswith("person")]
+    assert [p for p in pneumonia.patient_ids if p.startswith("person")] == persons
+    assert len(set(pneumonia.patient_ids)) == len(set(persons)) + len(names) - len(persons)
+    nih = ChestXray14Dataset(nih_root, "val", val_fraction=0.3, seed=0)
+    assert [int(p) for p in nih.patient_ids] == [int(Path(p).name[:8]) for p, _ in nih.samples]
+    chexpert = CheXpertDataset(chexpert_parent, "train", val_fraction=0.5, seed=1)
+    found = [re.search(r"patient\d+", p).group() for p, _ in chexpert.samples]
+    assert chexpert.patient_ids == found

@@ -156,6 +156,10 @@ class PneumoniaDataset(LabeledImageDataset):
             A ``person<N>_*`` patient's images all land on one side.
         seed: seed of the re-split.
 
+    Attributes:
+        patient_ids: ``person<N>`` of every sample in sample order (a NORMAL image, whose name
+            has no patient id, stands for itself).
+
     Raises:
         DatasetError: the root, the split folder or a class folder is missing, or it has no images.
     """
@@ -198,6 +202,8 @@ class PneumoniaDataset(LabeledImageDataset):
         super().__init__(base, paths, labels, PNEUMONIA_CLASSES, transform=transform)
         self.split = split
         self.missing_images = 0  # folder-listed: every sample exists
+        # person<N> for pneumonia images; a NORMAL image (no trustworthy id) is its own patient.
+        self.patient_ids: list[str] | None = [pneumonia_patient(p) for p in paths]
 
 
 # --- NIH ChestX-ray14 -----------------------------------------------------------------------------
@@ -234,6 +240,7 @@ class ChestXray14Dataset(MultiLabelImageDataset):
     Attributes:
         missing_images: rows of this split whose image is not on disk (skipped, warned once).
         unlabelled_images: names in this split's list without a CSV row (skipped, warned once).
+        patient_ids: the ``Patient ID`` of every sample, in sample order.
 
     Raises:
         DatasetError: a missing root, CSV or list; a CSV without the needed columns; an unknown
@@ -277,6 +284,9 @@ class ChestXray14Dataset(MultiLabelImageDataset):
         report_missing(table, missing, len(paths), split, root, CHESTXRAY14_LAYOUT)
         super().__init__(root, paths, np.stack(rows), CHESTXRAY14_FINDINGS, transform=transform)
         self.split = split
+        # The CSV's Patient ID of every kept image, in sample order (patient-level bootstrap).
+        patient_of = dict(zip(names, patients, strict=True))
+        self.patient_ids: list[str] | None = [patient_of[os.path.basename(p)] for p in paths]
         self.missing_images = len(missing)
         self.unlabelled_images = len(unlabelled)
 
@@ -327,6 +337,7 @@ class CheXpertDataset(MultiLabelImageDataset):
 
     Attributes:
         missing_images: rows of this split whose image is not on disk (skipped, warned once).
+        patient_ids: the ``patientNNNNN`` of every sample, in sample order.
 
     Raises:
         DatasetError: a missing root or CSV; a CSV without the needed columns; a label value other
@@ -368,6 +379,7 @@ class CheXpertDataset(MultiLabelImageDataset):
         super().__init__(folder, kept_paths, matrix, chosen, transform=transform)
         self.split = split
         self.uncertain = uncertain
+        self.patient_ids: list[str] | None = [chexpert_patient(p) for p in kept_paths]
         self.missing_images = len(missing)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from mnv3.cpus import cpu_plan
 from mnv3.data.chest_xray import CHESTXRAY14, CHEXPERT, PNEUMONIA
@@ -338,6 +338,21 @@ class DataModule(pl.LightningDataModule):
         """Test batches in file order (sharded as validation's); DatasetError when there is no
         test split."""
         return self._eval_loader(self.get_dataset("test"))
+
+    def train_eval_dataloader(self, max_images: int | None = None, seed: int = 0) -> DataLoader:
+        """Training images through the *evaluation* transform (no augmentation), unsharded.
+
+        What feature statistics are fitted on (the Mahalanobis OOD detector): the images the
+        network learned from, seen as evaluation sees them. ``max_images`` caps the pass with a
+        seeded random subset (file order would be sorted by class). Every rank reads the same
+        images, so every rank fits the same statistics.
+        """
+        dataset = self.family.build(self.spec, "train", self.eval_transform)
+        if max_images is not None and len(dataset) > max_images:
+            generator = torch.Generator().manual_seed(seed)
+            picked = torch.randperm(len(dataset), generator=generator)[:max_images].sort().values
+            dataset = Subset(dataset, picked.tolist())
+        return self._loader(dataset)
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         """An evaluation split's loader: each image seen once over all ranks

@@ -17,7 +17,18 @@ Every score here is oriented the same way: **higher means more in-distribution**
   ``T * softplus(logit / T)`` (the "JointEnergy" of Wang et al., "Can multi-label classification
   networks know what they don't know?", NeurIPS 2021).
 
-Pure torch; the callers (a Lightning callback, ``mnv3.explain``) choose the score by label type
+Feature space (:func:`fit_class_gaussians`, :func:`mahalanobis_score`): the Mahalanobis detector
+of Lee et al. ("A Simple Unified Framework for Detecting Out-of-Distribution Samples and
+Adversarial Attacks", NeurIPS 2018) on the globally pooled C5 features (:func:`pooled_features`):
+one Gaussian per class with a shared (tied) covariance, fitted on training images; the score is
+minus the squared Mahalanobis distance to the nearest class mean. Logit scores only see what the
+last layer separates; an image unlike every training image can still land far inside one class's
+logit region, while its features lie far from every class mean. Lee et al.'s input perturbation
+and multi-layer ensemble are left out (they need OOD samples to tune). The covariance is
+Ledoit-Wolf shrunk (:func:`ledoit_wolf_covariance`) so 576- or 960-dim features from a few hundred
+images stay invertible.
+
+Pure torch; the callers (Lightning callbacks, ``mnv3.explain``) choose the score by label type
 through :func:`confidence_score`.
 """
 
@@ -30,9 +41,14 @@ __all__ = [
     "calibrate_threshold",
     "confidence_score",
     "energy_score",
+    "fit_class_gaussians",
     "joint_energy_score",
+    "ledoit_wolf_covariance",
+    "mahalanobis_distances",
+    "mahalanobis_score",
     "max_sigmoid_score",
     "max_softmax_score",
+    "pooled_features",
 ]
 
 
@@ -106,3 +122,110 @@ def calibrate_threshold(scores: torch.Tensor, quantile: float = 0.05) -> float:
     high = min(low + 1, values.numel() - 1)
     fraction = position - low
     return float(values[low] + (values[high] - values[low]) * fraction)
+
+
+# -- feature space: Mahalanobis distance (Lee et al. 2018) --------------------------------------
+
+
+def pooled_features(network: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The globally average-pooled C5 features ``(N, C)`` (576 Small, 960 Large, 1280 V2).
+
+    What the classifier head pools before its hidden layer: the last feature every MobileNet has
+    (MobileNetV2's head has no hidden layer), read with ``forward_features``.
+    """
+    return network.forward_features(images).float().mean(dim=(2, 3))
+
+
+def ledoit_wolf_covariance(centered: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Ledoit-Wolf shrunk covariance of already centred rows ``(N, D)``, and its shrinkage.
+
+    ``(1 - s) * S + s * mu * I`` with ``S = X^T X / N``, ``mu = trace(S) / D`` and the shrinkage
+    ``s`` in [0, 1] that minimises the expected squared error (Ledoit & Wolf, "A well-conditioned
+    estimator for large-dimensional covariance matrices", 2004; the formula of scikit-learn's
+    ``ledoit_wolf_shrinkage``). With fewer images than dimensions ``S`` is singular; the shrunk
+    matrix is not, so its inverse exists. Computed in float64.
+    """
+    x = centered.double()
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"a covariance needs at least 2 feature vectors, got {n}")
+    empirical = x.T @ x / n
+    mu = float(empirical.diagonal().sum()) / d
+    squares = x * x
+    # delta: distance of S to mu*I; beta: the estimated variance of S around the true covariance.
+    delta = float(((empirical - mu * torch.eye(d, dtype=x.dtype)) ** 2).sum()) / d
+    beta = float((squares.T @ squares).sum() / n - (empirical**2).sum()) / (n * d)
+    shrinkage = 0.0 if delta == 0 else min(max(beta, 0.0), delta) / delta
+    covariance = (1.0 - shrinkage) * empirical
+    covariance.diagonal().add_(shrinkage * mu)
+    return covariance, shrinkage
+
+
+def fit_class_gaussians(
+    features: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    ridge: float = 1e-6,
+) -> dict[str, torch.Tensor]:
+    """Class means and the precision of their shared covariance (Lee et al. 2018, Eq. 1).
+
+    Args:
+        features: ``(N, D)`` training features (e.g. :func:`pooled_features`).
+        labels: ``(N,)`` class indices; None fits one Gaussian to all rows (multi-label tasks,
+            where an image belongs to several classes or none, use this).
+        ridge: added to the diagonal as a fraction of the mean variance, so the inverse exists
+            even when every feature is constant (Ledoit-Wolf then shrinks nothing).
+
+    Returns plain tensors (loadable with ``torch.load(weights_only=True)``): ``means`` ``(K, D)``
+    of the classes present, ``classes`` ``(K,)`` their indices, ``precision`` ``(D, D)`` the
+    inverse of the Ledoit-Wolf covariance of the features centred on their class means, and
+    ``shrinkage`` (scalar) the Ledoit-Wolf weight of the identity.
+    """
+    if features.ndim != 2:
+        raise ValueError(f"features must be (N, D), got shape {tuple(features.shape)}")
+    x = features.detach().double().cpu()
+    if labels is None:
+        labels = torch.zeros(x.shape[0], dtype=torch.long)
+    labels = labels.detach().long().cpu().flatten()
+    if labels.numel() != x.shape[0]:
+        raise ValueError(f"{labels.numel()} labels for {x.shape[0]} feature vectors")
+    classes = labels.unique(sorted=True)
+    means = torch.stack([x[labels == c].mean(dim=0) for c in classes])
+    centered = x - means[torch.searchsorted(classes, labels)]
+    covariance, shrinkage = ledoit_wolf_covariance(centered)
+    covariance.diagonal().add_(ridge * max(float(covariance.diagonal().mean()), 1e-12))
+    precision = torch.linalg.inv(covariance)
+    precision = (precision + precision.T) / 2  # exactly symmetric despite rounding
+    return {
+        "means": means.float(),
+        "classes": classes,
+        "precision": precision.float(),
+        "shrinkage": torch.tensor(shrinkage),
+    }
+
+
+def mahalanobis_distances(
+    features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor
+) -> torch.Tensor:
+    """Squared Mahalanobis distances ``(N, K)``: ``(x - m_k)^T P (x - m_k)`` for every class k.
+
+    Computed as Euclidean distances of whitened coordinates (``P = L L^T``, Cholesky; ``x L`` and
+    ``m_k L``), differences taken directly, in float64: pooled features can be small (a young
+    network's are ~1e-3) and ``P`` then huge (~1e15), where the expansion
+    ``x^T P x - 2 x^T P m + m^T P m`` cancels to rounding noise.
+    """
+    x = features.detach().double()
+    whitening = torch.linalg.cholesky(precision.to(x.device, torch.float64))
+    z = x @ whitening
+    centres = means.to(x.device, torch.float64) @ whitening
+    return torch.cdist(z, centres, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+
+
+def mahalanobis_score(
+    features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor
+) -> torch.Tensor:
+    """Minus the squared Mahalanobis distance to the nearest class mean, ``(N,)`` (float64).
+
+    Higher means more in-distribution, like every score here, so :func:`calibrate_threshold`
+    applies unchanged (Lee et al.'s confidence score ``M(x)``).
+    """
+    return -mahalanobis_distances(features, means, precision).amin(dim=1)

@@ -23,6 +23,21 @@ from mnv3.errors import ConfigError
 from mnv3.models.backbone import SHAPE_OPTIONS, build_backbone
 from mnv3.tasks.base import BaseTask, QATObjective
 from mnv3.tasks.common import check_plain, log_images, save_figure
+from mnv3.tasks.xray_metrics import (
+    binary_logits,
+    fit_temperature,
+    threshold_for_sensitivity,
+    youden_threshold,
+)
+from mnv3.tasks.xray_report import (
+    FindingsReport,
+    evaluate_findings,
+    evaluation_settings,
+    plot_reliability,
+    print_intervals,
+    write_predictions,
+    write_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +77,15 @@ class ClassificationTask(BaseTask):
         max_classes_for_plots: int = 50,
         label_type: str = "multiclass",
         class_weights: list[float] | None = None,
+        evaluation: dict[str, Any] | None = None,
         **shared: Any,
     ) -> None:
         if label_type not in ("multiclass", "multilabel"):
             raise ValueError(f"label_type must be multiclass or multilabel, got {label_type!r}")
         super().__init__(model, num_classes, optimizer, **shared)
-        check_plain({"class_names": class_names, "class_weights": class_weights})
+        check_plain(
+            {"class_names": class_names, "class_weights": class_weights, "evaluation": evaluation}
+        )
         self.save_hyperparameters()
         self.num_classes = num_classes
         self.class_names = class_names or [str(i) for i in range(num_classes)]
@@ -79,6 +97,9 @@ class ClassificationTask(BaseTask):
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
         # Binary decision threshold on P(class 1), chosen on validation (Youden's J).
         self.register_buffer("decision_threshold", torch.tensor(0.5))
+        self.evaluation = evaluation_settings(evaluation)
+        if self.binary or self.multilabel:
+            self._register_evaluation_buffers()
         self.val_metrics = self._metrics(num_classes)
         self.test_metrics = nn.ModuleDict({k: m.clone() for k, m in self.val_metrics.items()})
         if not self.multilabel:
@@ -89,9 +110,12 @@ class ClassificationTask(BaseTask):
         """Validation metrics: AUROC per label (multi-label), else top-1/top-5, per-class
         accuracy and the confusion matrix, plus the probabilities a binary ROC needs."""
         if self.multilabel:
-            ml = {"num_labels": num_classes, "ignore_index": -1}
+            # One logit and one label (-1: unknown) per finding and image, in split order.
             return nn.ModuleDict(
-                {"auroc": torchmetrics.classification.MultilabelAUROC(**ml, average=None)}
+                {
+                    "logits": torchmetrics.CatMetric(nan_strategy="disable"),
+                    "targets": torchmetrics.CatMetric(nan_strategy="disable"),
+                }
             )
         mc = {"task": "multiclass", "num_classes": num_classes}
         metrics = nn.ModuleDict(
@@ -103,9 +127,32 @@ class ClassificationTask(BaseTask):
             }
         )
         if self.binary:
-            metrics["probs"] = torchmetrics.CatMetric()
-            metrics["targets"] = torchmetrics.CatMetric()
+            metrics["logits"] = torchmetrics.CatMetric(nan_strategy="disable")
+            metrics["targets"] = torchmetrics.CatMetric(nan_strategy="disable")
         return metrics
+
+    def _register_evaluation_buffers(self) -> None:
+        """What validation chooses and test reuses, kept in checkpoints as buffers (plain tensors:
+        ``weights_only=True`` loading keeps working): the temperature, the per-finding Youden
+        thresholds (multi-label; binary keeps ``decision_threshold``) and the thresholds of the
+        fixed-sensitivity operating points, one row per ``evaluation.sensitivities`` entry."""
+        findings = self.num_classes if self.multilabel else 1
+        self.register_buffer("temperature", torch.tensor(1.0))
+        if self.multilabel:
+            self.register_buffer("finding_thresholds", torch.full((findings,), 0.5))
+        sensitivities = len(self.evaluation["sensitivities"])
+        self.register_buffer("sensitivity_thresholds", torch.full((sensitivities, findings), 0.5))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Let checkpoints written before the evaluation buffers existed load: the missing ones
+        keep their defaults (temperature 1, thresholds 0.5)."""
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, dict):
+            return
+        for name in ("temperature", "finding_thresholds", "sensitivity_thresholds"):
+            buffer = self._buffers.get(name)
+            if buffer is not None and name not in state:
+                state[name] = buffer.detach().clone()
 
     architecture_keys: ClassVar[dict[str, str]] = {
         key: f"backbone.{key}" for key in ("name", *SHAPE_OPTIONS)
@@ -142,17 +189,29 @@ class ClassificationTask(BaseTask):
             label_smoothing=float(head.get("label_smoothing", 0.0)),
             label_type=label_type,
             class_weights=class_weights(head.get("class_weights"), datamodule, label_type),
+            evaluation=dict(head["evaluation"]) if head.get("evaluation") else None,
             **cls.shared_kwargs(cfg),
         )
 
     def callbacks(self, settings: Mapping[str, Any] | None) -> list[pl.Callback]:
         """Out-of-distribution calibration and Grad-CAM overlays (``head.callbacks``)."""
-        from mnv3.tasks.classifier_callbacks import GradCamImages, OODCalibration
+        from mnv3.tasks.classifier_callbacks import (
+            GradCamImages,
+            MahalanobisCalibration,
+            OODCalibration,
+        )
 
         settings = settings or {}
         found: list[pl.Callback] = []
         if settings.get("ood_quantile"):
             found.append(OODCalibration(quantile=float(settings["ood_quantile"])))
+        if settings.get("mahalanobis_quantile"):
+            found.append(
+                MahalanobisCalibration(
+                    quantile=float(settings["mahalanobis_quantile"]),
+                    max_train_images=int(settings.get("mahalanobis_max_images", 10_000)),
+                )
+            )
         if settings.get("gradcam_images"):
             found.append(
                 GradCamImages(
@@ -164,16 +223,21 @@ class ClassificationTask(BaseTask):
 
     @staticmethod
     def restore_callbacks(checkpoint: Mapping[str, Any]) -> list[pl.Callback]:
-        """Callbacks whose state a checkpoint carries and evaluation reuses (the OOD threshold:
-        ``test/ood_flagged`` counts test images below the validation threshold)."""
-        from mnv3.tasks.classifier_callbacks import OODCalibration
+        """Callbacks whose state a checkpoint carries and evaluation reuses (the OOD thresholds:
+        ``test/ood_flagged`` and ``test/ood_flagged_mahalanobis`` count test images below the
+        validation thresholds)."""
+        from mnv3.tasks.classifier_callbacks import MahalanobisCalibration, OODCalibration
 
+        found: list[pl.Callback] = []
         state = OODCalibration.state_from_checkpoint(checkpoint)
-        if state is None:
-            return []
-        ood = OODCalibration(quantile=float(state.get("quantile", 0.05)))
-        ood.load_state_dict(state)
-        return [ood]
+        if state is not None:
+            ood = OODCalibration(quantile=float(state.get("quantile", 0.05)))
+            ood.load_state_dict(state)
+            found.append(ood)
+        mahalanobis = MahalanobisCalibration.from_checkpoint(checkpoint)
+        if mahalanobis is not None:
+            found.append(mahalanobis)
+        return found
 
     # -- steps -----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
@@ -234,13 +298,13 @@ class ClassificationTask(BaseTask):
             sync_dist=True,
         )
         if self.multilabel:
-            targets = torch.nan_to_num(labels, nan=-1.0).long()
-            metrics["auroc"].update(torch.sigmoid(logits), targets)
+            metrics["logits"].update(logits.detach().float())
+            metrics["targets"].update(torch.nan_to_num(labels.float(), nan=-1.0))
             return out
         for name in ("acc1", "acc5", "per_class", "confusion"):
             metrics[name].update(logits, labels)
         if self.binary:
-            metrics["probs"].update(torch.softmax(logits.float(), dim=1)[:, 1])
+            metrics["logits"].update(binary_logits(logits.detach()))  # sigmoid: P(class 1)
             metrics["targets"].update(labels.float())
         self.log(f"{stage}/acc1", metrics["acc1"], prog_bar=stage == "val", batch_size=bs)
         self.log(f"{stage}/acc5", metrics["acc5"], batch_size=bs)
@@ -266,48 +330,141 @@ class ClassificationTask(BaseTask):
             log_images(self.loggers, f"{stage}/confusion_matrix", [path], step=self.global_step)
 
     def _end_of_eval_multilabel(self, stage: str, metrics: nn.ModuleDict) -> None:
-        """Per-finding AUROC and their mean (findings with one class only in the split are NaN)."""
-        per_label = metrics["auroc"].compute().float()
-        metrics["auroc"].reset()
-        self.log(f"{stage}/auroc", per_label.nanmean(), prog_bar=True)
-        for name, value in zip(self.class_names, per_label.tolist(), strict=True):
-            self.log(f"{stage}/auroc/{name}", value)
+        """Per-finding AUROC / AUPRC and their means (findings with one class only in the split
+        are NaN), ECE and the operating points: :meth:`_evaluate_findings`."""
+        logits, labels = self._collected(metrics)
+        if logits.numel():
+            self._evaluate_findings(stage, logits, labels, list(self.class_names))
 
     def _end_of_eval_binary(self, stage: str, metrics: nn.ModuleDict) -> torch.Tensor:
-        """AUROC; accuracy, F1, sensitivity, specificity at the Youden threshold of validation."""
-        from torchmetrics.functional.classification import binary_auroc, binary_roc
+        """AUROC, AUPRC, ECE; accuracy, F1, sensitivity, specificity at the Youden threshold of
+        validation and at its fixed-sensitivity thresholds (:meth:`_evaluate_findings`)."""
+        from torchmetrics.functional.classification import binary_roc
 
-        probs = metrics["probs"].compute()
-        targets = metrics["targets"].compute().long()
-        metrics["probs"].reset()
-        metrics["targets"].reset()
-        if probs.numel() == 0 or targets.unique().numel() < 2:
+        logits, labels = self._collected(metrics)
+        if logits.numel() == 0 or labels.unique().numel() < 2:
             return torch.zeros(2, 2, dtype=torch.long)
-        fpr, tpr, thresholds = binary_roc(probs, targets)
-        if stage == "val" and not self.trainer.sanity_checking:
-            best = int(torch.argmax(tpr - fpr))
-            self.decision_threshold.fill_(float(thresholds[best].clamp(0.0, 1.0)))
-        predicted = (probs >= self.decision_threshold).long()
-        tp = int(((predicted == 1) & (targets == 1)).sum())
-        tn = int(((predicted == 0) & (targets == 0)).sum())
-        fp = int(((predicted == 1) & (targets == 0)).sum())
-        fn = int(((predicted == 0) & (targets == 1)).sum())
-        sensitivity = tp / max(1, tp + fn)
-        specificity = tn / max(1, tn + fp)
-        values = {
-            "auroc": float(binary_auroc(probs, targets)),
-            "accuracy_at_threshold": (tp + tn) / max(1, tp + tn + fp + fn),
-            "f1": 2 * tp / max(1, 2 * tp + fp + fn),
-            "sensitivity": sensitivity,
-            "specificity": specificity,
-            "threshold": float(self.decision_threshold),
-        }
-        for name, value in values.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "auroc")
+        names = [self.class_names[1]]
+        report = self._evaluate_findings(stage, logits[:, None], labels[:, None], names)
+        targets = labels.long()
+        called = report.decisions["youden"][:, 0]
+        tp = int((called & (targets == 1)).sum())
+        tn = int((~called & (targets == 0)).sum())
+        fp = int((called & (targets == 0)).sum())
+        fn = int((~called & (targets == 1)).sum())
         if self.global_rank == 0 and not self.trainer.sanity_checking:
-            path = self._plot_roc(fpr, tpr, values, stage)
+            fpr, tpr, _ = binary_roc(report.probs[:, 0], targets)
+            path = self._plot_roc(fpr, tpr, report.values, stage)
             log_images(self.loggers, f"{stage}/roc_curve", [path], step=self.global_step)
         return torch.tensor([[tn, fp], [fn, tp]])
+
+    @staticmethod
+    def _collected(metrics: nn.ModuleDict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's logits and labels (all ranks, split order); the states are emptied."""
+        found = []
+        for name in ("logits", "targets"):
+            value = metrics[name].compute()
+            metrics[name].reset()
+            found.append(value.float() if isinstance(value, torch.Tensor) else torch.empty(0))
+        return found[0], found[1]
+
+    def _evaluate_findings(
+        self, stage: str, logits: torch.Tensor, labels: torch.Tensor, names: list[str]
+    ) -> FindingsReport:
+        """Choose on validation, report on any split: see :mod:`mnv3.tasks.xray_report`.
+
+        On validation (not the sanity check) the temperature, the Youden and the
+        fixed-sensitivity thresholds are fitted and kept in buffers; every split is then judged
+        with them. A final evaluation (test, or ``mnv3.eval split=val``) adds the bootstrap
+        intervals (patients resampled where the dataset knows them), prints them, and writes
+        ``evaluation_<split>.json`` and, for ``mnv3.eval``, ``predictions_<split>.csv``.
+        """
+        sanity = self.trainer.sanity_checking
+        if stage == "val" and not sanity:
+            self._choose_on_validation(logits, labels)
+        final = not sanity and (stage == "test" or self.trainer.state.fn == "validate")
+        paths, patients = self._split_identities(stage, logits.shape[0]) if final else (None, None)
+        youden = self.finding_thresholds if self.multilabel else self.decision_threshold.reshape(1)
+        report = evaluate_findings(
+            logits.cpu(),
+            labels.cpu(),
+            names,
+            float(self.temperature),
+            youden.cpu(),
+            self.sensitivity_thresholds.cpu(),
+            self.evaluation,
+            flat=not self.multilabel,
+            groups=patients,
+            bootstrap=final,
+        )
+        for name, value in report.values.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "auroc")
+        if self.global_rank != 0 or sanity:
+            return report
+        root = Path(self.trainer.default_root_dir)
+        path = plot_reliability(
+            report.probs,
+            labels.cpu(),
+            int(self.evaluation["calibration_bins"]),
+            report.values["ece"],
+            f"{stage} reliability, T={float(self.temperature):.2f}",
+            root / "plots" / f"{stage}_reliability_epoch{self.current_epoch:03d}.png",
+        )
+        log_images(self.loggers, f"{stage}/reliability", [path], step=self.global_step)
+        if final:
+            out = self.predictions_dir if self.predictions_dir is not None else root
+            print_intervals(f"{stage}: AUROC and AUPRC", report, names)
+            write_report(out / f"evaluation_{stage}.json", report, self.evaluation)
+            if self.predictions_dir is not None:
+                csv_path = out / f"predictions_{stage}.csv"
+                write_predictions(csv_path, report, labels.cpu(), names, paths, patients)
+                log.info("per-image predictions written to %s", csv_path)
+        return report
+
+    def _choose_on_validation(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Fit the temperature, then the Youden and fixed-sensitivity thresholds of every finding
+        on the calibrated validation probabilities (a finding with one class keeps its old ones)."""
+        if self.evaluation["temperature_scaling"]:
+            self.temperature.fill_(fit_temperature(logits, labels))
+        probs = torch.sigmoid(logits.float() / float(self.temperature))
+        if probs.ndim == 1:
+            probs, labels = probs[:, None], labels[:, None]
+        for k in range(probs.shape[1]):
+            known = labels[:, k] >= 0
+            p, y = probs[known, k], labels[known, k].long()
+            if y.unique().numel() < 2:
+                continue
+            youden = youden_threshold(p, y)
+            if self.multilabel:
+                self.finding_thresholds[k] = youden
+            else:
+                self.decision_threshold.fill_(youden)
+            for s, sensitivity in enumerate(self.evaluation["sensitivities"]):
+                self.sensitivity_thresholds[s, k] = threshold_for_sensitivity(p, y, sensitivity)
+
+    def _split_identities(
+        self, stage: str, count: int
+    ) -> tuple[list[str] | None, list[str] | None]:
+        """Image paths and patient ids of the evaluated split, in prediction order; None when the
+        data module cannot tell them or images were skipped (the order no longer matches)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        getter = getattr(datamodule, "get_dataset", None)
+        dataset = getter(stage) if getter is not None else None
+        if dataset is None or len(dataset) != count:
+            if dataset is not None:
+                log.warning(
+                    "%d of %d %s images were scored (unreadable ones skipped): predictions are "
+                    "written without paths and the bootstrap resamples images",
+                    count,
+                    len(dataset),
+                    stage,
+                )
+            return None, None
+        paths = [dataset.path(i) for i in range(count)] if hasattr(dataset, "path") else None
+        patients = getattr(dataset, "patient_ids", None)
+        if patients is None:
+            log.warning("the %s split has no patient ids: the bootstrap resamples images", stage)
+        return paths, (list(patients) if patients is not None else None)
 
     def _plot_confusion(self, confusion: torch.Tensor, stage: str) -> Path:
         import matplotlib
