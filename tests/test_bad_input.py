@@ -431,17 +431,14 @@ def test_a_gpu_recipe_without_enough_gpus_is_one_sentence(tmp_path: Path) -> Non
     check_accelerator(compose_train(tmp_path, ["experiment=ssdlite_mnv3s_320_coco", "trainer=cpu"]))
 
 
-def test_train_cli_gpu_recipe_on_a_cpu_machine_is_one_sentence(tmp_path: Path) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    args = ["experiment=lraspp_mnv3s-rf2-f128_769_cityscapes", f"hydra.run.dir={tmp_path}/r"]
-    line = _one_sentence(_run_as_user("mnv3.train", args, tmp_path))
-    assert line.startswith("error: trainer.accelerator=gpu needs a GPU")
-
-
-def test_search_cli_gpu_recipe_on_a_cpu_machine_is_one_sentence(tmp_path: Path) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    args = ["experiment=nas_large_imagenet", f"hydra.run.dir={tmp_path}/r"]
-    line = _one_sentence(_run_as_user("mnv3.search", args, tmp_path))
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize(
+    ("module", "experiment"),
+    [("mnv3.train", "lraspp_mnv3s-rf2-f128_769_cityscapes"), ("mnv3.search", "nas_large_imagenet")],
+)
+def test_cli_gpu_recipe_on_a_cpu_machine_is_one_sentence(
+    tmp_path: Path, module: str, experiment: str
+) -> None:
+    args = [f"experiment={experiment}", f"hydra.run.dir={tmp_path}/r"]
+    line = _one_sentence(_run_as_user(module, args, tmp_path))
     assert line.startswith("error: trainer.accelerator=gpu needs a GPU")

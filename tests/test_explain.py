@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -339,29 +340,39 @@ def test_user_errors_are_one_error_line_and_exit_status_1(
         assert len(errors) == 1 and message in errors[0], errors
 
 
-def test_callbacks_calibrate_save_and_explain_reports_the_saved_threshold(
-    trained_run: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    run = trained_run / "run"
+def _best_task_and_data(run: Path) -> tuple[ClassificationTask, Any]:
+    """The run's best checkpoint as its task (CPU) and a new data module of its data config."""
     task = ClassificationTask.load_from_checkpoint(
         run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True
     )
-    datamodule = build_datamodule(OmegaConf.load(run / "config_resolved.yaml").data)
-    ood, cams = OODCalibration(quantile=0.25), GradCamImages(num_images=2)
-    trainer = pl.Trainer(
+    return task, build_datamodule(OmegaConf.load(run / "config_resolved.yaml").data)
+
+
+def _one_epoch_trainer(root: Path, callbacks: list, sanity_steps: int) -> pl.Trainer:
+    """One quiet CPU epoch of 1 training and 2 validation batches with ``callbacks``."""
+    return pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=1,
         limit_train_batches=1,
         limit_val_batches=2,
-        num_sanity_val_steps=1,
-        callbacks=[ood, cams],
+        num_sanity_val_steps=sanity_steps,
+        callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        default_root_dir=str(trained_run / "calibration"),
+        default_root_dir=str(root),
     )
+
+
+def test_callbacks_calibrate_save_and_explain_reports_the_saved_threshold(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = trained_run / "run"
+    task, datamodule = _best_task_and_data(run)
+    ood, cams = OODCalibration(quantile=0.25), GradCamImages(num_images=2)
+    trainer = _one_epoch_trainer(trained_run / "calibration", [ood, cams], sanity_steps=1)
     trainer.fit(task, datamodule=datamodule)
 
     # The threshold is the 25 % quantile of the max-softmax of this epoch's 2 x 8 val images,
@@ -494,25 +505,9 @@ def test_mahalanobis_fits_on_training_images_and_explain_flags_with_it(
     from mnv3.tasks.classifier_callbacks import MahalanobisCalibration
 
     run = trained_run / "run"
-    task = ClassificationTask.load_from_checkpoint(
-        run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True
-    )
-    datamodule = build_datamodule(OmegaConf.load(run / "config_resolved.yaml").data)
+    task, datamodule = _best_task_and_data(run)
     detector = MahalanobisCalibration(quantile=0.25, max_train_images=40)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        limit_train_batches=1,
-        limit_val_batches=2,
-        num_sanity_val_steps=0,
-        callbacks=[detector],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(trained_run / "mahalanobis"),
-    )
+    trainer = _one_epoch_trainer(trained_run / "mahalanobis", [detector], sanity_steps=0)
     trainer.fit(task, datamodule=datamodule)
 
     # The same numbers computed here: 40 of the 48 training images (eval transform), 2 val batches.
