@@ -153,7 +153,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     run, datamodule, preset = _open_classifier(ckpt_path)
     class_names = list(run.task.class_names)
     try:
-        raw = load_rgb(image_path)
+        raw = load_rgb(image_path, wide=datamodule.family.wide_gray)  # as the run's data was
     except UnreadableImageError as exc:
         raise ConfigError(str(exc)) from None
 

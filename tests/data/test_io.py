@@ -172,3 +172,12 @@ def test_chest_xray_datasets_read_16_bit_files_by_their_range(tmp_path: Path) ->
 
     assert Xrays(tmp_path, [path.name], [0], ["x"])[0]["image"].max() == 255
     assert {ChestXray14Dataset.wide_gray, CheXpertDataset.wide_gray} == {"range"}
+
+
+def test_every_x_ray_family_reads_16_bit_images_as_its_datasets_do() -> None:
+    """``mnv3.explain`` reads one image with its run's family's ``wide_gray``: the X-ray families
+    must say ``range`` (as their datasets), every other family the top byte."""
+    from mnv3.data.datamodule import DATASETS
+
+    xrays = {"chest_xray_pneumonia", "chestxray14", "chexpert", "xray_csv"}
+    assert {name for name, family in DATASETS.items() if family.wide_gray == "range"} == xrays

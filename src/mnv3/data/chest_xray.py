@@ -449,6 +449,7 @@ PNEUMONIA = DatasetFamily(
     lambda spec, folder: pneumonia_has_split(spec.root, folder),
     PNEUMONIA_LAYOUT,
     options=_CARVE_OPTIONS,
+    wide_gray=PneumoniaDataset.wide_gray,
 )
 CHESTXRAY14 = DatasetFamily(
     fixed_classes(CHESTXRAY14_FINDINGS),
@@ -457,6 +458,7 @@ CHESTXRAY14 = DatasetFamily(
     CHESTXRAY14_LAYOUT,
     label_type="multilabel",
     options=_CARVE_OPTIONS,
+    wide_gray=ChestXray14Dataset.wide_gray,
 )
 CHEXPERT = DatasetFamily(
     _chexpert_classes,
@@ -465,4 +467,5 @@ CHEXPERT = DatasetFamily(
     CHEXPERT_LAYOUT,
     label_type="multilabel",
     options={**_CARVE_OPTIONS, "uncertain": "ones", "labels": None, "frontal_only": False},
+    wide_gray=CheXpertDataset.wide_gray,
 )

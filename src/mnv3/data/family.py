@@ -72,6 +72,7 @@ class DatasetFamily:
         options: the family's own data options and their defaults (``data.<name>=...``).
         palette: class names -> an RGB colour per class, for pictures of masks (None: the task
             picks colours).
+        wide_gray: how its 16-bit images become 8-bit (``"top_byte"`` or ``"range"``).
     """
 
     classes: Callable[[DatasetSpec], ClassLists]
@@ -83,6 +84,9 @@ class DatasetFamily:
     task: str = "classification"
     options: Mapping[str, Any] = field(default_factory=dict)
     palette: Callable[[Sequence[str]], list[tuple[int, int, int]]] | None = None
+    # How its 16-bit images become 8-bit (mnv3.data.io.load_rgb's ``wide``): the value of its
+    # dataset classes' ``wide_gray``, so a single image (mnv3.explain) is read as its data was.
+    wide_gray: str = "top_byte"
 
 
 def fixed_classes(names: Sequence[str]) -> Callable[[DatasetSpec], ClassLists]:

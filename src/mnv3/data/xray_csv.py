@@ -552,4 +552,5 @@ XRAY_CSV = DatasetFamily(
     XRAY_CSV_LAYOUT,
     label_type=_xray_csv_label_type,
     options=XRAY_CSV_OPTIONS,
+    wide_gray=XrayCsvDataset.wide_gray,
 )
