@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +54,7 @@ from mnv3.data.chest_xray_labels import (
     pneumonia_patient,
     read_name_list,
     report_missing,
+    select_on_disk,
 )
 from mnv3.data.errors import DatasetError, MissingImageWarning, require_root
 from mnv3.data.family import DatasetFamily, DatasetSpec, SplitKind, fixed_classes
@@ -68,34 +69,11 @@ from mnv3.data.folder import (
 # Folders that archive tools add next to the data; never images of the dataset.
 _IGNORED_DIRS = ("__MACOSX",)
 CHEXPERT_DIRS = ("CheXpert-v1.0-small", "CheXpert-v1.0")
-Row = TypeVar("Row")
 
 
 def _check_split(split: str) -> None:
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-
-
-def _select_on_disk(
-    names: Sequence[str],
-    rows: Sequence[Row],
-    keep: np.ndarray,
-    locate: Callable[[str], str | None],
-) -> tuple[list[str], list[Row], list[str]]:
-    """The kept rows whose image ``locate`` finds: (image paths, rows, names of missing images)."""
-    paths: list[str] = []
-    kept: list[Row] = []
-    missing: list[str] = []
-    for name, row, k in zip(names, rows, keep, strict=True):
-        if not k:
-            continue
-        path = locate(name)
-        if path is None:
-            missing.append(name)
-        else:
-            paths.append(path)
-            kept.append(row)
-    return paths, kept, missing
 
 
 # --- Kaggle pediatric pneumonia -------------------------------------------------------------------
@@ -280,7 +258,7 @@ class ChestXray14Dataset(MultiLabelImageDataset):
                 stacklevel=2,
             )
         on_disk = _nih_image_index(root)
-        paths, rows, missing = _select_on_disk(names, vectors, keep, on_disk.get)
+        paths, rows, missing = select_on_disk(names, vectors, keep, on_disk.get)
         report_missing(table, missing, len(paths), split, root, CHESTXRAY14_LAYOUT)
         super().__init__(root, paths, np.stack(rows), CHESTXRAY14_FINDINGS, transform=transform)
         self.split = split
@@ -371,7 +349,7 @@ class CheXpertDataset(MultiLabelImageDataset):
             is_val = carve_validation([chexpert_patient(p) for p in paths], val_fraction, seed)
             keep &= is_val if split == "val" else ~is_val
 
-        kept_paths, kept_rows, missing = _select_on_disk(
+        kept_paths, kept_rows, missing = select_on_disk(
             paths, vectors, keep, lambda path: path if (folder / path).is_file() else None
         )
         report_missing(table, missing, len(kept_paths), split, folder, CHEXPERT_LAYOUT)

@@ -23,8 +23,9 @@ import hashlib
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -33,6 +34,8 @@ from mnv3.data.errors import DatasetError, MissingImageWarning
 DEFAULT_VAL_FRACTION = 0.1
 
 # --- Reading tables and carving validation patients -----------------------------------------------
+
+Row = TypeVar("Row")
 
 
 def iter_csv_columns(
@@ -118,6 +121,29 @@ def carve_validation(
         chosen = set(ordered[:count])
         is_val |= members & np.fromiter((g in chosen for g in group_array), bool, len(groups))
     return is_val
+
+
+def select_on_disk(
+    names: Sequence[str],
+    rows: Sequence[Row],
+    keep: np.ndarray,
+    locate: Callable[[str], str | None],
+) -> tuple[list[str], list[Row], list[str]]:
+    """The kept rows whose image ``locate`` finds: (image paths, rows, names of missing images);
+    every X-ray layout selects its images so (the missing ones go to :func:`report_missing`)."""
+    paths: list[str] = []
+    kept: list[Row] = []
+    missing: list[str] = []
+    for name, row, k in zip(names, rows, keep, strict=True):
+        if not k:
+            continue
+        path = locate(name)
+        if path is None:
+            missing.append(name)
+        else:
+            paths.append(path)
+            kept.append(row)
+    return paths, kept, missing
 
 
 def report_missing(

@@ -30,13 +30,7 @@ import numpy as np
 import torch
 
 from mnv3.data.errors import DatasetError, UnreadableImageError
-
-DICOM_EXTENSIONS = (".dcm", ".dicom")
-
-
-def is_dicom_path(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` names a DICOM file by its extension (case-insensitive)."""
-    return os.fspath(path).lower().endswith(DICOM_EXTENSIONS)
+from mnv3.data.io import scale_to_uint8
 
 
 def _pydicom() -> Any:
@@ -78,7 +72,7 @@ def load_dicom(path: str | os.PathLike[str]) -> torch.Tensor:
         pixels = pixels[0]
     samples = int(ds.get("SamplesPerPixel", 1))
     if samples == 3:  # colour (pydicom returns RGB): to 8 bits by its stored bits
-        rgb = _scale(pixels.astype(np.float64), 0.0, float(2 ** int(ds.BitsStored) - 1))
+        rgb = scale_to_uint8(pixels.astype(np.float64), 0.0, float(2 ** int(ds.BitsStored) - 1))
         return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
     gray = display_gray(pixels, ds)
     return torch.from_numpy(np.repeat(gray[None], 3, axis=0))
@@ -92,15 +86,15 @@ def display_gray(stored: np.ndarray, ds: Any) -> np.ndarray:
     values = apply_modality_lut(stored, ds) if rescaled else stored
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         table, table_bits = voi_lut(values, ds)
-        out = _scale(table.astype(np.float64), 0.0, float(2**table_bits - 1))
+        out = scale_to_uint8(table.astype(np.float64), 0.0, float(2**table_bits - 1))
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
         out = window(values.astype(np.float64), center, width, function)
     elif not rescaled and int(ds.get("PixelRepresentation", 0)) == 0:
-        out = _scale(values.astype(np.float64), 0.0, float(2 ** int(ds.BitsStored) - 1))
+        out = scale_to_uint8(values.astype(np.float64), 0.0, float(2 ** int(ds.BitsStored) - 1))
     else:
-        out = _scale(values.astype(np.float64), float(values.min()), float(values.max()))
+        out = scale_to_uint8(values.astype(np.float64), float(values.min()), float(values.max()))
     if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
         out = 255 - out
     return out
@@ -139,13 +133,6 @@ def window(values: np.ndarray, center: float, width: float, function: str = "LIN
         span = max(width - 1.0, 1e-6)
         y = ((values - (center - 0.5)) / span + 0.5) * 255.0
     return np.rint(np.clip(y, 0.0, 255.0)).astype(np.uint8)
-
-
-def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """``low..high`` linearly to 0..255 uint8 (a flat range gives 0)."""
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    return np.rint(np.clip((values - low) * (255.0 / (high - low)), 0, 255)).astype(np.uint8)
 
 
 def _first(value: Any) -> float:

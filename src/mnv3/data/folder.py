@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mnv3.data.dicom import DICOM_EXTENSIONS
 from mnv3.data.errors import DatasetError, require_root
 from mnv3.data.family import TRAIN_SPLIT, DatasetFamily, DatasetSpec, SplitKind
-from mnv3.data.io import load_rgb, skip_unreadable
+from mnv3.data.io import DICOM_EXTENSIONS, load_rgb, skip_unreadable
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg",

@@ -36,7 +36,6 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
-from mnv3.data.dicom import is_dicom_path, load_dicom
 from mnv3.data.errors import UnreadableImageError, UnreadableImageWarning
 
 # torchvision 0.29 warns on every decode that its codecs move to TorchCodec; one line per image
@@ -55,6 +54,9 @@ _DAMAGED = re.compile(r"truncated|incomplete|non empty", re.IGNORECASE)
 _WIDE_GRAY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
+# DICOM files by extension (read by mnv3.data.dicom, the medical extra).
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+
 # How an image with more than 8 bits per sample becomes uint8 (see the module docstring).
 WIDE_SCALINGS = ("top_byte", "range")
 
@@ -72,7 +74,9 @@ def load_rgb(path: str | os.PathLike[str], wide: str = "top_byte") -> torch.Tens
     if wide not in WIDE_SCALINGS:
         raise ValueError(f"wide={wide!r}; expected one of {', '.join(WIDE_SCALINGS)}")
     path = os.fspath(path)
-    if is_dicom_path(path):  # displayed as the file says (mnv3.data.dicom), whatever ``wide``
+    if path.lower().endswith(DICOM_EXTENSIONS):  # shown as the file says, whatever ``wide``
+        from mnv3.data.dicom import load_dicom  # (imports pydicom only for DICOM files)
+
         return load_dicom(path)
     try:
         image = decode_image(path, mode=ImageReadMode.RGB)
@@ -121,8 +125,16 @@ def _to_uint8(wide: np.ndarray, path: str) -> np.ndarray:
     bits = png_significant_bits(path)
     if bits is None or not 8 <= bits <= 16:
         bits = max(8, int(wide.max()).bit_length())
-    high = (1 << bits) - 1
-    return np.rint(np.clip(wide, 0, high) * (255.0 / high)).astype(np.uint8)
+    return scale_to_uint8(wide, 0.0, float((1 << bits) - 1))
+
+
+def scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``low..high`` linearly to 0..255 uint8, clipped and rounded (a flat range gives 0): the
+    one rescaling of wide images, 16-bit files here and DICOM display values in mnv3.data.dicom."""
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (np.asarray(values, dtype=np.float64) - low) * (255.0 / (high - low))
+    return np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
 
 
 Loaded = TypeVar("Loaded")

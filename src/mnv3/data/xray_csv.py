@@ -42,6 +42,7 @@ from mnv3.data.chest_xray_labels import (
     carve_validation,
     iter_csv_columns,
     report_missing,
+    select_on_disk,
 )
 from mnv3.data.errors import DatasetError
 from mnv3.data.family import DatasetFamily, DatasetSpec, LabelType, SplitKind
@@ -419,16 +420,13 @@ class _XrayCsvReader:
             views = f" with data.views={list(layout.views)}" if layout.views is not None else ""
             raise DatasetError(f"label table {layout.csv} has no {split} rows{views}")
 
-        paths: list[str] = []
-        rows: list[int] = []
-        missing: list[str] = []
-        for i in np.flatnonzero(keep).tolist():
-            image = table.images[i]
-            if (root / image).is_file():  # an absolute image path ignores root
-                paths.append(image)
-                rows.append(i)
-            else:
-                missing.append(image)
+        paths, rows, missing = select_on_disk(
+            table.images,
+            range(len(table.images)),
+            keep,
+            # an absolute image path ignores root
+            lambda image: image if (root / image).is_file() else None,
+        )
         report_missing(layout.csv, missing, len(paths), split, root, XRAY_CSV_LAYOUT)
         super().__init__(root, paths, labels[rows], classes, transform=transform)  # type: ignore[call-arg]
         self.split = split

@@ -25,6 +25,7 @@ from mnv3.tasks.base import BaseTask, QATObjective
 from mnv3.tasks.common import check_plain, log_images, save_figure
 from mnv3.tasks.xray_metrics import (
     binary_logits,
+    confusion_counts,
     fit_temperature,
     threshold_for_sensitivity,
     youden_threshold,
@@ -347,11 +348,7 @@ class ClassificationTask(BaseTask):
         names = [self.class_names[1]]
         report = self._evaluate_findings(stage, logits[:, None], labels[:, None], names)
         targets = labels.long()
-        called = report.decisions["youden"][:, 0]
-        tp = int((called & (targets == 1)).sum())
-        tn = int((~called & (targets == 0)).sum())
-        fp = int((called & (targets == 0)).sum())
-        fn = int((~called & (targets == 1)).sum())
+        tp, fp, fn, tn = confusion_counts(report.decisions["youden"][:, 0], targets)
         if self.global_rank == 0 and not self.trainer.sanity_checking:
             fpr, tpr, _ = binary_roc(report.probs[:, 0], targets)
             path = self._plot_roc(fpr, tpr, report.values, stage)

@@ -173,15 +173,8 @@ class OODCalibration(pl.Callback):
     def state_from_checkpoint(cls, checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
         """The saved state (``threshold``, ``quantile``...) of this callback in a loaded
         checkpoint dict, or None when the run did not use it or never finished a validation."""
-        for key, state in (checkpoint.get("callbacks") or {}).items():
-            name = key if isinstance(key, str) else getattr(key, "__qualname__", "")
-            if (
-                name.split("{")[0] == cls.__qualname__
-                and isinstance(state, Mapping)
-                and state.get("threshold") is not None
-            ):
-                return dict(state)
-        return None
+        state = _callback_state(checkpoint, cls.__qualname__)
+        return state if state is not None and state.get("threshold") is not None else None
 
 
 class MahalanobisCalibration(pl.Callback):

@@ -34,6 +34,7 @@ __all__ = [
     "WeightedMetric",
     "binary_logits",
     "bootstrap_ci",
+    "confusion_counts",
     "expected_calibration_error",
     "fit_temperature",
     "group_codes",
@@ -278,16 +279,21 @@ def threshold_for_sensitivity(
     return float(positives[max(1, needed) - 1])
 
 
-def operating_point(
-    probs: torch.Tensor, labels: torch.Tensor, threshold: float
-) -> dict[str, float]:
-    """Sensitivity, specificity, PPV, NPV, F1 and accuracy of ``prob >= threshold``."""
+def confusion_counts(called: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int, int]:
+    """``(tp, fp, fn, tn)`` of boolean decisions against 0 / 1 labels (other labels: neither)."""
     labels = labels.long()
-    called = probs >= threshold
     tp = int((called & (labels == 1)).sum())
     fp = int((called & (labels == 0)).sum())
     fn = int((~called & (labels == 1)).sum())
     tn = int((~called & (labels == 0)).sum())
+    return tp, fp, fn, tn
+
+
+def operating_point(
+    probs: torch.Tensor, labels: torch.Tensor, threshold: float
+) -> dict[str, float]:
+    """Sensitivity, specificity, PPV, NPV, F1 and accuracy of ``prob >= threshold``."""
+    tp, fp, fn, tn = confusion_counts(probs >= threshold, labels)
     return {
         "sensitivity": tp / max(1, tp + fn),
         "specificity": tn / max(1, tn + fp),

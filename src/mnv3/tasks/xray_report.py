@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,9 +235,9 @@ def write_predictions(
     for name in names:
         header += [column("label", name), column("probability", name)]
         header += [column("decision" if p == "youden" else f"decision_{p}", name) for p in points]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    from mnv3.deploy.common import atomic_output  # the one home of atomic writes; lazy: start-up
+
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for i in range(report.probs.shape[0]):
@@ -251,7 +250,6 @@ def write_predictions(
                 row += [str(int(label)) if label >= 0 else "", f"{float(report.probs[i, k]):.6f}"]
                 row += [str(int(report.decisions[p][i, k])) for p in points]
             writer.writerow(row)
-    os.replace(tmp, path)
     return path
 
 
@@ -281,10 +279,10 @@ def write_report(path: Path, report: FindingsReport, settings: Mapping[str, Any]
         },
         "settings": dict(settings),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from mnv3.deploy.common import atomic_write_text
+
     text = json.dumps(document, indent=2, default=float).replace("NaN", "null")
-    path.write_text(text + "\n", encoding="utf-8")
-    return path
+    return atomic_write_text(path, text + "\n")
 
 
 def interval_caption(result: BootstrapResult) -> str:
