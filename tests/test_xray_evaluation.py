@@ -50,6 +50,13 @@ def test_binary_run_and_eval_report_intervals_calibration_and_predictions(
         float(test["test/bootstrap_resamples"]) == 200 and float(test["test/bootstrap_seed"]) == 3
     )
     assert float(test["test/sens90/sensitivity"]) >= 0.0 and "test/ece" in test
+    # Sensitivity / specificity of every operating point carry their intervals too.
+    for point in ("", "sens90/", "sens95/"):
+        for stat in ("sensitivity", "specificity"):
+            low, high = (float(test[f"test/{point}{stat}_ci_{end}"]) for end in ("low", "high"))
+            assert low <= float(test[f"test/{point}{stat}"]) <= high
+    report = json.loads((run / "evaluation_test.json").read_text())
+    assert {"auroc", "sensitivity", "sens95/specificity"} <= set(report["intervals"])
     assert list((run / "plots").glob("test_reliability_*.png"))
     assert json.loads((run / "evaluation_test.json").read_text())["bootstrap"]["unit"] == "images"
 
@@ -65,6 +72,7 @@ def test_binary_run_and_eval_report_intervals_calibration_and_predictions(
     printed = capsys.readouterr().out
     assert "AUROC" in printed and "AUPRC" in printed and "95 % CI" in printed
     assert "200 resamples of 24 images" in printed and "seed 3" in printed
+    assert "operating points chosen on validation" in printed and "sens95" in printed
     with open(out / "predictions_test.csv", newline="") as f:
         predictions = list(csv.DictReader(f))
     assert len(predictions) == 24

@@ -28,6 +28,8 @@ from mnv3.tasks.xray_metrics import (
     threshold_for_sensitivity,
     weighted_auroc,
     weighted_average_precision,
+    weighted_sensitivity,
+    weighted_specificity,
     youden_threshold,
 )
 
@@ -235,3 +237,55 @@ def test_fit_temperature_leaves_a_calibrated_model_alone_and_handles_no_labels()
     # Separable validation labels: the NLL has no minimum (T -> 0); T stays 1.
     separable = (logits > 0).float()
     assert fit_temperature(logits, separable) == 1.0
+
+
+def test_fit_temperature_sharpens_an_underconfident_model_to_the_bound() -> None:
+    # Logits a tenth of the calibrated ones: the NLL's minimum is T = 0.1, below the 0.25 bound;
+    # the classes overlap, so the bound (the best T allowed) is returned, not 1.0.
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(5000, generator=g) * 2.0
+    labels = (torch.rand(5000, generator=g) < torch.sigmoid(logits)).float()
+    assert fit_temperature(logits / 10.0, labels) == pytest.approx(0.25)
+    assert fit_temperature(logits / 2.0, labels) == pytest.approx(0.5, rel=0.1)
+
+
+def test_weighted_sensitivity_and_specificity_equal_counts_on_the_repeated_sample() -> None:
+    g = torch.Generator().manual_seed(8)
+    called = torch.rand(50, generator=g) < 0.5
+    labels = (torch.rand(50, generator=g) < 0.4).long()
+    weights = resample_weights(group_codes(None, 50)[0], 4, g)
+    for row in weights:
+        repeated = torch.repeat_interleave(torch.arange(50), row.long())
+        point = operating_point(called[repeated].float(), labels[repeated], 0.5)
+        assert float(weighted_sensitivity(called, labels, row[None])) == pytest.approx(
+            point["sensitivity"]
+        )
+        assert float(weighted_specificity(called, labels, row[None])) == pytest.approx(
+            point["specificity"]
+        )
+    assert weighted_sensitivity(called, torch.zeros(50), torch.ones(1, 50)).isnan().all()
+
+
+def test_bootstrap_interval_covers_a_known_sensitivity_about_95_percent_of_the_time() -> None:
+    # Each positive is called with probability 0.8, each negative with 0.3: the sensitivity and
+    # specificity of a fixed threshold are 0.8 and 0.7; patients of 1-3 images share one call.
+    repeats, patients = 200, 80
+    g = torch.Generator().manual_seed(9)
+    covered = {"sensitivity": 0, "specificity": 0}
+    for repeat in range(repeats):
+        sizes = torch.randint(1, 4, (patients,), generator=g)
+        sick = (torch.arange(patients) % 2).bool()
+        called = torch.where(
+            sick, torch.rand(patients, generator=g) < 0.8, torch.rand(patients, generator=g) < 0.3
+        )
+        groups = [str(p) for p in range(patients) for _ in range(int(sizes[p]))]
+        labels, calls = sick.long().repeat_interleave(sizes), called.repeat_interleave(sizes)
+        for stat, function, truth in (
+            ("sensitivity", weighted_sensitivity, 0.8),
+            ("specificity", weighted_specificity, 0.7),
+        ):
+            result = bootstrap_ci(calls.float(), labels, function, groups, 300, seed=repeat)
+            covered[stat] += int(result.low[0] <= truth <= result.high[0])
+    print({stat: count / repeats for stat, count in covered.items()})
+    for count in covered.values():
+        assert 0.88 <= count / repeats <= 0.99

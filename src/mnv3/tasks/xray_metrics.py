@@ -45,6 +45,8 @@ __all__ = [
     "threshold_for_sensitivity",
     "weighted_auroc",
     "weighted_average_precision",
+    "weighted_sensitivity",
+    "weighted_specificity",
     "youden_threshold",
 ]
 
@@ -111,6 +113,34 @@ def weighted_average_precision(
     precision = true_pos / called.clamp_min(1e-30)
     total = pos.sum(dim=1)
     return torch.where(total > 0, (pos * precision).sum(dim=1) / total.clamp_min(1e-30), torch.nan)
+
+
+def weighted_sensitivity(
+    called: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Sensitivity of 0 / 1 decisions (``called``, in the scores' place) for each weight row.
+
+    A :data:`WeightedMetric`, so :func:`bootstrap_ci` draws its interval: the decisions are made
+    once at a threshold chosen on validation, and the bootstrap resamples the test patients (the
+    threshold's own uncertainty, from the validation set, is not in this interval).
+
+    Returns:
+        ``(B,)`` weighted share of positives called positive, NaN for a row without positives.
+    """
+    positive = labels.to(weights.dtype)
+    hit = called.to(weights.dtype)
+    total = (weights * positive).sum(dim=1)
+    return torch.where(
+        total > 0, (weights * positive * hit).sum(dim=1) / total.clamp_min(1e-30), torch.nan
+    )
+
+
+def weighted_specificity(
+    called: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Specificity of 0 / 1 decisions for each weight row: :func:`weighted_sensitivity` of the
+    negatives (share of negatives not called), NaN for a row without negatives."""
+    return weighted_sensitivity(1 - called.to(weights.dtype), 1 - labels, weights)
 
 
 # --- the bootstrap ---------------------------------------------------------------------------------
@@ -351,10 +381,12 @@ def fit_temperature(
 
     One T for all findings (Guo et al. 2017's temperature scaling: one parameter, so it cannot
     over-fit a small validation set and it keeps every ranking, hence AUROC, unchanged). Fitted
-    over log T (T stays positive) with LBFGS; the result is clamped to ``bounds``, except that a
-    fit below the lower bound gives 1.0: on validation labels the logits separate (almost)
-    perfectly, the NLL falls towards 0 as T -> 0, and such a T would only saturate every
-    probability to 0 or 1 (thresholds on them then mean nothing).
+    over log T (T stays positive) with LBFGS; the result is clamped to ``bounds``. Below the lower
+    bound two cases differ: when the validation logits separate the classes perfectly, the NLL
+    falls towards 0 as T -> 0 and such a T would only saturate every probability to 0 or 1
+    (thresholds on them then mean nothing), so T = 1.0; otherwise the NLL has its minimum below
+    the bound (an under-confident model, e.g. early in training or with class weights) and, the
+    NLL being convex in 1 / T, the lower bound is the best temperature allowed.
 
     Args:
         logits: ``(N,)`` or ``(N, K)`` logits (a two-class head: :func:`binary_logits`).
@@ -380,6 +412,7 @@ def fit_temperature(
 
     optimizer.step(closure)
     temperature = float(log_t.detach().exp())
-    if not math.isfinite(temperature) or temperature < bounds[0]:
+    separable = bool(y.any()) and bool((1 - y).any()) and z[y == 1].min() > z[y == 0].max()
+    if not math.isfinite(temperature) or (temperature < bounds[0] and separable):
         return 1.0
-    return min(temperature, bounds[1])
+    return min(max(temperature, bounds[0]), bounds[1])

@@ -31,6 +31,8 @@ from mnv3.tasks.xray_metrics import (
     sensitivity_key,
     weighted_auroc,
     weighted_average_precision,
+    weighted_sensitivity,
+    weighted_specificity,
 )
 
 #: ``head.evaluation`` settings and their defaults (conf/head/classifier.yaml).
@@ -57,7 +59,9 @@ class FindingsReport:
 
     Attributes:
         values: logged name (after ``<split>/``) -> value.
-        intervals: ``"auroc"`` / ``"auprc"`` -> bootstrap result, on a final evaluation only.
+        intervals: ``"auroc"``, ``"auprc"``, and ``"sensitivity"`` / ``"specificity"`` of each
+            operating point (``"sens90/sensitivity"``...) -> bootstrap result, on a final
+            evaluation only.
         probs: ``(N, K)`` calibrated probabilities.
         decisions: operating point (``"youden"``, ``"sens90"``...) -> ``(N, K)`` bool decisions.
         per_finding: finding -> its numbers (all of them, for the JSON report).
@@ -144,23 +148,36 @@ def evaluate_findings(
     report = FindingsReport(values, probs, decisions, per_finding)
     resamples = int(settings["bootstrap_resamples"])
     if bootstrap and resamples > 0:
+        draw = {
+            "groups": groups,
+            "num_resamples": resamples,
+            "seed": int(settings["bootstrap_seed"]),
+            "level": float(settings["confidence_level"]),
+        }
         for metric, function in (("auroc", weighted_auroc), ("auprc", weighted_average_precision)):
-            result = bootstrap_ci(
-                probs,
-                labels,
-                function,
-                groups,
-                resamples,
-                int(settings["bootstrap_seed"]),
-                float(settings["confidence_level"]),
-            )
+            result = bootstrap_ci(probs, labels, function, **draw)
             report.intervals[metric] = result
             values[f"{metric}_ci_low"], values[f"{metric}_ci_high"] = (
                 (float(result.low[0]), float(result.high[0]))
                 if flat
                 else (result.mean_low, result.mean_high)
             )
-            if not flat:
+        # Sensitivity / specificity at each operating point: the decisions at the thresholds
+        # chosen on validation, test patients resampled (the threshold itself held fixed).
+        for point, called in decisions.items():
+            prefix = "" if point == "youden" else f"{point}/"
+            for stat, function in (
+                ("sensitivity", weighted_sensitivity),
+                ("specificity", weighted_specificity),
+            ):
+                result = bootstrap_ci(called.float(), labels, function, **draw)
+                report.intervals[f"{prefix}{stat}"] = result
+                if flat:
+                    values[f"{prefix}{stat}_ci_low"] = float(result.low[0])
+                    values[f"{prefix}{stat}_ci_high"] = float(result.high[0])
+        if not flat:  # per finding, AUROC / AUPRC logged; every interval in the JSON report
+            for metric in ("auroc", "auprc"):
+                result = report.intervals[metric]
                 for k, name in enumerate(names):
                     values[f"{metric}_ci_low/{name}"] = float(result.low[k])
                     values[f"{metric}_ci_high/{name}"] = float(result.high[k])
@@ -299,7 +316,8 @@ def interval_caption(result: BootstrapResult) -> str:
 
 
 def print_intervals(title: str, report: FindingsReport, names: Sequence[str]) -> None:
-    """AUROC and AUPRC of each finding (and their mean) with the bootstrap intervals."""
+    """AUROC and AUPRC of each finding (and their mean) with the bootstrap intervals, then the
+    sensitivity and specificity of every operating point with theirs."""
     from rich.console import Console
     from rich.table import Table
 
@@ -321,4 +339,21 @@ def print_intervals(title: str, report: FindingsReport, names: Sequence[str]) ->
         table.add_row(name, *cells(auroc, k), *cells(auprc, k))
     if len(names) > 1:
         table.add_row("mean", *cells(auroc, None), *cells(auprc, None))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    points = Table(
+        title=f"{title}: operating points chosen on validation",
+        caption=interval_caption(auroc) + "; thresholds held fixed",
+    )
+    for column in ("finding", "point", "threshold", "sensitivity", "CI", "specificity", "CI"):
+        points.add_column(column, justify="left" if column in ("finding", "point") else "right")
+    for k, name in enumerate(names):
+        for point in report.decisions:
+            prefix = "" if point == "youden" else f"{point}/"
+            sens = report.intervals.get(f"{prefix}sensitivity")
+            spec = report.intervals.get(f"{prefix}specificity")
+            if sens is None or spec is None:
+                continue
+            threshold = report.per_finding[name][f"{prefix}threshold"]
+            points.add_row(name, point, f"{threshold:.4f}", *cells(sens, k), *cells(spec, k))
+    console.print(points)
