@@ -44,6 +44,16 @@ TINY: dict[str, tuple[Callable[[Path], Path] | None, tuple[str, ...]]] = {
     "imagenet": (write_tiny_imagenet, ("data.image_size=32",)),
     "chest_xray_pneumonia": (write_kaggle_pneumonia, ("data.image_size=32",)),
     "chestxray14": (write_nih_chestxray14, ("data.image_size=32",)),
+    "xray_generated": (
+        None,
+        (
+            "data.generate.image_size=32",
+            "data.image_size=32",
+            "data.generate.train_patients=10",
+            "data.generate.val_patients=2",
+            "data.generate.test_patients=4",
+        ),
+    ),
     "coco": (write_tiny_coco, ("data.image_size=64",)),
     "shapes_coco": (
         None,

@@ -40,6 +40,7 @@ from mnv3.data.shapes import SHAPES, TEXTURES
 from mnv3.data.shapes_cityscapes import STREETS
 from mnv3.data.shapes_coco import SHAPES_COCO
 from mnv3.data.xray_csv import XRAY_CSV
+from mnv3.data.xray_generated import XRAY_GENERATED
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ DATASETS: dict[str, DatasetFamily] = {
     "chestxray14": CHESTXRAY14,
     "chexpert": CHEXPERT,
     "xray_csv": XRAY_CSV,
+    "xray_generated": XRAY_GENERATED,
 }
 
 
