@@ -6,6 +6,10 @@ import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The suite is CPU-only: trainer=default (accelerator and precision auto) would otherwise train
+# on a GPU in bf16 where one is visible. Set before torch first asks CUDA; CLI subprocesses
+# inherit it.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
 

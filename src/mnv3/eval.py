@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from mnv3.accelerator import resolve_device
 from mnv3.cli import (
     build_datamodule,
     command_line_overrides,
@@ -77,6 +79,9 @@ def _run_split(
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("save_predictions"):
         task.predictions_dir = output_dir  # detection: COCO results json; segmentation: PNGs
+    device = resolve_device(cfg, training=False)  # auto: this machine's GPU or CPU, float32
+    if device is not None:
+        log.info("%s", device.describe())
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         logger=[CSVLogger(save_dir=str(output_dir), name=CSV_DIR, version="")],
@@ -157,19 +162,45 @@ def print_published_table(title: str, rows: list[tuple[str, float, float]]) -> N
     Console().print(table)
 
 
-@exit_on_user_error
-def evaluate_weights(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]:
-    """Evaluate released or local weights with the composed backbone / head / data groups.
+@dataclass
+class WeightsTask:
+    """Released or local weights loaded into the task of the composed groups.
+
+    Attributes:
+        task: the task with the weights loaded, on CPU.
+        datamodule: the data module of the ``data`` group, with the weights' preprocessing.
+        weights: the weights' name, URL or path as configured.
+        known: their :data:`~mnv3.models.checkpoints.KNOWN_WEIGHTS` entry, or None.
+    """
+
+    task: pl.LightningModule
+    datamodule: Any
+    weights: str
+    known: Any
+
+    @property
+    def name(self) -> str:
+        """How titles name the weights: a known name, else the file's name."""
+        return self.weights if self.known is not None else Path(self.weights).name
+
+
+def task_with_weights(
+    cfg: DictConfig, overrides: list[str] | None = None, tool: str = "mnv3.eval"
+) -> WeightsTask:
+    """The task of the composed backbone / head / data groups with the configured weights, the
+    data module preprocessing as a known checkpoint was published with (``mnv3.eval`` and
+    ``mnv3.predict`` without ``ckpt_path``).
 
     ``overrides``: the command line's (Hydra's record), which tells the data keys the user set
-    from those a known checkpoint's preprocessing may set.
+    from those a known checkpoint's preprocessing may set. ``tool``: names the entry point in
+    the error sentence of a config without weights.
     """
     from mnv3.models.checkpoints import KNOWN_WEIGHTS
     from mnv3.tasks import TASKS
 
     task_name = str(cfg.head.task) if cfg.get("head") else ""
     key = TASKS[task_name].weights_key if task_name in TASKS else "head.weights"
-    weights = check_weights_config(cfg, key)
+    weights = check_weights_config(cfg, key, tool)
     known = KNOWN_WEIGHTS.get(weights)
     plain = to_plain(cfg)
     if known is not None:
@@ -182,11 +213,19 @@ def evaluate_weights(cfg: DictConfig, overrides: list[str] | None = None) -> dic
     check_evaluated_config(OmegaConf.create({k: plain[k] for k in ("data", "backbone", "head")}))
     datamodule = build_datamodule(plain["data"])
     task = _task_with_weights(plain, datamodule, key, weights)
-    title = f"{Path(weights).name if known is None else weights} on {cfg.data.name} {cfg.split}"
-    metrics = _run_split(cfg, task, datamodule, title, int(cfg.get("seed", 0)))
-    if known is not None:
-        rows = published_rows(metrics, known.metrics, str(cfg.split))
-        print_published_table(f"{weights}: measured vs published", rows)
+    return WeightsTask(task, datamodule, weights, known)
+
+
+@exit_on_user_error
+def evaluate_weights(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]:
+    """Evaluate released or local weights with the composed backbone / head / data groups
+    (:func:`task_with_weights`); a known checkpoint's published metrics are printed beside."""
+    loaded = task_with_weights(cfg, overrides)
+    title = f"{loaded.name} on {cfg.data.name} {cfg.split}"
+    metrics = _run_split(cfg, loaded.task, loaded.datamodule, title, int(cfg.get("seed", 0)))
+    if loaded.known is not None:
+        rows = published_rows(metrics, loaded.known.metrics, str(cfg.split))
+        print_published_table(f"{loaded.weights}: measured vs published", rows)
     return metrics
 
 

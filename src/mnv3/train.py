@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from mnv3.accelerator import resolve_device
 from mnv3.cli import (
     CONFIG_DIR,
     build_datamodule,
@@ -80,17 +81,17 @@ def build_loggers(cfg: DictConfig, output_dir: Path, resuming: bool | None = Non
 
 
 def build_callbacks(
-    cfg: DictConfig, task: pl.LightningModule, output_dir: Path
+    cfg: DictConfig,
+    task: pl.LightningModule,
+    output_dir: Path,
+    summary: dict[str, float] | None = None,
+    input_size: tuple[int, int] | None = None,
 ) -> list[pl.Callback]:
-    """best.ckpt by the task's metric; last.ckpt every N steps and every epoch; progress; lr."""
-    from pytorch_lightning.callbacks import (
-        EarlyStopping,
-        LearningRateMonitor,
-        ModelCheckpoint,
-        RichModelSummary,
-        RichProgressBar,
-        TQDMProgressBar,
-    )
+    """best.ckpt by the task's metric; last.ckpt every N steps and every epoch; progress; lr;
+    the model summary with ``summary``'s MAdds (:meth:`BaseTask.model_summary`) at ``input_size``."""
+    from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+
+    from mnv3.progress import MAddsSummary, progress_bar
 
     cb = cfg.callbacks
     ckpt_dir = RunFolder(output_dir).checkpoint_dir
@@ -121,12 +122,13 @@ def build_callbacks(
         callbacks.append(tuner)
     if cb.get("lr_monitor", True):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    if cb.progress_bar == "rich":
-        callbacks.append(RichProgressBar())
-    elif cb.progress_bar == "tqdm":
-        callbacks.append(TQDMProgressBar())
-    if cb.get("model_summary_depth"):
-        callbacks.append(RichModelSummary(max_depth=int(cb.model_summary_depth)))
+    progress = progress_bar(str(cb.progress_bar), int(cb.get("progress_every_n_steps", 50)))
+    if progress is not None:
+        callbacks.append(progress)
+    if summary is not None and input_size is not None:
+        params, madds = int(summary["model/params"]), float(summary["model/madds"])
+        depth = int(cb.get("model_summary_depth") or 0)
+        callbacks.append(MAddsSummary(depth, params, madds, input_size))
     if cb.get("early_stopping"):
         callbacks.append(
             EarlyStopping(
@@ -147,7 +149,9 @@ def train(cfg: DictConfig) -> float | None:
     task = build_task(cfg, datamodule)
     check_checkpoint_fits(cfg.ckpt_path, task)  # class count, EMA: not Lightning's ~150 lines
     loggers = build_loggers(cfg, output_dir)
-    callbacks = build_callbacks(cfg, task, output_dir)
+    input_size = datamodule.input_size
+    summary = task.model_summary(input_size)  # params and MAdds at the data's input size
+    callbacks = build_callbacks(cfg, task, output_dir, summary, input_size)
     preemption = PreemptionCheckpoint(RunFolder(output_dir).last_checkpoint)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
@@ -157,14 +161,8 @@ def train(cfg: DictConfig) -> float | None:
         enable_progress_bar=cfg.callbacks.progress_bar != "none",
     )
 
-    summary = task.model_summary(datamodule.input_size)
     for logger in loggers:
         logger.log_hyperparams({**to_plain(cfg), **summary})
-    log.info(
-        "model: %s params, %.1fM MAdds",
-        f"{summary['model/params']:,}",
-        summary["model/madds"] / 1e6,
-    )
 
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
@@ -190,7 +188,11 @@ def _checked_config(cfg: DictConfig) -> DictConfig:
     if requeued is not None and not cfg.get("ckpt_path"):
         with open_dict(cfg):
             cfg.ckpt_path = str(requeued)  # SLURM requeued this job: continue, don't restart
+    # trainer.accelerator/precision auto -> what this machine has, before the checks see them
+    device = resolve_device(cfg)
     check_train_config(cfg)  # values, backbone.weights, ckpt_path: one sentence before any data
+    if device is not None:
+        log.info("%s", device.describe())
     size_cpus(cfg)  # threads and workers for the usable CPUs, saved under cpu.resolved
     output_dir = Path(cfg.paths.output_dir)
     check_output_dir(output_dir, "paths.output_dir")

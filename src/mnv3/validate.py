@@ -196,7 +196,8 @@ def check_accelerator(cfg: DictConfig, gpus: int | None = None) -> None:
         raise ConfigError(
             f"trainer.accelerator={accelerator} needs a GPU, but this machine has none "
             "(torch.cuda.is_available() is False); run it on a GPU machine, or try the recipe "
-            "here on the CPU with trainer=cpu"
+            "here on the CPU with trainer=cpu (resuming a GPU run: trainer.accelerator=cpu "
+            "trainer.precision=32, since resume keeps the run's groups)"
         )
     devices = trainer.get("devices", 1)
     if isinstance(devices, int) and not isinstance(devices, bool) and devices > gpus:
@@ -526,18 +527,18 @@ def check_groups_fit(cfg: DictConfig) -> None:
     check_channels(cfg)
 
 
-def check_weights_config(cfg: DictConfig, weights_key: str) -> str:
-    """``mnv3.eval`` without ``ckpt_path``: the groups it needs and the weights it evaluates
-    (``weights_key``: the task's, e.g. ``backbone.weights``); returns the weights' name."""
+def check_weights_config(cfg: DictConfig, weights_key: str, tool: str = "mnv3.eval") -> str:
+    """``mnv3.eval`` (or ``tool``) without ``ckpt_path``: the groups it needs and the weights it
+    runs (``weights_key``: the task's, e.g. ``backbone.weights``); returns the weights' name."""
     if not cfg.get("backbone") or not cfg.get("data") or "_target_" not in cfg.data:
         raise ConfigError(
-            "mnv3.eval needs ckpt_path=<run checkpoint>, or backbone=<name>, data=<dataset> and "
+            f"{tool} needs ckpt_path=<run checkpoint>, or backbone=<name>, data=<dataset> and "
             "the weights (backbone.weights for head=classifier, head.weights otherwise)"
         )
     weights = OmegaConf.select(cfg, weights_key)
     if not weights:
         raise ConfigError(
-            f"{weights_key} is not set: without ckpt_path, mnv3.eval evaluates the weights it "
+            f"{weights_key} is not set: without ckpt_path, {tool} runs the weights it "
             "names (a known name such as mobilenet_v3_large.IMAGENET1K_V2, a URL or a file path)"
         )
     return str(weights)

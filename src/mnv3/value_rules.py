@@ -248,7 +248,8 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "scheduler.decay_epochs": POSITIVE,
     # callbacks (conf/callbacks/default.yaml)
     "callbacks.last_every_n_steps": POSITIVE_INT,
-    "callbacks.progress_bar": one_of("rich", "tqdm", "none"),
+    "callbacks.progress_bar": one_of("auto", "rich", "tqdm", "plain", "none"),
+    "callbacks.progress_every_n_steps": POSITIVE_INT,
     "callbacks.model_summary_depth": optional(NON_NEGATIVE_INT),
     "callbacks.lr_monitor": BOOL,
     "*callbacks.ood_quantile": optional(FRACTION),  # 0 or null: off
@@ -260,7 +261,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "trainer.max_epochs": optional(integer(-1)),  # -1: no limit (Lightning)
     "trainer.log_every_n_steps": optional(POSITIVE_INT),
     "trainer.accumulate_grad_batches": POSITIVE_INT,
-    # top level: train.yaml, eval.yaml, explain.yaml
+    # top level: train.yaml, eval.yaml, explain.yaml, predict.yaml
     "seed": Rule("an integer", _is_int),
     "ema_decay": optional(number(0, 1, low_open=True, high_open=True)),
     "freeze_backbone_epochs": NON_NEGATIVE_INT,
@@ -270,6 +271,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "test": BOOL,
     "split": one_of("val", "test"),
     "top_k": POSITIVE_INT,
+    "progress_every_n_batches": POSITIVE_INT,
     "alpha": PROBABILITY,
     "ood_threshold": PROBABILITY,
 }

@@ -23,6 +23,7 @@ from mnv3.errors import ConfigError
 from mnv3.models.backbone import SHAPE_OPTIONS, build_backbone
 from mnv3.tasks.base import BaseTask, QATObjective
 from mnv3.tasks.common import check_plain, log_images, save_figure
+from mnv3.tasks.image_predictions import TOP_K, top_k_probabilities, write_top_k_csv
 from mnv3.tasks.xray_metrics import (
     binary_logits,
     confusion_counts,
@@ -103,6 +104,14 @@ class ClassificationTask(BaseTask):
             self._register_evaluation_buffers()
         self.val_metrics = self._metrics(num_classes)
         self.test_metrics = nn.ModuleDict({k: m.clone() for k, m in self.val_metrics.items()})
+        # Per image, for mnv3.eval's predictions CSV of a multi-class problem (only filled while
+        # predictions_dir is set): the top-k probabilities, their classes and the true label.
+        self.image_top_k = nn.ModuleDict(
+            {
+                key: torchmetrics.CatMetric(nan_strategy="disable")
+                for key in ("probabilities", "classes", "labels")
+            }
+        )
         if not self.multilabel:
             mc = {"task": "multiclass", "num_classes": num_classes}
             self.train_acc1 = torchmetrics.Accuracy(**mc, top_k=1)
@@ -304,6 +313,11 @@ class ClassificationTask(BaseTask):
             return out
         for name in ("acc1", "acc5", "per_class", "confusion"):
             metrics[name].update(logits, labels)
+        if self.predictions_dir is not None and not self.binary:
+            probabilities, classes = top_k_probabilities(logits.detach(), TOP_K)
+            self.image_top_k["probabilities"].update(probabilities)
+            self.image_top_k["classes"].update(classes.float())  # CatMetric keeps floats
+            self.image_top_k["labels"].update(labels.float())
         if self.binary:
             metrics["logits"].update(binary_logits(logits.detach()))  # sigmoid: P(class 1)
             metrics["targets"].update(labels.float())
@@ -322,6 +336,8 @@ class ClassificationTask(BaseTask):
         metrics["confusion"].reset()
         if self.binary:
             confusion = self._end_of_eval_binary(stage, metrics)
+        elif self.predictions_dir is not None and not self.trainer.sanity_checking:
+            self._write_top_k(stage)
         if self.trainer.sanity_checking or self.num_classes > self.hparams.max_classes_for_plots:
             return
         for name, acc in zip(self.class_names, per_class.tolist(), strict=True):
@@ -335,7 +351,7 @@ class ClassificationTask(BaseTask):
         are NaN), ECE and the operating points: :meth:`_evaluate_findings`."""
         logits, labels = self._collected(metrics)
         if logits.numel():
-            self._evaluate_findings(stage, logits, labels, list(self.class_names))
+            self._evaluate_findings(stage, logits, labels)
 
     def _end_of_eval_binary(self, stage: str, metrics: nn.ModuleDict) -> torch.Tensor:
         """AUROC, AUPRC, ECE; accuracy, F1, sensitivity, specificity at the Youden threshold of
@@ -345,8 +361,7 @@ class ClassificationTask(BaseTask):
         logits, labels = self._collected(metrics)
         if logits.numel() == 0 or labels.unique().numel() < 2:
             return torch.zeros(2, 2, dtype=torch.long)
-        names = [self.class_names[1]]
-        report = self._evaluate_findings(stage, logits[:, None], labels[:, None], names)
+        report = self._evaluate_findings(stage, logits[:, None], labels[:, None])
         targets = labels.long()
         tp, fp, fn, tn = confusion_counts(report.decisions["youden"][:, 0], targets)
         if self.global_rank == 0 and not self.trainer.sanity_checking:
@@ -355,18 +370,69 @@ class ClassificationTask(BaseTask):
             log_images(self.loggers, f"{stage}/roc_curve", [path], step=self.global_step)
         return torch.tensor([[tn, fp], [fn, tp]])
 
+    def _write_top_k(self, stage: str) -> None:
+        """``predictions_<split>.csv`` of a multi-class evaluation (``mnv3.eval``): per image its
+        path, true label and top-k classes with their probabilities (:func:`write_top_k_csv`)."""
+        probabilities, classes, labels = self._collected(
+            self.image_top_k, ("probabilities", "classes", "labels")
+        )
+        if self.global_rank != 0 or self.predictions_dir is None:
+            return
+        path = self.predictions_dir / f"predictions_{stage}.csv"
+        paths = self._split_paths(stage, int(labels.shape[0]))
+        write_top_k_csv(path, paths, probabilities, classes.long(), self.class_names, labels.long())
+        log.info("per-image predictions written to %s", path)
+
     @staticmethod
-    def _collected(metrics: nn.ModuleDict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The split's logits and labels (all ranks, split order); the states are emptied."""
+    def _collected(
+        metrics: nn.ModuleDict, names: tuple[str, ...] = ("logits", "targets")
+    ) -> tuple[torch.Tensor, ...]:
+        """The split's collected states (all ranks, split order), by default its logits and
+        labels; the states are emptied."""
         found = []
-        for name in ("logits", "targets"):
+        for name in names:
             value = metrics[name].compute()
             metrics[name].reset()
             found.append(value.float() if isinstance(value, torch.Tensor) else torch.empty(0))
-        return found[0], found[1]
+        return tuple(found)
+
+    @property
+    def findings(self) -> list[str]:
+        """What a binary or multi-label classifier reports on: every label (multi-label), or a
+        binary problem's one finding, its positive class (class 1)."""
+        return list(self.class_names) if self.multilabel else [self.class_names[1]]
+
+    def finding_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(N, K)`` logits of the :attr:`findings` from the network's ``(N, C)`` logits: the
+        labels' own, or a binary problem's ``l1 - l0`` (its sigmoid is the softmax's P(class 1))."""
+        return logits.float() if self.multilabel else binary_logits(logits.float())[:, None]
+
+    def report_findings(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        groups: list[str] | None = None,
+        bootstrap: bool = False,
+    ) -> FindingsReport:
+        """:func:`evaluate_findings` of ``(N, K)`` :meth:`finding_logits` against labels (-1:
+        unknown) with what this checkpoint chose on validation: its temperature, Youden and
+        fixed-sensitivity thresholds. ``groups``: patients for the bootstrap (``bootstrap``)."""
+        youden = self.finding_thresholds if self.multilabel else self.decision_threshold.reshape(1)
+        return evaluate_findings(
+            logits.cpu(),
+            labels.cpu(),
+            self.findings,
+            float(self.temperature),
+            youden.cpu(),
+            self.sensitivity_thresholds.cpu(),
+            self.evaluation,
+            flat=not self.multilabel,
+            groups=groups,
+            bootstrap=bootstrap,
+        )
 
     def _evaluate_findings(
-        self, stage: str, logits: torch.Tensor, labels: torch.Tensor, names: list[str]
+        self, stage: str, logits: torch.Tensor, labels: torch.Tensor
     ) -> FindingsReport:
         """Choose on validation, report on any split: see :mod:`mnv3.tasks.xray_report`.
 
@@ -381,19 +447,7 @@ class ClassificationTask(BaseTask):
             self._choose_on_validation(logits, labels)
         final = not sanity and (stage == "test" or self.trainer.state.fn == "validate")
         paths, patients = self._split_identities(stage, logits.shape[0]) if final else (None, None)
-        youden = self.finding_thresholds if self.multilabel else self.decision_threshold.reshape(1)
-        report = evaluate_findings(
-            logits.cpu(),
-            labels.cpu(),
-            names,
-            float(self.temperature),
-            youden.cpu(),
-            self.sensitivity_thresholds.cpu(),
-            self.evaluation,
-            flat=not self.multilabel,
-            groups=patients,
-            bootstrap=final,
-        )
+        report = self.report_findings(logits, labels, groups=patients, bootstrap=final)
         for name, value in report.values.items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "auroc")
         if self.global_rank != 0 or sanity:
@@ -410,11 +464,11 @@ class ClassificationTask(BaseTask):
         log_images(self.loggers, f"{stage}/reliability", [path], step=self.global_step)
         if final:
             out = self.predictions_dir if self.predictions_dir is not None else root
-            print_intervals(f"{stage}: AUROC and AUPRC", report, names)
+            print_intervals(stage, report, self.findings)
             write_report(out / f"evaluation_{stage}.json", report, self.evaluation)
             if self.predictions_dir is not None:
                 csv_path = out / f"predictions_{stage}.csv"
-                write_predictions(csv_path, report, labels.cpu(), names, paths, patients)
+                write_predictions(csv_path, report, labels.cpu(), self.findings, paths, patients)
                 log.info("per-image predictions written to %s", csv_path)
         return report
 
@@ -439,25 +493,36 @@ class ClassificationTask(BaseTask):
             for s, sensitivity in enumerate(self.evaluation["sensitivities"]):
                 self.sensitivity_thresholds[s, k] = threshold_for_sensitivity(p, y, sensitivity)
 
+    def _split_dataset(self, stage: str, count: int) -> Any:
+        """The evaluated split's dataset when its images match the ``count`` predictions one to
+        one, in order; None when the data module cannot tell or images were skipped."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        getter = getattr(datamodule, "get_dataset", None)
+        dataset = getter(stage) if getter is not None else None
+        if dataset is not None and len(dataset) != count:
+            log.warning(
+                "%d of %d %s images were scored (unreadable ones skipped): per-image predictions "
+                "are written without paths (and a bootstrap resamples images)",
+                count,
+                len(dataset),
+                stage,
+            )
+            return None
+        return dataset
+
+    def _split_paths(self, stage: str, count: int) -> list[str] | None:
+        """Image paths of the evaluated split in prediction order (:meth:`_split_dataset`)."""
+        return _paths_of(self._split_dataset(stage, count), count)
+
     def _split_identities(
         self, stage: str, count: int
     ) -> tuple[list[str] | None, list[str] | None]:
         """Image paths and patient ids of the evaluated split, in prediction order; None when the
         data module cannot tell them or images were skipped (the order no longer matches)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        getter = getattr(datamodule, "get_dataset", None)
-        dataset = getter(stage) if getter is not None else None
-        if dataset is None or len(dataset) != count:
-            if dataset is not None:
-                log.warning(
-                    "%d of %d %s images were scored (unreadable ones skipped): predictions are "
-                    "written without paths and the bootstrap resamples images",
-                    count,
-                    len(dataset),
-                    stage,
-                )
+        dataset = self._split_dataset(stage, count)
+        if dataset is None:
             return None, None
-        paths = [dataset.path(i) for i in range(count)] if hasattr(dataset, "path") else None
+        paths = _paths_of(dataset, count)
         patients = getattr(dataset, "patient_ids", None)
         if patients is None:
             log.warning("the %s split has no patient ids: the bootstrap resamples images", stage)
@@ -509,6 +574,13 @@ class ClassificationTask(BaseTask):
         fig.tight_layout()
         root = Path(self.trainer.default_root_dir) / "plots"
         return save_figure(fig, root / f"{stage}_roc_epoch{self.current_epoch:03d}.png")
+
+
+def _paths_of(dataset: Any, count: int) -> list[str] | None:
+    """The image paths of a split's first ``count`` samples; None without a dataset that tells."""
+    if dataset is None or not hasattr(dataset, "path"):
+        return None
+    return [dataset.path(i) for i in range(count)]
 
 
 def class_weights(setting: Any, datamodule: Any, label_type: str) -> list[float] | None:

@@ -320,9 +320,23 @@ class DetectionTask(BaseTask):
     ) -> None:
         from mnv3.data.coco import coco_results
 
-        table = self.label_to_category_id or list(range(self.num_classes + 1))
         cpu = [{k: v.detach().cpu() for k, v in d.items()} for d in detections]
-        self._results += coco_results(cpu, [int(i) for i in image_ids], table)
+        self._results += coco_results(cpu, [int(i) for i in image_ids], self.category_table)
+
+    @property
+    def category_table(self) -> list[int]:
+        """Label -> the dataset's category id (entry 0: the background), what COCO results
+        name classes by; labels themselves when the dataset has no ids of its own."""
+        return self.label_to_category_id or list(range(self.num_classes + 1))
+
+    def coco_categories(self) -> list[dict[str, Any]]:
+        """The ``categories`` of a COCO dataset json for this detector's classes (``id``: the
+        dataset's category id, ``name``), as pycocotools' ``loadRes`` needs them."""
+        table = self.category_table
+        return [
+            {"id": int(table[label]), "name": name}
+            for label, name in enumerate(self.class_names, start=1)
+        ]
 
     # -- pictures ----------------------------------------------------------------------------
     def _keep_pictures(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import colorsys
 import csv
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -284,21 +284,23 @@ class SegmentationTask(BaseTask):
     # -- predictions as label maps -----------------------------------------------------------
     def _write_predictions(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> None:
         """``<name>_trainIds.png`` and ``<name>_labelIds.png`` at each image's full size."""
-        from PIL import Image
-
         assert self.predictions_dir is not None
         out = self.predictions_dir / "predictions"
-        out.mkdir(parents=True, exist_ok=True)
-        table = torch.tensor(self.label_ids, dtype=torch.uint8) if self.label_ids else None
         for i, (name, size) in enumerate(zip(batch["name"], batch["orig_size"], strict=True)):
-            size = (int(size[0]), int(size[1]))
-            scores = logits[i : i + 1]
-            if tuple(scores.shape[-2:]) != size:
-                scores = F.interpolate(scores, size=size, mode="bilinear")
-            train_ids = scores.argmax(dim=1)[0].to(torch.uint8).cpu()
-            _save_png(train_ids, out / f"{name}_trainIds.png", Image)
-            if table is not None:
-                _save_png(table[train_ids.long()], out / f"{name}_labelIds.png", Image)
+            self.write_label_maps(logits[i], (int(size[0]), int(size[1])), out / str(name))
+
+    def write_label_maps(
+        self, scores: torch.Tensor, size: tuple[int, int], stem: Path
+    ) -> torch.Tensor:
+        """One image's ``(C, h, w)`` scores as ``<stem>_trainIds.png`` (the :func:`label_map` at
+        ``size``) and, when the dataset has label ids, ``<stem>_labelIds.png``; returns the
+        train-id map. What evaluation writes and ``mnv3.predict`` writes alike."""
+        train_ids = label_map(scores, size).cpu()
+        save_png(train_ids, stem.with_name(f"{stem.name}_trainIds.png"))
+        if self.label_ids:
+            table = torch.tensor(self.label_ids, dtype=torch.uint8)
+            save_png(table[train_ids.long()], stem.with_name(f"{stem.name}_labelIds.png"))
+        return train_ids
 
     # -- pictures ----------------------------------------------------------------------------
     def _draw_pictures(self, stage: str) -> Path:
@@ -312,16 +314,13 @@ class SegmentationTask(BaseTask):
         datamodule = getattr(self.trainer, "datamodule", None)
         mean = torch.tensor(getattr(datamodule, "mean", (0.485, 0.456, 0.406))).view(-1, 1, 1)
         std = torch.tensor(getattr(datamodule, "std", (0.229, 0.224, 0.225))).view(-1, 1, 1)
-        colours = torch.tensor([*self.palette, [0, 0, 0]], dtype=torch.uint8)  # last: ignored
         pics = self._pictures
         n = len(pics["images"])
         fig, axes = plt.subplots(n, 3, figsize=(9, 1.6 + 2.2 * n), squeeze=False)
         for i in range(n):
             image = (pics["images"][i] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
             masks = [pics["masks"][i], pics["predicted"][i]]
-            panels = [image] + [
-                colours[m.long().clamp(max=self.num_classes)].numpy() for m in masks
-            ]
+            panels = [image] + [colour_mask(m, self.palette).numpy() for m in masks]
             for ax, panel, title in zip(
                 axes[i], panels, ("image", "true", "predicted"), strict=True
             ):
@@ -334,8 +333,39 @@ class SegmentationTask(BaseTask):
         return save_figure(fig, root / f"{stage}_masks_epoch{self.current_epoch:03d}.png")
 
 
-def _save_png(array: torch.Tensor, path: Path, image_module: Any) -> None:
-    """A uint8 (H, W) label map as an 8-bit PNG, written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    image_module.fromarray(array.numpy(), mode="L").save(tmp, format="PNG")
-    tmp.replace(path)
+def label_map(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """One image's ``(C, h, w)`` scores -> its uint8 ``(H, W)`` train-id map at ``size`` (the
+    original image's): scores upsampled bilinearly when the network saw a resized image, then
+    the argmax, as evaluation scores them."""
+    scores = scores[None]
+    if tuple(scores.shape[-2:]) != tuple(size):
+        scores = F.interpolate(scores, size=tuple(size), mode="bilinear")
+    return scores.argmax(dim=1)[0].to(torch.uint8)
+
+
+def colour_mask(train_ids: torch.Tensor, palette: Sequence[Sequence[int]]) -> torch.Tensor:
+    """A ``(H, W)`` train-id map in the dataset's colours, uint8 ``(H, W, 3)``; ids beyond the
+    palette (255: ignored) black."""
+    colours = torch.tensor([*palette, [0, 0, 0]], dtype=torch.uint8)
+    return colours[train_ids.long().clamp(max=len(palette))]
+
+
+def colour_overlay(
+    image: torch.Tensor, train_ids: torch.Tensor, palette: Sequence[Sequence[int]], alpha: float
+) -> torch.Tensor:
+    """The uint8 ``(3, H, W)`` image with its :func:`colour_mask` blended in (``alpha``: the
+    mask's weight), uint8 ``(H, W, 3)``."""
+    mask = colour_mask(train_ids, palette).float()
+    blended = (1.0 - alpha) * image.permute(1, 2, 0).float() + alpha * mask
+    return blended.round().clamp(0, 255).to(torch.uint8)
+
+
+def save_png(array: torch.Tensor, path: Path) -> None:
+    """A uint8 ``(H, W)`` label map (8-bit gray) or ``(H, W, 3)`` picture as a PNG, written
+    atomically (a killed run leaves no half-written file)."""
+    from PIL import Image
+
+    from mnv3.deploy.common import atomic_output  # the one home of atomic writes; lazy: start-up
+
+    with atomic_output(path) as tmp:
+        Image.fromarray(array.numpy()).save(tmp, format="PNG")

@@ -315,17 +315,18 @@ def interval_caption(result: BootstrapResult) -> str:
     )
 
 
-def print_intervals(title: str, report: FindingsReport, names: Sequence[str]) -> None:
+def print_intervals(stage: str, report: FindingsReport, names: Sequence[str]) -> None:
     """AUROC and AUPRC of each finding (and their mean) with the bootstrap intervals, then the
-    sensitivity and specificity of every operating point with theirs."""
+    sensitivity and specificity of every operating point with theirs (``stage``: the split)."""
     from rich.console import Console
     from rich.table import Table
 
     auroc, auprc = report.intervals.get("auroc"), report.intervals.get("auprc")
     if auroc is None or auprc is None:
         return
-    table = Table(title=title, caption=interval_caption(auroc))
-    for column in ("finding", "AUROC", "95 % CI" if auroc.level == 0.95 else "CI", "AUPRC", "CI"):
+    ci = "95 % CI" if auroc.level == 0.95 else f"{auroc.level:.0%} CI"
+    table = Table(title=f"{stage}: AUROC and AUPRC", caption=interval_caption(auroc))
+    for column in ("finding", "AUROC", ci, "AUPRC", ci):
         table.add_column(column, justify="left" if column == "finding" else "right")
 
     def cells(result: BootstrapResult, k: int | None) -> list[str]:
@@ -342,10 +343,10 @@ def print_intervals(title: str, report: FindingsReport, names: Sequence[str]) ->
     console = Console()
     console.print(table)
     points = Table(
-        title=f"{title}: operating points chosen on validation",
-        caption=interval_caption(auroc) + "; thresholds held fixed",
+        title=f"{stage}: operating points chosen on validation",
+        caption=f"{ci}: the same bootstrap, thresholds held fixed",
     )
-    for column in ("finding", "point", "threshold", "sensitivity", "CI", "specificity", "CI"):
+    for column in ("finding", "point", "threshold", f"sensitivity ({ci})", f"specificity ({ci})"):
         points.add_column(column, justify="left" if column in ("finding", "point") else "right")
     for k, name in enumerate(names):
         for point in report.decisions:
@@ -355,5 +356,13 @@ def print_intervals(title: str, report: FindingsReport, names: Sequence[str]) ->
             if sens is None or spec is None:
                 continue
             threshold = report.per_finding[name][f"{prefix}threshold"]
-            points.add_row(name, point, f"{threshold:.4f}", *cells(sens, k), *cells(spec, k))
+            points.add_row(
+                name,
+                point,
+                f"{threshold:.3f}",
+                *(
+                    f"{float(r.value[k]):.3f} [{float(r.low[k]):.3f}, {float(r.high[k]):.3f}]"
+                    for r in (sens, spec)
+                ),
+            )
     console.print(points)
