@@ -27,14 +27,13 @@ from pathlib import Path
 from common import load_average, machine_info, write_results
 from omegaconf import OmegaConf
 
+from mnv3.cli import CONFIG_DIR
 from mnv3.models import build_backbone
 from mnv3.models.block_table import table_to_plain
 from mnv3.models.layers import make_divisible
 from mnv3.models.mobilenetv3 import MOBILENET_V3_SMALL, Bneck, V3Table
 from mnv3.search.latency_table import LatencyTable
 from mnv3.search.platform import Platform
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def random_table(rng: random.Random, name: str, base: V3Table = MOBILENET_V3_SMALL) -> V3Table:
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument(
-        "--platform", type=Path, default=ROOT / "conf" / "platform" / "torch_cpu_1t.yaml"
+        "--platform", type=Path, default=CONFIG_DIR / "platform" / "torch_cpu_1t.yaml"
     )
     parser.add_argument("--tables", type=int, default=30, help="random tables evaluated")
     parser.add_argument("--fit", type=int, default=8, help="other random tables the line is fit on")

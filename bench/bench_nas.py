@@ -45,6 +45,7 @@ from common import load_average, machine_info, write_results
 from omegaconf import OmegaConf
 from torchmetrics.functional import kendall_rank_corrcoef, spearman_corrcoef
 
+from mnv3.cli import CONFIG_DIR
 from mnv3.models import build_backbone
 from mnv3.models.block_table import load_backbone_file, save_backbone_file, table_to_plain
 from mnv3.report import markdown_table
@@ -183,7 +184,7 @@ def main() -> None:
         b["image"] for _, b in zip(range(batches), datamodule.train_dataloader(), strict=False)
     ]
     held_out = list(datamodule.val_dataloader())
-    in_space = {"small x1.0": load_backbone_file(ROOT / "conf" / "backbone" / "small_table.yaml")}
+    in_space = {"small x1.0": load_backbone_file(CONFIG_DIR / "backbone" / "small_table.yaml")}
     in_space |= {n: load_backbone_file(p) for n, p in tables.items()}
     ranking = []
     for name, table in in_space.items():

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, open_dict
 
 from mnv3.cli import CONFIG_DIR
 
-REPO = CONFIG_DIR.parent
+REPO = Path(__file__).resolve().parents[1]  # the checkout: bench/, notebooks/
 
 # Small enough for seconds per run on 2 CPU cores; 6 classes x 8 train images, 32x32 pixels.
 TINY_DATA = [

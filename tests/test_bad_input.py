@@ -243,6 +243,32 @@ def test_full_error_switch_prints_the_traceback_above_the_sentence(
         )
 
 
+def test_a_missing_optional_extra_is_one_sentence_naming_the_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib
+
+    @exit_on_user_error
+    def exports() -> None:
+        importlib.import_module("onnxruntime.this_is_not_installed")
+
+    @exit_on_user_error
+    def has_a_bug() -> None:
+        importlib.import_module("mnv3_no_such_module")
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as info:
+        exports()
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: this needs the optional package 'onnxruntime', which is not installed: "
+        "pip install 'mnv3[deploy]' (make install includes every extra)"
+    ]
+    with pytest.raises(ModuleNotFoundError):  # not an optional package: a bug, left loud
+        has_a_bug()
+
+
 # Through the real entry points. data=imagefolder with a root that does not exist: had the data
 # been read first, the sentence would be about the missing folder instead.
 NO_DATA = ["data=imagefolder", "data.root=/nonexistent/mnv3-data", "logger=none"]

@@ -18,11 +18,14 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import mnv3.conf
 from mnv3.errors import ConfigError
 
 log = logging.getLogger("mnv3")
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The Hydra configs: the top-level conf/ folder, installed as the package mnv3.conf (pyproject.toml
+# package-dir), so an editable install and a wheel both find them from any working folder.
+CONFIG_DIR = Path(mnv3.conf.__file__).resolve().parent
 # Keys of a data config that describe it rather than configure the data module.
 DATA_META_KEYS = ("_target_", "name", "provides")
 
@@ -63,8 +66,38 @@ def user_message(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+# Optional packages and the pyproject.toml extra that installs each (make install has them all).
+EXTRA_OF_MODULE = {
+    "onnx": "deploy",
+    "onnxscript": "deploy",
+    "onnxruntime": "deploy",
+    "torchao": "deploy",
+    "executorch": "deploy",
+    "pydicom": "medical",
+    "submitit": "slurm",
+    "hydra_plugins.hydra_submitit_launcher": "slurm",
+    "optuna": "sweep",
+    "hydra_plugins.hydra_optuna_sweeper": "sweep",
+}
+
+
+def missing_extra(exc: BaseException) -> str | None:
+    """The one sentence for an optional package that is not installed, or None for any other
+    error: which package, what installs it (``pip install 'mnv3[deploy]'``)."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    for module, extra in EXTRA_OF_MODULE.items():
+        if exc.name == module or exc.name.startswith(f"{module}."):
+            return (
+                f"this needs the optional package {module.split('.')[-1]!r}, which is not "
+                f"installed: pip install 'mnv3[{extra}]' (make install includes every extra)"
+            )
+    return None
+
+
 def exit_on_user_error(fn: F) -> F:
-    """Turn user errors into one logged sentence and exit status 1 instead of a traceback.
+    """Turn user errors (and a missing optional extra, :func:`missing_extra`) into one logged
+    sentence and exit status 1 instead of a traceback.
 
     With ``HYDRA_FULL_ERROR=1`` (Hydra's own switch for full tracebacks) the traceback is
     printed above the sentence; the exit status stays 1 either way.
@@ -75,12 +108,17 @@ def exit_on_user_error(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except user_errors() as exc:
-            message = user_message(exc)
-            log.error("%s", message)
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                traceback.print_exc(file=sys.stderr)
-            print(f"error: {message}", file=sys.stderr)
-            sys.exit(1)
+            error, message = exc, user_message(exc)
+        except ModuleNotFoundError as exc:
+            found = missing_extra(exc)
+            if found is None:
+                raise
+            error, message = exc, found
+        log.error("%s", message)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            traceback.print_exception(error, file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
 
