@@ -46,7 +46,7 @@ __all__ = [
 # Paper §4.1: the MnasNet reward's exponent; MobileNetV3-Small was re-searched with -0.15.
 REWARD_EXPONENT = {"large": -0.07, "small": -0.15, "mobilenet_v2": -0.07}
 # Default TAR (ms): eager Large 1.0 / Small 1.0 classifiers at 224x224, batch 1, 1 thread on this
-# project's 2-vCPU machine (README, "Models" benchmark table). bench/results/models.csv, when
+# project's 2-vCPU machine (docs/benchmarks.md, "Models" benchmark table). bench/results/models.csv, when
 # present, replaces them (:func:`reference_targets_ms`).
 DEFAULT_TARGET_MS = {"large": 22.76, "small": 10.97, "mobilenet_v2": 22.76}
 BENCH_TARGET_ROWS = {"large": "large-1.0", "small": "small-1.0", "mobilenet_v2": "large-1.0"}
@@ -102,7 +102,7 @@ def family_label(backbone: Mapping[str, Any]) -> str:
 
 def reference_targets_ms(bench_csv: str | Path | None = None) -> tuple[dict[str, float], str]:
     """TAR per family and where it came from: ``bench_csv`` (bench_models' CSV) when it exists
-    and has the Large 1.0 / Small 1.0 rows, else :data:`DEFAULT_TARGET_MS` (the README's)."""
+    and has the Large 1.0 / Small 1.0 rows, else :data:`DEFAULT_TARGET_MS` (docs/benchmarks.md's)."""
     if bench_csv is not None and Path(bench_csv).is_file():
         with open(bench_csv, newline="") as f:
             rows = {r.get("key"): r for r in csv.DictReader(f)}
@@ -114,7 +114,7 @@ def reference_targets_ms(bench_csv: str | Path | None = None) -> tuple[dict[str,
             pass
         else:
             return targets, f"measured by bench/bench_models.py ({bench_csv})"
-    return dict(DEFAULT_TARGET_MS), "the README's bench_models table (1 thread, 224x224)"
+    return dict(DEFAULT_TARGET_MS), "docs/benchmarks.md's bench_models table (1 thread, 224x224)"
 
 
 # -- tables --------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_qat_finetune_converts_with_evaluation_batchnorm(
         batch = converted(images)
         single = converted(images[:1])
         # As close as PTQ's >= 0.75 (measured 1.0): torchao's BatchNorm eps 1e-5 in place of the
-        # model's 1e-3 gave 0.44 here (README, "PT2E QAT collapsed").
+        # model's 1e-3 gave 0.44 here (docs/deployment.md, "PT2E QAT collapsed").
         assert top1_agreement(batch, classifier(images)) >= 0.75
     # Evaluation-mode BatchNorm (running statistics): one image gives its row of the batch, up
     # to int8 rounding (batch statistics of one 64 px image would change it by far more).

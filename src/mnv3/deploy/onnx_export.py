@@ -291,12 +291,12 @@ def quantize_onnx(
         path: the int8 ``.onnx``; written atomically, with ``metadata`` as ``<path>.json``.
         calibration: preprocessed image batches whose activation ranges set the scales.
         per_channel: per-output-channel weight scales (FACTS: reported worse on MobileNetV3's
-            depthwise blocks, onnxruntime#11415; measured in the README).
+            depthwise blocks, onnxruntime#11415; measured in docs/deployment.md).
         metadata: preprocessing and labels for the sidecar json.
         float_postprocess: keep the nodes after the last weighted layer (Conv / Gemm / MatMul)
             in float: SSDLite's box decoding and softmax, LR-ASPP's final resize. Quantizing
             decoded pixel coordinates and class probabilities to 8 bits cost the detector
-            7 points of mAP (README); the network itself stays int8 either way.
+            7 points of mAP (docs/deployment.md); the network itself stays int8 either way.
         calibration_method: onnxruntime's range estimate: ``minmax`` or ``percentile`` (the
             99.999th percentile of absolute values, symmetric ranges).
     """

@@ -55,7 +55,7 @@ def export_pte(
         example_input: the fixed ``(N, C, H, W)`` input shape of the program.
         quantize: None (fp32) or ``"int8"`` (``XNNPACKQuantizer``, per-channel symmetric
             weights, calibrated on ``calibration``). A detector's box decoding and softmax stay
-            in float: 8-bit pixel coordinates and probabilities cost mAP (the README's ONNX
+            in float: 8-bit pixel coordinates and probabilities cost mAP (docs/deployment.md's ONNX
             QDQ measurement), so only the ops inside the network's modules are quantized.
         calibration: batches of preprocessed images, needed for int8.
         metadata: preprocessing and labels for the sidecar json; ``outputs`` (what the program

@@ -197,7 +197,7 @@ def qat_network(
     """The int8 graph of ``task.qat_objective(network, example).network`` from
     quantization-aware training on ``steps`` batches of the training split (``datamodule`` set
     up for "fit"): at lr 0 the weights stay and only the moving-average activation ranges are
-    learnt (what keeps SSDLite's mAP, README); above 0 the weights are fine-tuned too
+    learnt (what keeps SSDLite's mAP, docs/deployment.md); above 0 the weights are fine-tuned too
     (BatchNorm statistics frozen halfway). ``backend``: ``"xnnpack"`` (``.pte``) or ``"x86"``.
 
     ``task``: the trained task (:meth:`mnv3.tasks.base.BaseTask.qat_objective` gives the loss
