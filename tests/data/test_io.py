@@ -179,5 +179,5 @@ def test_every_x_ray_family_reads_16_bit_images_as_its_datasets_do() -> None:
     must say ``range`` (as their datasets), every other family the top byte."""
     from mnv3.data.datamodule import DATASETS
 
-    xrays = {"chest_xray_pneumonia", "chestxray14", "chexpert", "xray_csv"}
+    xrays = {"chest_xray_pneumonia", "chestxray14", "chexpert", "xray_csv", "xray_generated"}
     assert {name for name, family in DATASETS.items() if family.wide_gray == "range"} == xrays

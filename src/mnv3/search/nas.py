@@ -261,6 +261,7 @@ def _train_supernet(
     import pytorch_lightning as pl
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+    from mnv3.accelerator import AUTO, CPU_PRECISION, auto_precision
     from mnv3.preemption import (
         AtomicCheckpointIO,
         PeriodicLastCheckpoint,
@@ -280,10 +281,13 @@ def _train_supernet(
     # SIGTERM / SIGUSR1 (a preempted job): supernet_last.ckpt at the next step's end, then
     # Preempted (exit 143), so the kill loses no step.
     preemption = PreemptionCheckpoint(last)
+    precision = cfg.get("trainer", {}).get("precision", CPU_PRECISION)
+    if precision == AUTO:  # trainer=default: what ``auto`` means on this accelerator
+        precision = auto_precision(accelerator)
     trainer = pl.Trainer(
         max_steps=s["supernet_steps"],
         accelerator=accelerator,
-        precision=cfg.get("trainer", {}).get("precision", "32-true"),
+        precision=precision,
         devices=1,
         limit_val_batches=0,
         logger=False,
