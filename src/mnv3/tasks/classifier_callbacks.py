@@ -33,7 +33,7 @@ from mnv3.models.ood import (
     mahalanobis_score,
     pooled_features,
 )
-from mnv3.tasks.common import log_images
+from mnv3.tasks.common import log_images, save_png
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +436,7 @@ class GradCamImages(pl.Callback):
         paths = []
         for i, (image, cam) in enumerate(zip(display, heat, strict=True)):
             path = folder / f"gradcam_epoch{trainer.current_epoch:03d}_{i}.png"
-            _save_png(overlay_heatmap(image, cam, self.alpha), path)
+            save_png(overlay_heatmap(image, cam, self.alpha), path)
             paths.append(path)
         self.last_paths = paths
         log_images(trainer.loggers, "val/gradcam", paths, step=trainer.global_step)
@@ -454,12 +454,3 @@ class GradCamImages(pl.Callback):
             high = images.amax(dim=(1, 2, 3), keepdim=True)
             pixels = (images - low) / (high - low).clamp_min(1e-12)
         return (pixels.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-
-
-def _save_png(array: Any, path: Path) -> None:
-    """Write an HWC uint8 array as PNG via a temporary name, so readers never see half a file."""
-    from PIL import Image
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    tmp.replace(path)

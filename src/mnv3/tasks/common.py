@@ -56,6 +56,18 @@ def save_figure(fig: Any, path: Path) -> Path:
     return path
 
 
+def save_png(array: Any, path: Path) -> None:
+    """A uint8 ``(H, W)`` label map (8-bit gray) or ``(H, W, 3)`` picture (a tensor or a numpy
+    array) as a PNG, written atomically (a killed run leaves no half-written file)."""
+    from PIL import Image
+
+    from mnv3.deploy.common import atomic_output  # the one home of atomic writes; lazy: start-up
+
+    pixels = array.numpy() if hasattr(array, "numpy") else array
+    with atomic_output(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")
+
+
 def log_images(
     loggers: Iterable[Any], key: str, paths: Sequence[Path], step: int | None = None
 ) -> None:

@@ -209,7 +209,8 @@ class SegmentationPredictions(ImagePredictions):
     needs_original = True
 
     def add(self, images: torch.Tensor, items: Sequence[ImageItem]) -> None:
-        from mnv3.tasks.segmentation import colour_overlay, save_png
+        from mnv3.tasks.common import save_png
+        from mnv3.tasks.segmentation import colour_overlay
 
         logits = self.network(images)
         alpha = float(self.settings.get("alpha", 0.5))

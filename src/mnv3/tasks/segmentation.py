@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from mnv3.models.segmentation.builders import BACKBONE_LIMITS, BACKBONE_LIMITS_WHY
 from mnv3.tasks.base import BaseTask, QATObjective
-from mnv3.tasks.common import check_plain, log_images, save_figure
+from mnv3.tasks.common import check_plain, log_images, save_figure, save_png
 
 log = logging.getLogger(__name__)
 
@@ -358,14 +358,3 @@ def colour_overlay(
     mask = colour_mask(train_ids, palette).float()
     blended = (1.0 - alpha) * image.permute(1, 2, 0).float() + alpha * mask
     return blended.round().clamp(0, 255).to(torch.uint8)
-
-
-def save_png(array: torch.Tensor, path: Path) -> None:
-    """A uint8 ``(H, W)`` label map (8-bit gray) or ``(H, W, 3)`` picture as a PNG, written
-    atomically (a killed run leaves no half-written file)."""
-    from PIL import Image
-
-    from mnv3.deploy.common import atomic_output  # the one home of atomic writes; lazy: start-up
-
-    with atomic_output(path) as tmp:
-        Image.fromarray(array.numpy()).save(tmp, format="PNG")
