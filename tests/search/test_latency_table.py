@@ -72,3 +72,29 @@ def test_fits_are_medians_and_a_cache_from_elsewhere_is_refused(tmp_path: Path) 
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=r"latency table .*lut.json was measured on .*threads"):
         LatencyTable(_platform("p"), path)
+
+
+def test_on_a_reference_platform_entries_are_ratios_to_an_anchor_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reference network beside every 0.1 ms block would dominate each round: each entry is
+    its time over one block of the reference's, measured in the same rounds, and the fitted
+    scale carries the sum into ms."""
+    anchors: list[tuple[int, ...]] = []
+
+    def ratio(self: Platform, network: torch.nn.Module, x: torch.Tensor, anchor, anchor_x) -> float:
+        anchors.append(tuple(anchor_x.shape))
+        return 0.5
+
+    monkeypatch.setattr(Platform, "measure_ratio", ratio)
+    monkeypatch.setattr(Platform, "measure", lambda *a, **k: pytest.fail("timed alone"))
+    platform = Platform("p", input_size=(64, 64), reference="mobilenet_v3_small", reference_ms=5.0)
+    table = LatencyTable(platform)
+    small = build_backbone("mobilenet_v3_small", num_classes=10)
+    total = table.parts_sum(small)
+    unique = len({p.key for p in network_parts(small, (64, 64))})
+    assert total == pytest.approx(0.5 * len(network_parts(small, (64, 64))))
+    assert len(anchors) == unique and len(set(anchors)) == 1  # one anchor for every entry
+    table.fit([total], [7.0])
+    assert table.predict(small) == pytest.approx(7.0)
+    assert table.fingerprint()["reference"] == "mobilenet_v3_small"  # the units it predicts in

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from mnv3.cli import CONFIG_DIR
 from mnv3.cpus import cpu_model
 from mnv3.errors import ConfigError
 from mnv3.models import mobilenet_v3_small
-from mnv3.search.platform import RUNTIMES, Platform, median_interval
+from mnv3.search.platform import RUNTIMES, Platform, median_interval, quantile, quantile_interval
 
 
 class FakeClock:
@@ -64,11 +66,13 @@ def test_a_bad_platform_is_one_sentence(override: dict, sentence: str) -> None:
     assert str(info.value).startswith(sentence)
 
 
-def test_every_shipped_platform_loads_and_names_a_runtime() -> None:
+def test_every_shipped_platform_loads_and_names_a_runtime(tmp_path: Path) -> None:
     files = sorted((CONFIG_DIR / "platform").glob("*.yaml"))
     assert {f.stem for f in files} >= {"torch_cpu_1t", "onnxruntime_cpu_1t", "xnnpack_1t"}
     for f in files:
-        platform = Platform.from_config(OmegaConf.to_container(OmegaConf.load(f)))  # type: ignore[arg-type]
+        cfg = OmegaConf.to_container(OmegaConf.load(f))
+        assert isinstance(cfg, dict)
+        platform = Platform.from_config({**cfg, "calibration": str(tmp_path / "c.json")})
         assert platform.name == f.stem and platform.runtime in RUNTIMES
 
 
@@ -107,3 +111,113 @@ def test_a_block_smaller_than_a_network_input_is_timed_by_onnxruntime() -> None:
     platform = Platform("ort", runtime="onnxruntime", warmup=1, min_runs=3, max_runs=5)
     latency = platform.measure(block, torch.randn(1, 96, 7, 7))
     assert latency.ms > 0 and latency.runtime.startswith("onnxruntime")
+
+
+def test_quantile_interval_and_value_follow_the_order_statistics() -> None:
+    times = [float(v) for v in range(100)]
+    # q = 0.1, n = 100: ranks 10 -+ 1.96 * sqrt(100 * 0.1 * 0.9) = 5.88 -> 4 and 16
+    assert quantile_interval(times, 0.1) == (4.0, 16.0)
+    assert quantile_interval(times, 0.5) == median_interval(times)
+    rng = torch.Generator().manual_seed(0)
+    sample = torch.rand(37, generator=rng).tolist()
+    for q in (0.1, 0.25, 0.5, 0.9):
+        assert quantile(sample, q) == pytest.approx(torch.quantile(torch.tensor(sample), q).item())
+
+
+def test_a_reference_scales_by_the_ratio_in_the_same_windows() -> None:
+    platform = Platform("p", quantile=0.1, reference="mobilenet_v3_small", reference_ms=5.0)
+    network, reference = [0.004 + 0.001 * i for i in range(10)], [0.002] * 10
+    latency = platform._latency(network, "stand-in", "default", (224, 224), reference, 5.0)
+    assert latency.raw_ms == pytest.approx(quantile(network, 0.1) * 1e3)
+    assert latency.ratio == pytest.approx(quantile(network, 0.1) / 0.002)
+    assert latency.ms == pytest.approx(latency.ratio * 5.0)
+    assert latency.low_ms / latency.ms == pytest.approx(network[0] / quantile(network, 0.1))
+    live = Platform(
+        "p32",
+        input_size=(32, 32),
+        warmup=1,
+        min_runs=5,
+        max_runs=10,
+        quantile=0.1,
+        reference="mobilenet_v3_small",
+        reference_ms=5.0,
+    ).measure(mobilenet_v3_small(width_mult=0.5))
+    assert live.ms == pytest.approx(live.ratio * 5.0) and live.reference == "mobilenet_v3_small"
+
+
+def test_the_reference_is_calibrated_once_per_platform(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mnv3.search import platform as module
+
+    path = tmp_path / "calibration.json"
+    settings = {
+        "name": "p32",
+        "input_size": [32, 32],
+        "warmup": 1,
+        "min_runs": 5,
+        "max_runs": 10,
+        "reference": "mobilenet_v3_small",
+        "calibration": str(path),
+    }
+    first = Platform.from_config(settings)
+    ms = first.reference_latency()
+    other = Platform.from_config({**settings, "input_size": [64, 64]})
+    other_ms = other.reference_latency()  # another fingerprint: its own entry, the first kept
+    entries = json.loads(path.read_text())["entries"]
+    assert [e["fingerprint"] for e in entries] == [first.fingerprint(), other.fingerprint()]
+    assert [e["reference_ms"] for e in entries] == [ms, other_ms]
+    module._CALIBRATED.clear()  # a fresh process: the numbers come from the file, unmeasured
+    monkeypatch.setattr(Platform, "measure", lambda *a, **k: pytest.fail("measured again"))
+    assert Platform.from_config(settings).reference_latency() == ms
+    assert other.reference_latency() == other_ms
+    path.write_text("{not json")
+    module._CALIBRATED.clear()
+    with pytest.raises(ConfigError, match=r"calibration .*calibration.json cannot be read"):
+        first.reference_latency()
+
+
+@pytest.mark.parametrize(
+    ("override", "sentence"),
+    [
+        ({"quantile": 1.5}, "platform.quantile=1.5; expected a number between 0 and 1"),
+        ({"reference": "resnet50"}, "platform.reference='resnet50' is not a backbone; expected"),
+        ({"reference_ms": -1}, "platform.reference_ms=-1; expected a positive number or null"),
+    ],
+)
+def test_bad_timing_settings_are_one_sentence(override: dict, sentence: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Platform.from_config({"name": "p", **override})
+    assert str(info.value).startswith(sentence)
+
+
+def test_an_unresolved_calibration_path_is_refused_when_it_would_be_written() -> None:
+    def shipped(name: str) -> dict:
+        cfg = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "platform" / f"{name}.yaml"))
+        assert isinstance(cfg, dict) and "${" in cfg["calibration"]
+        return cfg
+
+    Platform.from_config(shipped("onnxruntime_cpu_1t"))  # no reference: the path is never used
+    with pytest.raises(
+        ConfigError, match=r"platform.calibration=.* is an unresolved interpolation"
+    ):
+        Platform.from_config(shipped("torch_cpu_1t"))  # a reference: it would write there
+
+
+class Sleeper(torch.nn.Module):
+    """A module whose call takes a known time."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return x
+
+
+def test_a_ratio_to_an_anchor_recovers_a_known_answer() -> None:
+    platform = Platform("p", warmup=1, min_runs=10, max_runs=30, quantile=0.1, budget_s=1.0)
+    x = torch.zeros(1, 3, 32, 32)
+    ratio = platform.measure_ratio(Sleeper(0.004), x, Sleeper(0.002), torch.zeros(1, 8, 8, 8))
+    assert 1.5 < ratio < 2.5  # 4 ms over 2 ms, plus what sleeping overshoots

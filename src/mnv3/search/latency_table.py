@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mnv3.cpus import cpu_model
 from mnv3.errors import ConfigError
 from mnv3.models.mobilenet import MobileNet
 from mnv3.search.platform import Platform
@@ -114,6 +113,19 @@ class LatencyTable:
 
     def __init__(self, platform: Platform, path: str | Path | None = None) -> None:
         self.platform = platform
+        # On a platform with a reference, each entry is timed beside an anchor, one block of the
+        # reference network (the whole reference beside a 0.1 ms block would cost 50x the
+        # block per round), and kept as its ratio to it, so entries measured minutes apart on
+        # a drifting machine stay comparable; the fitted scale turns their sum into ms.
+        self._anchor: tuple[nn.Module, torch.Tensor] | None = None
+        if platform.reference:
+            from mnv3.models import build_backbone
+
+            reference = build_backbone(platform.reference, num_classes=1000)
+            parts = network_parts(reference, platform.input_size)
+            middle = parts[len(parts) // 2]
+            x = torch.randn(*middle.input_shape, generator=torch.Generator().manual_seed(0))
+            self._anchor = (middle.module, x)
         self.path = Path(path) if path is not None else None
         self.entries: dict[str, float] = {}
         self.constant_ms = 0.0
@@ -124,14 +136,9 @@ class LatencyTable:
             self._read(self.path)
 
     def fingerprint(self) -> dict[str, Any]:
-        """What an entry's number depends on besides its key: CPU, platform and threads."""
-        return {
-            "cpu": cpu_model(),
-            "platform": self.platform.name,
-            "runtime": self.platform.runtime,
-            "threads": self.platform.threads,
-            "torch": torch.__version__,
-        }
+        """What an entry's number depends on besides its key: the platform's fingerprint (CPU,
+        runtime, threads, the reported quantile and the reference the entries are scaled by)."""
+        return self.platform.fingerprint()
 
     def _read(self, path: Path) -> None:
         try:
@@ -167,9 +174,13 @@ class LatencyTable:
         """The entry of ``part``, measured (and cached) the first time its key is seen."""
         if part.key not in self.entries:
             x = torch.randn(*part.input_shape, generator=torch.Generator().manual_seed(0))
-            latency = self.platform.measure(part.module, x)
-            self.entries[part.key] = latency.ms
-            self.runtime = latency.runtime
+            if self._anchor is None:
+                latency = self.platform.measure(part.module, x)
+                self.entries[part.key] = latency.ms
+                self.runtime = latency.runtime
+            else:
+                self.entries[part.key] = self.platform.measure_ratio(part.module, x, *self._anchor)
+                self.runtime = f"{self.platform.runtime} (entries: ratio to an anchor block)"
             self.measured += 1
         return self.entries[part.key]
 
@@ -191,6 +202,11 @@ class LatencyTable:
         plus a fitted constant"). Which predicts better is measured by
         ``bench/bench_latency_table.py`` (docs/search.md). Returns (scale, constant_ms).
         """
+        if kind == "constant" and self._anchor is not None:
+            raise ConfigError(
+                f"fit={kind!r} on platform {self.platform.name}, whose entries are ratios to an "
+                "anchor block (it has a reference); expected fit=scale"
+            )
         if not sums or len(sums) != len(measured):
             raise ValueError("fit needs one measured latency per sum, at least one")
         pairs = list(zip(sums, measured, strict=True))

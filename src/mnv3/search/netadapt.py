@@ -436,12 +436,18 @@ class NetAdapt:
         proposals' ratios: those were *selected*, so their measured cuts lean optimistic (in
         the first quick search the product said 0.746 where start and result side by side
         said 0.800)."""
-        start = table_from_plain(self.state["start"]["table"])
+        start, current = self._side_by_side(self.build(table))
+        return current.ms / start.ms
+
+    def _side_by_side(self, network: nn.Module) -> tuple[Latency, Latency]:
+        """The start network's and ``network``'s latency measured in the same windows, with
+        the rounds every stop decision and the final report use (three times a proposal's:
+        two networks are cheap, and this decides the stop)."""
+        start = self.build(table_from_plain(self.state["start"]["table"]))
         measured = self.platform.measure_interleaved(
-            {"start": self.build(start), "current": self.build(table)},
-            3 * self.settings.measure_rounds,  # two networks: cheap, and it decides the stop
+            {"start": start, "current": network}, 3 * self.settings.measure_rounds
         )
-        return measured["current"].ms / measured["start"].ms
+        return measured["start"], measured["current"]
 
     def _widest_saving(
         self, table: V3Table, parent_pred: float, delta: float
@@ -683,23 +689,21 @@ class NetAdapt:
         )
         save_backbone_file(table, self.folder / TABLE_FILE)
         atomic_torch_save(network.state_dict(), self.folder / WEIGHTS_FILE)
-        start = self.build(table_from_plain(self.state["start"]["table"]))
-        final = self.platform.measure_interleaved(
-            {"start": start, "adapted": network}, self.settings.measure_rounds
-        )
+        start, adapted = self._side_by_side(network)
         summary = {
             "stopped": self.state["finished"],
             "iterations": self.state["iteration"],
             "proposals": len(self.state["rows"]),
-            "start ms": final["start"].ms,
-            "adapted ms": final["adapted"].ms,
+            "start ms": start.ms,
+            "adapted ms": adapted.ms,
             "latency ratio (judged each iteration)": self.state["ratio"],
             "latency ratio (product of kept proposals')": self.state["chained"],
-            "latency ratio (final side by side)": final["adapted"].ms / final["start"].ms,
+            "latency ratio (final side by side)": adapted.ms / start.ms,
             "start held-out acc": self.state["start"]["acc"],
             "adapted held-out acc": self.state["current"]["acc"],
-            "platform": f"{self.platform.name} ({final['start'].runtime}, "
-            f"{self.platform.threads} thread(s), {final['start'].cpu})",
+            "platform": f"{self.platform.name} ({start.runtime}, "
+            f"{self.platform.threads} thread(s), quantile {self.platform.quantile}, "
+            f"reference {self.platform.reference}, {start.cpu})",
         }
         atomic_write_json(self.folder / "summary.json", summary)
         return summary

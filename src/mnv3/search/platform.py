@@ -11,12 +11,13 @@ input size beside the number, so a latency never travels without its platform.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +89,15 @@ RUNTIMES: dict[str, Runtime] = {"torch": _torch, "onnxruntime": _onnxruntime, "x
 
 @dataclass(frozen=True)
 class Latency:
-    """One measured latency (median ms of single batch-1 calls) and where it was measured."""
+    """One measured latency (ms at the platform's quantile of single batch-1 calls) and where.
+
+    On a platform with a ``reference`` network, ``ratio`` is this network's time over the
+    reference's in the same time windows and ``ms`` is ``ratio * reference_ms``; ``raw_ms`` is
+    always the network's own number (equal to ``ms`` without a reference).
+    """
 
     ms: float
-    low_ms: float  # 95 % interval of the median (order statistics)
+    low_ms: float  # 95 % interval of the quantile (order statistics), scaled like ms
     high_ms: float
     runs: int
     platform: str
@@ -100,6 +106,10 @@ class Latency:
     input_size: tuple[int, int]
     cpu: str
     allocator: str = "default"
+    quantile: float = 0.5
+    raw_ms: float | None = None
+    ratio: float | None = None
+    reference: str | None = None
 
     def to_plain(self) -> dict[str, Any]:
         """Plain types for a CSV row, a JSON cache or a W&B log."""
@@ -108,15 +118,35 @@ class Latency:
         return plain
 
 
-def median_interval(times: list[float], z: float = 1.96) -> tuple[float, float]:
-    """The ~95 % distribution-free interval of the median of ``times`` (binomial order
-    statistics: ranks n/2 -+ z sqrt(n)/2), as (low, high)."""
+def quantile_interval(times: list[float], q: float = 0.5, z: float = 1.96) -> tuple[float, float]:
+    """The ~95 % distribution-free interval of the ``q`` quantile of ``times`` (binomial order
+    statistics: ranks n q -+ z sqrt(n q (1 - q))), as (low, high)."""
     ordered = sorted(times)
     n = len(ordered)
-    half = z * math.sqrt(n) / 2
-    low = max(math.floor(n / 2 - half), 0)
-    high = min(math.ceil(n / 2 + half), n - 1)
+    half = z * math.sqrt(n * q * (1 - q))
+    low = max(math.floor(n * q - half), 0)
+    high = min(math.ceil(n * q + half), n - 1)
     return ordered[low], ordered[high]
+
+
+def median_interval(times: list[float], z: float = 1.96) -> tuple[float, float]:
+    """The ~95 % distribution-free interval of the median of ``times`` (ranks n/2 -+ z sqrt(n)/2)."""
+    return quantile_interval(times, 0.5, z)
+
+
+def quantile(times: list[float], q: float) -> float:
+    """The ``q`` quantile of ``times`` (linear between order statistics; q = 0.5 is the median)."""
+    if q == 0.5:
+        return statistics.median(times)
+    ordered = sorted(times)
+    position = q * (len(ordered) - 1)
+    below = math.floor(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
+
+
+# reference_ms calibrated in this process, per calibration file (or per platform without one)
+_CALIBRATED: dict[str, float] = {}
 
 
 @dataclass(frozen=True)
@@ -130,11 +160,21 @@ class Platform:
     warmup: int = 10
     min_runs: int = 30
     max_runs: int = 1000
-    precision: float = 0.01  # stop when the median's interval is within +-1 %
+    precision: float = 0.01  # stop when the quantile's interval is within +-1 %
     budget_s: float = 20.0  # and at most this long per network
     # Fixed glibc malloc thresholds for the whole process (mnv3.cpus.pin_malloc): without them
     # the same network measured 5.60 and 6.03 ms in two fresh processes.
     pin_malloc: bool = True
+    # The statistic reported: 0.5 is the median; a low quantile (0.1) keeps the calls a busy
+    # machine did not interrupt (bench/bench_latency_table.py measures both).
+    quantile: float = 0.5
+    # A backbone (registry name) timed beside every network in the same windows: a shared
+    # machine's speed moves both alike, so the ratio repeats where plain numbers do not.
+    reference: str | None = None
+    # The reference's latency in ms that ratios are multiplied by; null: measured alone once and
+    # kept in ``calibration`` (a JSON file) so every later process uses the same number.
+    reference_ms: float | None = None
+    calibration: str | None = None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Platform:
@@ -158,7 +198,32 @@ class Platform:
         size = [size, size] if isinstance(size, int) else list(size)
         if len(size) != 2 or not all(isinstance(v, int) and v >= 32 for v in size):
             raise ConfigError(f"platform.input_size={size!r}; expected [H, W], each at least 32")
-        plain = {**dict(cfg), "input_size": (int(size[0]), int(size[1]))}
+        q = cfg.get("quantile", 0.5)
+        if isinstance(q, bool) or not isinstance(q, int | float) or not 0 < q < 1:
+            raise ConfigError(f"platform.quantile={q!r}; expected a number between 0 and 1")
+        reference = cfg.get("reference")
+        if reference is not None:
+            from mnv3.models.backbone import BACKBONES
+
+            if reference not in BACKBONES:
+                raise ConfigError(
+                    f"platform.reference={reference!r} is not a backbone; expected one of "
+                    f"{', '.join(sorted(BACKBONES))} or null"
+                )
+        calibration = cfg.get("calibration")
+        if reference is not None and calibration is not None and "${" in str(calibration):
+            raise ConfigError(
+                f"platform.calibration={calibration!r} is an unresolved interpolation; expected "
+                "a file path (resolve the config first, or set platform.calibration)"
+            )
+        ref_ms = cfg.get("reference_ms")
+        if ref_ms is not None and (
+            isinstance(ref_ms, bool) or not isinstance(ref_ms, int | float) or ref_ms <= 0
+        ):
+            raise ConfigError(
+                f"platform.reference_ms={ref_ms!r}; expected a positive number or null"
+            )
+        plain = {**dict(cfg), "input_size": (int(size[0]), int(size[1])), "quantile": float(q)}
         return cls(**plain)
 
     def example_input(self, channels: int = 3) -> torch.Tensor:
@@ -174,69 +239,135 @@ class Platform:
         x = self.example_input() if x is None else x
         return RUNTIMES[self.runtime](network, x, self.threads, scratch)
 
+    def settled(self, times: list[float]) -> bool:
+        """Whether the quantile of ``times`` is known to ``precision`` (95 % interval)."""
+        low, high = quantile_interval(times, self.quantile)
+        return high - low <= 2 * self.precision * quantile(times, self.quantile)
+
     def time_calls(
         self, call: Call, timer: Callable[[], float] = time.perf_counter
     ) -> tuple[list[float], float, float]:
-        """Warm up, then time single calls until the median is known to ``precision``, the
+        """Warm up, then time single calls until the quantile is known to ``precision``, the
         budget is spent or ``max_runs`` is reached; returns (seconds per call, interval)."""
-        for _ in range(self.warmup):
-            call()
-        times: list[float] = []
-        start = timer()
-        low = high = 0.0
-        while len(times) < self.max_runs:
-            t0 = timer()
-            call()
-            times.append(timer() - t0)
-            if len(times) >= self.min_runs and len(times) % 10 == 0:
-                low, high = median_interval(times)
-                median = statistics.median(times)
-                if high - low <= 2 * self.precision * median or timer() - start > self.budget_s:
-                    break
-        low, high = median_interval(times)
+        times = self._time_rounds({"network": call}, None, timer)["network"]
+        low, high = quantile_interval(times, self.quantile)
         return times, low, high
 
-    def measure_interleaved(
-        self, networks: Mapping[str, nn.Module], rounds: int
+    def _time_rounds(
+        self,
+        calls: Mapping[str, Call],
+        rounds: int | None,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> dict[str, list[float]]:
+        """Warm every call up, then time rounds that call each once, in alternating order (a
+        machine whose speed drifts moves them all alike). ``rounds`` fixed, or None: until the
+        first call's quantile has ``settled``, the budget is spent or ``max_runs`` is reached."""
+        for call in calls.values():
+            for _ in range(self.warmup):
+                call()
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        first = times[next(iter(calls))]
+        order = list(calls.items())
+        start = timer()
+        r = 0
+        while len(first) < (self.max_runs if rounds is None else rounds):
+            for name, call in order if r % 2 == 0 else order[::-1]:
+                t0 = timer()
+                call()
+                times[name].append(timer() - t0)
+            r += 1
+            n = len(first)
+            check = rounds is None and n >= self.min_runs and n % 10 == 0
+            if check and (self.settled(first) or timer() - start > self.budget_s):
+                break
+        return times
+
+    def _run(
+        self,
+        networks: Mapping[str, nn.Module],
+        rounds: int | None,
+        x: torch.Tensor | None = None,
+        anchor: tuple[nn.Module, torch.Tensor] | None = None,
     ) -> dict[str, Latency]:
-        """Median latencies of several networks timed in the same time windows: each of
-        ``rounds`` rounds calls every network once, in alternating order, so a machine whose
-        speed drifts (a shared VM) moves them all alike and their ranking survives."""
+        """Prepare ``networks`` and time them in the same rounds, beside ``anchor`` (a module and
+        its input: every latency gets its ratio to it) or else the platform's reference (the
+        ratio, and ms scaled to the calibrated reference)."""
         allocator = pin_malloc() if self.pin_malloc else "default"
         previous = torch.get_num_threads()
-        times: dict[str, list[float]] = {name: [] for name in networks}
+        reference_ms = None
+        if anchor is None and self.reference:
+            reference_ms = self.reference_latency()
+            anchor = (self._reference_network(), self.example_input())
         try:
             with tempfile.TemporaryDirectory(prefix="mnv3_platform_") as scratch:
                 calls, runtime = {}, ""
                 for i, (name, network) in enumerate(networks.items()):
                     folder = Path(scratch) / str(i)
                     folder.mkdir()
-                    calls[name], runtime = self.prepare(network, folder)
-                for call in calls.values():
-                    for _ in range(self.warmup):
-                        call()
-                order = list(calls.items())
-                for r in range(rounds):
-                    for name, call in order if r % 2 == 0 else order[::-1]:
-                        t0 = time.perf_counter()
-                        call()
-                        times[name].append(time.perf_counter() - t0)
+                    calls[name], runtime = self.prepare(network, folder, x)
+                if anchor is not None:
+                    (Path(scratch) / "anchor").mkdir()
+                    calls[_REFERENCE] = self.prepare(
+                        anchor[0], Path(scratch) / "anchor", anchor[1]
+                    )[0]
+                times = self._time_rounds(calls, rounds)
         finally:
             torch.set_num_threads(previous)
+        size = self.input_size if x is None else (int(x.shape[-2]), int(x.shape[-1]))
+        reference = times.pop(_REFERENCE, None)
         return {
-            name: self._latency(values, runtime, allocator, self.input_size)
+            name: self._latency(values, runtime, allocator, size, reference, reference_ms)
             for name, values in times.items()
         }
 
+    def measure_ratio(
+        self, network: nn.Module, x: torch.Tensor, anchor: nn.Module, anchor_x: torch.Tensor
+    ) -> float:
+        """``network``'s time on ``x`` over ``anchor``'s on ``anchor_x``, timed in the same rounds
+        until the network's quantile is known to ``precision``: a unitless number that a
+        machine's drifting speed leaves alone (the per-block table's entries on a platform with
+        a reference)."""
+        latency = self._run({"network": network}, None, x, anchor=(anchor, anchor_x))["network"]
+        assert latency.ratio is not None
+        return latency.ratio
+
+    def measure_interleaved(
+        self, networks: Mapping[str, nn.Module], rounds: int
+    ) -> dict[str, Latency]:
+        """Latencies of several networks timed in the same time windows: each of ``rounds``
+        rounds calls every network once (and the reference, if any), in alternating order, so
+        a machine whose speed drifts (a shared VM) moves them all alike and their ranking
+        survives."""
+        return self._run(networks, rounds)
+
+    def measure(self, network: nn.Module, x: torch.Tensor | None = None) -> Latency:
+        """Batch-1 latency of ``network`` on this platform (on ``x``, default the platform's
+        example input), with where it was measured: timed until its quantile is known to
+        ``precision`` or the budget is spent, beside the reference if the platform has one."""
+        return self._run({"network": network}, None, x)["network"]
+
     def _latency(
-        self, times: list[float], runtime: str, allocator: str, input_size: tuple[int, int]
+        self,
+        times: list[float],
+        runtime: str,
+        allocator: str,
+        input_size: tuple[int, int],
+        reference: list[float] | None = None,
+        reference_ms: float | None = None,
     ) -> Latency:
-        """The record of timed calls (seconds): median and its interval in ms, and where."""
-        low, high = median_interval(times)
+        """The record of timed calls (seconds): the quantile and its interval in ms, and where;
+        with a reference, scaled to the calibrated reference by the ratio of the two."""
+        low, high = quantile_interval(times, self.quantile)
+        raw = quantile(times, self.quantile)
+        scale, ratio = 1e3, None
+        if reference is not None:
+            ratio = raw / quantile(reference, self.quantile)
+        if ratio is not None and reference_ms is not None:
+            scale = ratio * reference_ms / raw
         return Latency(
-            ms=statistics.median(times) * 1e3,
-            low_ms=low * 1e3,
-            high_ms=high * 1e3,
+            ms=raw * scale,
+            low_ms=low * scale,
+            high_ms=high * scale,
             runs=len(times),
             platform=self.name,
             runtime=runtime,
@@ -244,18 +375,64 @@ class Platform:
             input_size=input_size,
             cpu=cpu_model(),
             allocator=allocator,
+            quantile=self.quantile,
+            raw_ms=raw * 1e3,
+            ratio=ratio,
+            reference=self.reference,
         )
 
-    def measure(self, network: nn.Module, x: torch.Tensor | None = None) -> Latency:
-        """Median batch-1 latency of ``network`` on this platform (on ``x``, default the
-        platform's example input), with where it was measured."""
-        allocator = pin_malloc() if self.pin_malloc else "default"
-        previous = torch.get_num_threads()
-        try:
-            with tempfile.TemporaryDirectory(prefix="mnv3_platform_") as scratch:
-                call, runtime = self.prepare(network, Path(scratch), x)
-                times, _, _ = self.time_calls(call)
-        finally:
-            torch.set_num_threads(previous)
-        size = self.input_size if x is None else (int(x.shape[-2]), int(x.shape[-1]))
-        return self._latency(times, runtime, allocator, size)
+    def _reference_network(self) -> nn.Module:
+        from mnv3.models import build_backbone
+
+        assert self.reference is not None
+        return build_backbone(self.reference, num_classes=1000)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a calibrated reference latency depends on: CPU, runtime, threads, input, rule."""
+        return {
+            "cpu": cpu_model(),
+            "platform": self.name,
+            "runtime": self.runtime,
+            "threads": self.threads,
+            "input_size": list(self.input_size),
+            "quantile": self.quantile,
+            "reference": self.reference,
+            "torch": torch.__version__,
+        }
+
+    def reference_latency(self) -> float:
+        """The reference network's latency (ms) that ratios are scaled by: ``reference_ms`` if
+        set, else the ``calibration`` file's entry for this platform's fingerprint, else
+        measured alone now (to ``precision``, three times the budget) and added to that file,
+        so every later process on this platform scales by the same number."""
+        if self.reference_ms is not None:
+            return float(self.reference_ms)
+        key = json.dumps([self.calibration, self.fingerprint()], sort_keys=True)
+        if key in _CALIBRATED:
+            return _CALIBRATED[key]
+        path = Path(self.calibration) if self.calibration else None
+        entries: list[dict[str, Any]] = []
+        if path is not None and path.is_file():
+            try:
+                entries = list(json.loads(path.read_text())["entries"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(
+                    f"platform calibration {path} cannot be read ({exc!r}); delete it"
+                ) from None
+        for entry in entries:
+            if entry.get("fingerprint") == self.fingerprint():
+                _CALIBRATED[key] = float(entry["reference_ms"])
+                return _CALIBRATED[key]
+        alone = replace(self, reference=None, budget_s=3 * self.budget_s)
+        latency = alone.measure(self._reference_network())
+        _CALIBRATED[key] = latency.ms
+        if path is not None:
+            from mnv3.deploy.common import atomic_write_json
+
+            entry = {"fingerprint": self.fingerprint(), "reference_ms": latency.ms}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, {"entries": [*entries, entry | latency.to_plain()]})
+        return latency.ms
+
+
+_REFERENCE = "\0reference"  # the reference's key among timed calls (no user name is this)
