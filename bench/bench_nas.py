@@ -1,8 +1,9 @@
 """The block search's evidence (issue 18): ranking, controllers, the plot, the reward exponent.
 
-Run ``python bench/bench_nas.py --out bench/results`` (about 80 minutes on 2 cores; ``--quick``:
-tiny searches, 1 seed, 1 epoch, to check the script). Every step skips what a previous run of
-the script finished, so a stopped bench continues. Steps, all on this machine:
+Run ``python bench/bench_nas.py --out bench/results`` (about 2 hours on 2 cores from nothing;
+``--quick``: tiny searches, 1 seed, 1 epoch, to check the script). Every step skips what a
+previous run of the script finished, so a stopped bench continues, and a run with new networks
+or seeds trains only those. Steps, all on this machine:
 
 1. **Supernet**: ``python -m mnv3.search experiment=nas_small_quick search.netadapt=false`` (or
    ``--supernet-run``, a finished search folder); its ``search/supernet.pt`` is copied into every
@@ -16,15 +17,18 @@ the script finished, so a stopped bench continues. Steps, all on this machine:
    with w = -0.07 and w = -0.15, the same seeds: the winners' supernet accuracy and latency.
 4. **NAS -> NetAdapt**: the evolution seed-0 run's winner refined by NetAdapt from its
    supernet weights (``search.netadapt=true``, the quick experiment's ``search.refine``).
-5. **From scratch** with one recipe (``experiment=textures_quick``, the ``make train`` recipe):
-   Small at width 0.5 / 0.75 / 1.0, the NAS winner and NAS -> NetAdapt over ``--seeds``; seed 0
-   of the small-target winners, the random-search winner and ``--randoms`` random networks of
-   the space. Score: each run's test top-1.
+5. **From scratch** with one recipe (``experiment=textures_quick``, the ``make train`` recipe),
+   over ``--seeds``: Small at ``--small-widths`` and Large at ``--large-widths`` (two
+   width-multiplier curves), the evolution winner of every search seed, NAS -> NetAdapt and,
+   when ``--netadapt-table`` exists (the ``make search`` run's table), NetAdapt from Small;
+   training seed 0 only of the small-target winners, the random-search winner and
+   ``--randoms`` random networks of the space. Score: each run's test top-1.
 6. **Ranking**: Kendall tau-b (torchmetrics) between supernet accuracy (BN re-measured, the
    validation split, as the search scores) and stand-alone test top-1 (seed 0) over every
    network of the space trained in step 5.
-7. **Latency** of the plotted networks measured side by side (interleaved rounds); a table and
-   a plot of test top-1 vs measured latency.
+7. **Latency** of every plotted network measured in one interleaved measurement, so that each
+   ratio to Small x1.0 comes from the same time windows; a table, a plot of test top-1 vs
+   measured latency, and each found network's top-1 minus each width curve's at its latency.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import random
 import shutil
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +56,54 @@ from mnv3.models.block_table import load_backbone_file, save_backbone_file, tabl
 from mnv3.report import markdown_table
 from mnv3.search.platform import Platform
 from mnv3.search.space import SearchSpace
-from mnv3.search.supernet import SuperNet, supernet_accuracy
+from mnv3.search.supernet import sandwich_task, scoring_trainer, supernet_accuracy
+from mnv3.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTROLLERS = ("random", "evolution", "rl")
 EXPONENTS = (-0.07, -0.15)
-WIDTHS = {"small x0.5": 0.5, "small x0.75": 0.75, "small x1.0": 1.0}
+FAMILIES = {"small": "mobilenet_v3_small", "large": "mobilenet_v3_large"}
+NETADAPT_SMALL = ROOT / "bench" / "results" / "demo_runs" / "netadapt_small_quick" / "table.yaml"
+
+
+@dataclass(frozen=True)
+class Network:
+    """One network of step 5: its run folders are ``runs/<stem>_s<seed>``, trained over every
+    training seed when ``multi_seed``; a block table file or a width point of a family."""
+
+    name: str
+    stem: str
+    multi_seed: bool
+    table: Path | None = None
+    family: str = "small"
+    width: float = 1.0
+
+    def backbone(self) -> list[str]:
+        """The train command's backbone arguments."""
+        if self.table is not None:
+            return [f"backbone={self.table}"]
+        return [f"backbone={self.family}", f"backbone.width_mult={self.width}"]
+
+    def build(self, num_classes: int) -> torch.nn.Module:
+        """The network as trained, for timing and counting."""
+        if self.table is not None:
+            plain = table_to_plain(load_backbone_file(self.table))
+            return build_backbone("mobilenet_v3", table=plain, num_classes=num_classes)
+        return build_backbone(FAMILIES[self.family], width_mult=self.width, num_classes=num_classes)
+
+
+def width_point(family: str, width: float) -> Network:
+    """``family`` at one width multiplier, e.g. ``small x0.75`` in ``runs/small_x0.75_s<seed>``."""
+    name = f"{family} x{width}"
+    return Network(name, name.replace(" ", "_"), True, family=family, width=width)
+
+
+def table_network(name: str, table: Path, multi_seed: bool, stem: str | None = None) -> Network:
+    """A block table trained from scratch; its run folders are named after ``name`` unless
+    ``stem`` says otherwise."""
+    if stem is None:
+        stem = name.replace(" ", "_").replace("(", "").replace(")", "").replace(">", "")
+    return Network(name, stem, multi_seed, table=table)
 
 
 def search(folder: Path, supernet: Path | None, args: list[str]) -> dict[str, Any]:
@@ -86,8 +133,20 @@ def main() -> None:
     parser.add_argument("--randoms", type=int, default=5, help="random networks for the ranking")
     parser.add_argument("--small-target", type=float, default=0.6)
     parser.add_argument("--rounds", type=int, default=300, help="interleaved timing rounds")
+    parser.add_argument(
+        "--small-widths", type=float, nargs="+", default=[0.35, 0.5, 0.75, 1.0], help="with 1.0"
+    )
+    parser.add_argument("--large-widths", type=float, nargs="+", default=[0.35, 0.5])
+    parser.add_argument(
+        "--netadapt-table",
+        type=Path,
+        default=NETADAPT_SMALL,
+        help="NetAdapt from Small (make search); plotted when the file exists",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny searches, 1 seed, 1 epoch")
     args = parser.parse_args()
+    if 1.0 not in args.small_widths:
+        parser.error("--small-widths must include 1.0, the reference every latency is a ratio to")
     work = args.out / "nas"
     quick = ["debug=fast_dev_run"] if args.quick else []
     seeds = args.seeds[:1] if args.quick else args.seeds
@@ -135,34 +194,48 @@ def main() -> None:
     cfg = OmegaConf.to_container(OmegaConf.load(base / "config_resolved.yaml"), resolve=True)
     space = SearchSpace.from_config(cfg["search"]["space"])
     s0 = search_seeds[0]
-    tables = {
-        "nas (w -0.15)": work / f"evolution_s{s0}" / "table.yaml",
-        "nas -> netadapt": work / f"evolution_s{s0}" / "netadapt" / "table.yaml",
-        f"nas @{args.small_target} (w -0.07)": work / f"small_target_w0.07_s{s0}" / "table.yaml",
-        f"nas @{args.small_target} (w -0.15)": work / f"small_target_w0.15_s{s0}" / "table.yaml",
-        "random-search winner": work / f"random_s{s0}" / "table.yaml",
-    }
+    small = [width_point("small", w) for w in sorted(args.small_widths)]
+    large = [width_point("large", w) for w in sorted(args.large_widths)]
+    # Search seed 0's winner keeps the run folders of the bench's first layout (one search seed).
+    found = [
+        table_network(
+            f"nas (w -0.15) search s{s}",
+            work / f"evolution_s{s}" / "table.yaml",
+            True,
+            stem="nas_w_-0.15" if s == 0 else f"nas_w_-0.15_search_s{s}",
+        )
+        for s in search_seeds
+    ]
+    refined = [
+        table_network(
+            "nas -> netadapt", work / f"evolution_s{s0}" / "netadapt" / "table.yaml", True
+        )
+    ]
+    if args.netadapt_table.is_file():
+        refined.append(table_network("netadapt from small", args.netadapt_table, True))
+    small_target = [
+        table_network(
+            f"nas @{args.small_target} (w {w})",
+            work / f"small_target_w{abs(w)}_s{s0}" / "table.yaml",
+            False,
+        )
+        for w in EXPONENTS
+    ]
+    others = [table_network("random-search winner", work / f"random_s{s0}" / "table.yaml", False)]
     rng = random.Random(2026)
     for i in range(args.randoms):
         path = work / "random_networks" / f"r{i}.yaml"
         table = space.table(space.sample(rng), f"random_{i}")
         if not path.is_file():
             save_backbone_file(table, path)
-        tables[f"random {i}"] = path
+        others.append(table_network(f"random {i}", path, False))
 
-    def backbone(name: str) -> list[str]:
-        if name in WIDTHS:
-            return ["backbone=small", f"backbone.width_mult={WIDTHS[name]}"]
-        return [f"backbone={tables[name]}"]
-
-    plotted = [*WIDTHS, "nas (w -0.15)", "nas -> netadapt", *list(tables)[2:4]]
-    multi_seed = {*WIDTHS, "nas (w -0.15)", "nas -> netadapt"}
+    plotted = [*small, *large, *found, *refined, *small_target]
     accs: dict[str, list[float]] = {}
-    for name in [*WIDTHS, *tables]:
-        for seed in seeds if name in multi_seed else seeds[:1]:
-            slug = name.replace(" ", "_").replace("(", "").replace(")", "").replace(">", "")
-            accs.setdefault(name, []).append(
-                train(work / "runs" / f"{slug}_s{seed}", backbone(name), seed, epochs)
+    for net in [*plotted, *others]:
+        for seed in seeds if net.multi_seed else seeds[:1]:
+            accs.setdefault(net.name, []).append(
+                train(work / "runs" / f"{net.stem}_s{seed}", net.backbone(), seed, epochs)
             )
     train_s = time.time() - started - search_s
 
@@ -171,13 +244,11 @@ def main() -> None:
 
     datamodule = build_datamodule(cfg["data"], num_workers=0)
     datamodule.prepare_data()
-    supernet = SuperNet(
-        space,
-        datamodule.num_classes,
-        dropout=float(cfg["head"].get("dropout", 0.2)),
-        bn_momentum=cfg["backbone"].get("bn_momentum"),
+    task = sandwich_task(TASKS["classification"]).from_config(cfg, datamodule)  # as the search
+    task.model.supernet.load_state_dict(
+        torch.load(supernet_file, map_location="cpu", weights_only=True)
     )
-    supernet.load_state_dict(torch.load(supernet_file, map_location="cpu", weights_only=True))
+    scorer = scoring_trainer(str(work / "scoring"))
     batches = int(cfg["search"]["calibration_batches"])
     torch.manual_seed(0)
     calibration = [
@@ -185,7 +256,9 @@ def main() -> None:
     ]
     held_out = list(datamodule.val_dataloader())
     in_space = {"small x1.0": load_backbone_file(CONFIG_DIR / "backbone" / "small_table.yaml")}
-    in_space |= {n: load_backbone_file(p) for n, p in tables.items()}
+    # The first run's 10 networks first; the later search seeds' winners after them.
+    for net in [found[0], *refined, *small_target, *others, *found[1:]]:
+        in_space[net.name] = load_backbone_file(net.table)
     ranking = []
     for name, table in in_space.items():
         choices = space.decode(table)
@@ -195,48 +268,73 @@ def main() -> None:
             {
                 "network": name,
                 "supernet_acc": round(
-                    supernet_accuracy(supernet, choices, calibration, held_out), 4
+                    supernet_accuracy(task, choices, calibration, held_out, scorer), 4
                 ),
                 "standalone_top1_s0": round(accs[name][0], 4),
             }
         )
-    proxy = torch.tensor([r["supernet_acc"] for r in ranking])
-    truth = torch.tensor([r["standalone_top1_s0"] for r in ranking])
-    tau = float(kendall_rank_corrcoef(proxy, truth))
-    rho = float(spearman_corrcoef(proxy, truth))
+    later = {n.name for n in found[1:]}
+    correlations = [_correlations([r for r in ranking if r["network"] not in later])]
+    if later:
+        correlations.append(_correlations(ranking))
 
     # Latency of the plotted networks, side by side.
     platform = Platform.from_config(cfg["platform"])
     classes = _num_classes(work / "runs" / f"small_x1.0_s{seeds[0]}")
-    networks = {
-        n: build_backbone("mobilenet_v3_small", width_mult=WIDTHS[n], num_classes=classes)
-        if n in WIDTHS
-        else build_backbone(
-            "mobilenet_v3",
-            table=table_to_plain(load_backbone_file(tables[n])),
-            num_classes=classes,
-        )
-        for n in plotted
-    }
+    networks = {n.name: n.build(classes) for n in plotted}
     rounds = 20 if args.quick else args.rounds
     latency = platform.measure_interleaved(networks, rounds)
     ref = latency["small x1.0"].ms
     size = platform.input_size
-    rows = [network_row(n, networks[n], latency[n].ms, ref, size, accs[n]) for n in plotted]
-    curve = {r["network"]: (r["latency_ms"], r["top1_mean"]) for r in rows[:3]}
-    seed_std = statistics.mean(r["top1_std"] for r in rows[:3]) or float("nan")
-    verdicts = []
-    for r in rows[3:5]:
-        gap = above_curve(curve, r["latency_ms"], r["top1_mean"])
-        verdicts.append(
-            f"{r['network']}: "
-            + (
-                "outside the width curve's latency range"
-                if gap is None
-                else f"{gap:+.4f} top-1 vs the width curve at its latency "
-                f"({gap / seed_std:+.1f} seed std)"
-            )
-        )
+    rows = {n: network_row(n, networks[n], latency[n].ms, ref, size, accs[n]) for n in networks}
+    curves = {
+        "Small": [rows[n.name] for n in small],
+        "Large": [rows[n.name] for n in large],
+    }
+    judged = [rows[n.name] for n in [*found, *refined]]
+    gaps = {r["network"]: {c: _gap(r, points) for c, points in curves.items()} for r in judged}
+    verdicts = [
+        f"{r['network']} ({r['ratio_vs_x1.0']:.3f}x, top-1 {r['top1_mean']:.4f} +- "
+        f"{r['top1_std']:.4f}): "
+        + "; ".join(_verdict(c, r, gaps[r["network"]][c], points) for c, points in curves.items())
+        for r in judged
+    ]
+    found_rows = [rows[n.name] for n in found]
+    pooled = [a for n in found for a in accs[n.name]]
+    ratios = [r["ratio_vs_x1.0"] for r in found_rows]
+    found_table = [
+        {
+            "search seed": str(seed),
+            "latency vs small x1.0": f"{r['ratio_vs_x1.0']:.3f}",
+            "top-1 per training seed": r["top1_seeds"],
+            "top-1 mean +- std": f"{r['top1_mean']:.4f} +- {r['top1_std']:.4f}",
+            **{
+                f"vs {c} curve": _cell(r, gaps[r["network"]][c], points)
+                for c, points in curves.items()
+            },
+        }
+        for seed, r in zip(search_seeds, found_rows, strict=True)
+    ]
+    ratio_mean, ratio_std = mean_std(ratios)
+    pooled_mean, pooled_std = mean_std(pooled)
+    all_row = {
+        "search seed": f"all {len(pooled)} runs",
+        "latency vs small x1.0": f"{ratio_mean:.3f} +- {ratio_std:.3f}",
+        "top-1 per training seed": "",
+        "top-1 mean +- std": f"{pooled_mean:.4f} +- {pooled_std:.4f}",
+    }
+    for c, points in curves.items():
+        inside = [gaps[r["network"]][c] for r in found_rows if gaps[r["network"]][c] is not None]
+        outside = [_beyond(r, points) for r in found_rows if gaps[r["network"]][c] is None]
+        words = [f"{statistics.mean(inside):+.4f} (mean of {len(inside)})"] if inside else []
+        for verb, plural in (("dominates", "dominate"), ("is dominated by", "dominated by")):
+            count = sum(1 for b in outside if b is not None and b[0] == verb)
+            if count:
+                words.append(f"{count} of {len(found_rows)} {plural} its end point")
+        if len(outside) > sum(1 for b in outside if b is not None):
+            words.append(f"{sum(1 for b in outside if b is None)} outside")
+        all_row[f"vs {c} curve"] = "; ".join(words)
+    found_table.append(all_row)
 
     lines = [
         "# Block search evidence (bench/bench_nas.py)",
@@ -250,7 +348,17 @@ def main() -> None:
         f"{controllers['random'][0]['evaluated']} candidates each; training seeds "
         f"{' '.join(map(str, seeds))} (recipe experiment=textures_quick"
         f"{' trainer.max_epochs=1' if epochs else ''})",
-        f"- time: searches {search_s:.0f} s, training {train_s:.0f} s",
+        f"- width curves: Small x{' / '.join(str(n.width) for n in small)}, Large "
+        f"x{' / '.join(str(n.width) for n in large)}; NetAdapt from Small: "
+        + (
+            str(args.netadapt_table)
+            if args.netadapt_table.is_file()
+            else f"no table at {args.netadapt_table}, not plotted"
+        ),
+        "- latency: every network of section 4 timed in the one interleaved measurement; "
+        "compare ratios to Small x1.0, not milliseconds across pages",
+        f"- time: searches {search_s:.0f} s, training {train_s:.0f} s (only runs not finished "
+        "before)",
         f"- load average at the end: {load_average()}",
         "",
         "## 1. Does supernet accuracy rank networks as training them alone does?",
@@ -259,7 +367,11 @@ def main() -> None:
         "|---|---|---|",
         *(f"| {r['network']} | {r['supernet_acc']} | {r['standalone_top1_s0']} |" for r in ranking),
         "",
-        f"**Kendall tau-b {tau:+.3f}, Spearman {rho:+.3f} over {len(ranking)} networks.**",
+        *(
+            f"**Kendall tau-b {tau:+.3f}, Spearman {rho:+.3f} over {count} networks"
+            + (" (the first run's set).**" if i == 0 and later else ".**")
+            for i, (tau, rho, count) in enumerate(correlations)
+        ),
         "",
         "## 2. Controllers at an equal budget (w = -0.15, target = Small's predicted latency)",
         "",
@@ -281,16 +393,87 @@ def main() -> None:
         "",
         "## 4. Found networks trained from scratch vs the width multiplier",
         "",
-        markdown_table(rows, list(rows[0])),
+        markdown_table(list(rows.values()), list(next(iter(rows.values())))),
         "",
-        *(f"**{v}.**" for v in verdicts),
+        "Top-1 minus each width curve's at the network's measured latency (linear between the "
+        "two width points around it; seed std: the curve points' mean std over training seeds):",
+        "",
+        *(f"- {v}" for v in verdicts),
+        "",
+        "### The evolution winner of each search seed, over the training seeds",
+        "",
+        markdown_table(found_table, list(found_table[0])),
         "",
     ]
     report = "\n".join(lines)
     print(report)
     name = "bench_nas"
-    write_results(args.out, name, report, rows)
-    _plot(rows, args.out / f"{name}.png", f"{platform.name}, {size[0]}x{size[1]}")
+    write_results(args.out, name, report, list(rows.values()))
+    others_plotted = [rows[n.name] for n in [*found, *refined, *small_target]]
+    _plot(curves, others_plotted, args.out / f"{name}.png", f"{platform.name}, {size[0]}x{size[1]}")
+
+
+def _correlations(ranking: list[dict[str, Any]]) -> tuple[float, float, int]:
+    """Kendall tau-b and Spearman rho between supernet and stand-alone accuracy, and the count."""
+    proxy = torch.tensor([r["supernet_acc"] for r in ranking])
+    truth = torch.tensor([r["standalone_top1_s0"] for r in ranking])
+    return (
+        float(kendall_rank_corrcoef(proxy, truth)),
+        float(spearman_corrcoef(proxy, truth)),
+        len(ranking),
+    )
+
+
+def _gap(row: dict[str, Any], curve: list[dict[str, Any]]) -> float | None:
+    """``row``'s top-1 minus the width curve's at its measured latency; None outside it."""
+    points = {r["network"]: (r["latency_ms"], r["top1_mean"]) for r in curve}
+    return above_curve(points, row["latency_ms"], row["top1_mean"])
+
+
+def _beyond(row: dict[str, Any], curve: list[dict[str, Any]]) -> tuple[str, dict, float] | None:
+    """Outside a width curve's latency range, what holds without extrapolating it: ``row`` is
+    faster and at least as accurate as the curve's fastest point ("dominates"), or slower and
+    at most as accurate as its slowest ("dominated by"); that point and the top-1 difference.
+    None when neither holds or there is no curve."""
+    if not curve:
+        return None
+    fastest = min(curve, key=lambda r: r["latency_ms"])
+    slowest = max(curve, key=lambda r: r["latency_ms"])
+    if row["latency_ms"] < fastest["latency_ms"] and row["top1_mean"] >= fastest["top1_mean"]:
+        return "dominates", fastest, row["top1_mean"] - fastest["top1_mean"]
+    if row["latency_ms"] > slowest["latency_ms"] and row["top1_mean"] <= slowest["top1_mean"]:
+        return "is dominated by", slowest, row["top1_mean"] - slowest["top1_mean"]
+    return None
+
+
+def _verdict(
+    family: str, row: dict[str, Any], gap: float | None, curve: list[dict[str, Any]]
+) -> str:
+    """One width curve's comparison in words: the gap at equal latency and its size in the
+    curve's seed std, or outside the curve's latency range what :func:`_beyond` finds."""
+    if not curve:
+        return f"no {family} curve"
+    seed_std = statistics.mean(r["top1_std"] for r in curve) or float("nan")
+    if gap is not None:
+        return f"{gap:+.4f} vs the {family} curve ({gap / seed_std:+.1f} seed std)"
+    ratios = sorted(r["ratio_vs_x1.0"] for r in curve)
+    text = f"outside the {family} curve ({ratios[0]:.3f}x-{ratios[-1]:.3f}x)"
+    beyond = _beyond(row, curve)
+    if beyond is not None:
+        verb, end, diff = beyond
+        text += f"; {verb} {end['network']} ({diff:+.4f} top-1, {diff / seed_std:+.1f} seed std)"
+    return text
+
+
+def _cell(row: dict[str, Any], gap: float | None, curve: list[dict[str, Any]]) -> str:
+    """The per-search-seed table's short form of :func:`_verdict`."""
+    if gap is not None:
+        return f"{gap:+.4f}"
+    beyond = _beyond(row, curve)
+    if beyond is None:
+        return "outside"
+    verb, end, diff = beyond
+    return f"outside; {verb} {end['network']} ({diff:+.4f})"
 
 
 def _runs_row(label: str, runs: list[dict[str, Any]], key: str) -> str:
@@ -306,18 +489,30 @@ def _runs_row(label: str, runs: list[dict[str, Any]], key: str) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _plot(rows: list[dict], png: Path, platform: str) -> None:
+def _plot(curves: dict[str, list[dict]], others: list[dict], png: Path, platform: str) -> None:
+    """Test top-1 (mean +- std over training seeds) vs measured latency: each width curve as a
+    line, every other network as a point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    widths = rows[:3]
-    series = [(widths, "o", "MobileNetV3-Small, width 0.5 / 0.75 / 1.0", "-")]
-    for r, marker in zip(rows[3:], ("*", "P", "v", "^"), strict=False):
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    series = [
+        (
+            points,
+            marker,
+            f"MobileNetV3-{family}, width "
+            + " / ".join(r["network"].split(" x")[1] for r in points),
+            "-",
+        )
+        for (family, points), marker in zip(curves.items(), ("o", "s"), strict=False)
+        if points
+    ]
+    markers = ("*", "X", "D", "P", "h", "v", "^", "<", ">")
+    for i, r in enumerate(others):
         label = r["network"] + (" (1 seed)" if r["top1_std"] == 0 else "")
-        series.append(([r], marker, label, "none"))
+        series.append(([r], markers[i % len(markers)], label, "none"))
     for points, marker, label, line in series:
         ax.errorbar(
             [r["latency_ms"] for r in points],
@@ -333,7 +528,7 @@ def _plot(rows: list[dict], png: Path, platform: str) -> None:
     ax.set_ylabel("test top-1 (mean +- std over seeds)")
     ax.set_title("Block search on this CPU, retrained from scratch, one recipe")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 

@@ -146,24 +146,33 @@ def test_the_classification_task_trains_a_supernet_by_the_sandwich_rule(tmp_path
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
-def test_supernet_accuracy_is_the_standalone_networks_accuracy_after_calibration() -> None:
-    """The search's score of a candidate equals the top-1 of its stand-alone network holding
-    the calibrated slices, computed independently on the same batches."""
-    from mnv3.search.supernet import supernet_accuracy
+def test_supernet_accuracy_is_the_standalone_networks_accuracy_after_calibration(
+    tmp_path,
+) -> None:
+    """The search's score of a candidate is the task's own validation metric (top-1 for the
+    classification task), equal to the top-1 of its stand-alone network holding the
+    calibrated slices, computed independently on the same batches."""
+    from helpers import TINY_DATA, compose_train
+    from mnv3.cli import to_plain
+    from mnv3.search.supernet import sandwich_task, scoring_trainer, supernet_accuracy
+    from mnv3.tasks.classification import ClassificationTask
 
-    supernet = _supernet("small")
-    space = supernet.space
-    rng = random.Random(4)
-    choices = space.sample(rng)
+    cfg = to_plain(compose_train(tmp_path, [*TINY_DATA, "logger=none"]))
+    path = CONFIG_DIR / "search" / "space" / "small.yaml"
+    cfg["search"] = {"space": OmegaConf.to_container(OmegaConf.load(path))}
+    task_cls = sandwich_task(ClassificationTask)
+    task = task_cls(model=task_cls.network_kwargs(cfg), num_classes=3, optimizer=cfg["optim"])
+    supernet = task.model.supernet
+    choices = supernet.space.sample(random.Random(4))
     torch.manual_seed(0)
     calibration = [torch.randn(4, 3, 32, 32) for _ in range(2)]
     held_out = [{"image": torch.randn(5, 3, 32, 32), "label": torch.randint(0, 3, (5,))}]
-    acc = supernet_accuracy(supernet, choices, calibration, held_out)
+    acc = supernet_accuracy(task, choices, calibration, held_out, scoring_trainer(str(tmp_path)))
     alone = supernet.subnet(choices).eval()  # the slices, BN statistics just measured
     with torch.no_grad():
         expected = (alone(held_out[0]["image"]).argmax(1) == held_out[0]["label"]).float().mean()
     assert acc == pytest.approx(float(expected))
-    assert supernet.training  # left as it was found
+    assert task.model.training and task.model.active is None  # left as it was found
 
 
 def test_a_killed_supernet_training_resumes_from_its_last_checkpoint(tmp_path) -> None:

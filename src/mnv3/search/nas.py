@@ -9,8 +9,11 @@
 2. **Search**: the controller (``search.controller``: ``random``, ``evolution``, ``rl``) asks
    for ``search.budget`` candidates; each is scored by the supernet after its own BN
    statistics are re-measured (:func:`calibrate_bn`) on the **validation split** (disjoint from
-   the supernet's training data; the test split stays untouched for the final training), and
-   its latency is predicted by the per-block table on the platform. Reward: MnasNet's
+   the supernet's training data; the test split stays untouched for the final training) with
+   the task's own validation metric (:func:`supernet_accuracy`: top-1 for ``head=classifier``,
+   mIoU for ``head=lraspp``, mAP for ``head=ssdlite``; the ``acc`` column), and its latency
+   (of the backbone, as a classifier) is predicted by the per-block table on the platform.
+   Reward: MnasNet's
    ``ACC x (LAT / TAR) ** w`` (:func:`mnv3.report.reward`; ``search.w``, -0.15 the paper's for
    Small, -0.07 for Large), 0 above the target with ``search.hard_cap``. The target:
    ``search.target_ms``, or ``search.target_ratio`` of the backbone group's network's predicted
@@ -22,7 +25,8 @@
    (``backbones/backbone/nas_<rank>.yaml``, rank 0 the winner), so retraining them from scratch
    over seeds is one Hydra multirun (``hydra.searchpath=[file://<run>/backbones]
    backbone=nas_0,nas_1 seed=0,1,2``; a SLURM launcher spreads it with no new code).
-4. **NetAdapt** (``search.netadapt: true``; paper §4.2 after §4.1): the winner, its weights
+4. **NetAdapt** (``search.netadapt: true``; paper §4.2 after §4.1; classification heads only,
+   as NetAdapt scores by top-1): the winner, its weights
    inherited from the supernet with its own BN statistics, is refined by NetAdapt
    (:func:`mnv3.search.netadapt.run_netadapt` with the ``search.refine`` settings, the
    ``search=netadapt`` group's) in ``<run>/netadapt``; it joins the multirun as ``nas_netadapt``.
@@ -50,7 +54,12 @@ from mnv3.search.controllers import Budget, History, make_controller, run
 from mnv3.search.latency_table import LatencyTable
 from mnv3.search.platform import Platform
 from mnv3.search.space import SearchSpace
-from mnv3.search.supernet import calibrate_bn, sandwich_task, supernet_accuracy
+from mnv3.search.supernet import (
+    calibrate_bn,
+    sandwich_task,
+    scoring_trainer,
+    supernet_accuracy,
+)
 
 log = logging.getLogger("mnv3.search")
 
@@ -100,10 +109,12 @@ def run_nas(cfg: Mapping[str, Any], folder: Path, loggers: list[Any]) -> dict[st
     from mnv3.tasks import TASKS
 
     s = _settings(cfg["search"])
-    if cfg["head"].get("task") != "classification":
+    task_cls = TASKS[cfg["head"]["task"]]
+    if s.get("netadapt") and cfg["head"].get("task") != "classification":
         raise ConfigError(
-            f"head={cfg['head'].get('name')}: the block search scores candidates by "
-            "classification accuracy; expected head=classifier"
+            f"search.netadapt=true with head={cfg['head'].get('name')}: NetAdapt scores "
+            "proposals by classification top-1; expected search.netadapt=false for a "
+            f"{cfg['head']['task']} head"
         )
     space = SearchSpace.from_config(s["space"])
     platform = Platform.from_config(cfg["platform"])
@@ -117,7 +128,12 @@ def run_nas(cfg: Mapping[str, Any], folder: Path, loggers: list[Any]) -> dict[st
 
     datamodule = build_datamodule(cfg["data"], num_workers=cfg["cpu"]["resolved"]["num_workers"])
     datamodule.prepare_data()
-    task = sandwich_task(TASKS["classification"]).from_config(cfg, datamodule)
+    task = sandwich_task(task_cls).from_config(cfg, datamodule)
+    if task.monitor_mode != "max":
+        raise ConfigError(
+            f"head={cfg['head'].get('name')}: its task monitors {task.monitor} "
+            f"({task.monitor_mode}); the search's reward needs a metric where higher is better"
+        )
     supernet = task.model.supernet
     weights = state_dir / SUPERNET_FILE
     accelerator = cfg.get("trainer", {}).get("accelerator", "cpu")
@@ -132,11 +148,22 @@ def run_nas(cfg: Mapping[str, Any], folder: Path, loggers: list[Any]) -> dict[st
     latency = LatencyTable(platform, s["latency_table"])
     dropout = float(cfg["head"].get("dropout", 0.2))
     classes = datamodule.num_classes
+    # Latency is the backbone's, as a classifier (what the per-block table measures), with the
+    # backbone group's options (its tail) and the candidate's table.
+    options = {k: v for k, v in cfg["backbone"].items() if k not in ("name", "table", "weights")}
+    options |= {"width_mult": 1.0, "minimal": False}  # the space fixes widths, kernels, SE
 
     def build(table: Any) -> Any:
-        return build_backbone("mobilenet_v3", table=table_to_plain(table), num_classes=classes)
+        return build_backbone(
+            "mobilenet_v3", **options, table=table_to_plain(table), num_classes=classes
+        )
 
     reference = build_backbone(**dict(cfg["backbone"]), num_classes=classes, dropout=dropout)
+    if s.get("target_ms"):
+        # A target in ms needs predictions in ms: the table's scale fitted on the backbone
+        # group's network measured whole (entries timed alone miss what runs between them;
+        # on a platform with a reference they are ratios to an anchor block).
+        latency.fit([latency.parts_sum(reference)], [platform.measure(reference).ms])
     target = s.get("target_ms") or float(s["target_ratio"]) * latency.predict(reference)
     calibration = [
         b["image"]
@@ -147,11 +174,12 @@ def run_nas(cfg: Mapping[str, Any], folder: Path, loggers: list[Any]) -> dict[st
     held_out = datamodule.val_dataloader()
     if len(held_out.dataset) <= HELD_IN_MEMORY:  # decoded once, not once per candidate
         held_out = list(held_out)
-    if accelerator == "gpu" and torch.cuda.is_available():
-        supernet.cuda()  # Lightning leaves it on the CPU after fit; candidates score on the GPU
+    # Candidates are scored by the task's own validation step on the accelerator (Lightning
+    # moves the supernet there and back); its pictures of the last candidate go to scoring/.
+    scorer = scoring_trainer(str(state_dir / "scoring"), accelerator)
 
     def evaluate(choices: list[int]) -> float:
-        acc = supernet_accuracy(supernet, choices, calibration, held_out)
+        acc = supernet_accuracy(task, choices, calibration, held_out, scorer)
         table = space.table(choices)
         ms = latency.predict(build(table))
         value = 0.0 if s["hard_cap"] and ms > target else mnasnet_reward(acc, ms, target, s["w"])
@@ -205,13 +233,16 @@ def run_nas(cfg: Mapping[str, Any], folder: Path, loggers: list[Any]) -> dict[st
     final = state["final"]
     top = final["top"]
     table = space.table(top[0], f"{space.name}_nas")
-    save_backbone_file(table, folder / "table.yaml")
-    options = folder / BACKBONES_DIR / "backbone"
+    # The tail the supernet's candidates had (a dense head's reduced tail) goes with the table.
+    tail = {"reduced_tail": True} if cfg["backbone"].get("reduced_tail") else {}
+    save_backbone_file(table, folder / "table.yaml", **tail)
+    backbones = folder / BACKBONES_DIR / "backbone"
     for rank, choices in enumerate(top):
         save_backbone_file(
             space.table(choices, f"{space.name}_nas_{rank}"),
-            options / f"nas_{rank}.yaml",
+            backbones / f"nas_{rank}.yaml",
             extends="small_table",
+            **tail,
         )
     summary: dict[str, Any] = {
         "controller": s["controller"],
@@ -219,6 +250,7 @@ def run_nas(cfg: Mapping[str, Any], folder: Path, loggers: list[Any]) -> dict[st
         "target ms (predicted units)": target,
         "best reward (measured latency)": final["reward"],
         "best supernet acc": final["acc"],
+        "supernet acc metric": task.monitor,
         "best measured ms": final["ms"],
         "reference measured ms": final["reference_ms"],
         "latency vs reference (side by side)": final["ms"] / final["reference_ms"],
@@ -226,8 +258,10 @@ def run_nas(cfg: Mapping[str, Any], folder: Path, loggers: list[Any]) -> dict[st
     }
     names = [f"nas_{rank}" for rank in range(len(top))]
     if s.get("netadapt"):
+        if accelerator == "gpu" and torch.cuda.is_available():
+            supernet.cuda()  # Lightning leaves it on the CPU; the winner calibrates on the GPU
         refined = _refine(cfg, s, folder, supernet, top[0], calibration, loggers)
-        save_backbone_file(refined, options / "nas_netadapt.yaml", extends="small_table")
+        save_backbone_file(refined, backbones / "nas_netadapt.yaml", extends="small_table")
         names.append("nas_netadapt")
         summary["netadapt latency ratio (side by side)"] = refined_ratio(folder)
     atomic_write_json(folder / "summary.json", summary)

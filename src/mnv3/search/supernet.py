@@ -10,12 +10,18 @@ elastic kernel = the kernel's centre): the candidate's own stand-alone network i
 gradients and running statistics land in the shared weights, and the candidate is exactly the
 network its table builds. :meth:`SuperNet.subnet` copies the slices into that stand-alone network
 (the test checks both give the same outputs).
+
+The network need not be a classifier: ``build`` makes any task's network from a table (a
+segmenter, LR-ASPP; a detector, SSDLite), and the same slicing covers its head. Its taps come
+from the candidate's own table (:func:`mnv3.models.mobilenet.feature_taps`), and a head conv
+reading a tap of fewer channels takes the leading input channels of the largest network's, as a
+backbone conv does.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -69,8 +75,21 @@ def _slice(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return tensor[tuple(index)]
 
 
+def _blocks_prefix(network: nn.Module) -> str:
+    """Where the backbone's blocks are named in ``network``: ``blocks.`` in a classifier,
+    ``backbone.blocks.`` in a segmenter or detector (its first :class:`MobileNet`)."""
+    for name, module in network.named_modules():
+        if isinstance(module, MobileNet):
+            return f"{name}.blocks." if name else "blocks."
+    raise TypeError(f"{type(network).__name__} holds no MobileNet backbone to slice")
+
+
 class SuperNet(nn.Module):
-    """The space's largest network; candidates run on its weights' slices."""
+    """The space's largest network; candidates run on its weights' slices.
+
+    ``build``: a table -> the task's network of it (all of it: backbone and head), e.g. a
+    segmenter; None builds a classifier with ``num_classes``, ``dropout``, ``bn_momentum`` and
+    ``in_channels``."""
 
     def __init__(
         self,
@@ -79,6 +98,7 @@ class SuperNet(nn.Module):
         dropout: float = 0.2,
         bn_momentum: float | None = None,
         in_channels: int | None = None,
+        build: Callable[[V3Table], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.space = space
@@ -88,15 +108,19 @@ class SuperNet(nn.Module):
             "bn_momentum": bn_momentum,
             "in_channels": in_channels,
         }
+        self._builder = build
         self.network = self._build(largest_table(space))
+        self._blocks = _blocks_prefix(self.network)
         offsets, at = [], 0
         for stage in space.stages:
             offsets.append(at)
             at += stage.max_depth
         self._offsets = offsets
-        self._structures: dict[V3Table, MobileNet] = {}
+        self._structures: dict[V3Table, nn.Module] = {}
 
-    def _build(self, table: V3Table) -> MobileNet:
+    def _build(self, table: V3Table) -> nn.Module:
+        if self._builder is not None:
+            return self._builder(table)
         options = {k: v for k, v in self.options.items() if v is not None}
         return build_backbone("mobilenet_v3", table=table_to_plain(table), **options)
 
@@ -113,7 +137,7 @@ class SuperNet(nn.Module):
             blocks += [self._offsets[s] + b for b in range(depth)]
         return blocks
 
-    def _structure(self, table: V3Table) -> MobileNet:
+    def _structure(self, table: V3Table) -> nn.Module:
         """The candidate's stand-alone network (its module tree; weights come from slices)."""
         if table not in self._structures:
             if len(self._structures) > 256:  # a long search: keep memory bounded
@@ -131,20 +155,21 @@ class SuperNet(nn.Module):
         own = dict(structure.named_parameters()) | dict(structure.named_buffers())
         for name, tensor in own.items():
             source = name
-            if name.startswith("blocks."):
-                _, j, rest = name.split(".", 2)
-                source = f"blocks.{block_map[int(j)]}.{rest}"
+            if name.startswith(self._blocks):
+                j, rest = name[len(self._blocks) :].split(".", 1)
+                source = f"{self._blocks}{block_map[int(j)]}.{rest}"
             state[name] = _slice(shared[source], tensor.shape)
         return state
 
-    def forward(self, x: torch.Tensor, choices: Sequence[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, choices: Sequence[int]) -> Any:
         """The candidate ``choices`` on ``x``, computed with the shared weights."""
         structure = self._structure(self.space.table(choices))
         structure.train(self.training)
         return functional_call(structure, self.sliced_state(choices), (x,))
 
-    def subnet(self, choices: Sequence[int], name: str = "searched") -> MobileNet:
-        """The candidate as a stand-alone network holding a copy of its slices."""
+    def subnet(self, choices: Sequence[int], name: str = "searched") -> nn.Module:
+        """The candidate as a stand-alone network (backbone and head) holding a copy of its
+        slices."""
         network = self._build(self.space.table(choices, name))
         state = {k: v.detach().clone() for k, v in self.sliced_state(choices).items()}
         network.load_state_dict(state)
@@ -212,36 +237,84 @@ def calibrate_bn(
         structure.train(supernet.training)
 
 
-@torch.no_grad()
+def scoring_trainer(root: str, accelerator: str = "cpu") -> Any:
+    """A quiet Lightning trainer that only validates (no logger, checkpoints or progress bar):
+    what :func:`supernet_accuracy` runs a task's validation with, built once per search.
+    ``root``: where the task's own validation side products (its pictures) go."""
+    import pytorch_lightning as pl
+
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+
+
+class _Batches:
+    """Batches held in memory, as one loader (Lightning reads a list as a list of loaders)."""
+
+    def __init__(self, batches: Sequence[Any]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def supernet_accuracy(
-    supernet: SuperNet,
+    task: Any,
     choices: Sequence[int],
     calibration: Iterable[torch.Tensor],
-    held_out: Iterable[Mapping[str, torch.Tensor]],
+    held_out: Iterable[Any],
+    trainer: Any,
 ) -> float:
-    """Top-1 of candidate ``choices`` on ``held_out`` batches (``image``, ``label``), scored
+    """The task's own validation metric (``task.monitor``: top-1 for classification, mIoU for
+    segmentation, mAP for detection) of candidate ``choices`` on ``held_out`` batches, scored
     with the shared weights after its own BN statistics are measured on ``calibration`` images
-    (:func:`calibrate_bn`): how the block search ranks candidates without training them."""
-    was_training = supernet.training
-    device = next(supernet.parameters()).device
-    supernet.eval()
+    (:func:`calibrate_bn`): how the block search ranks candidates without training them.
+
+    ``task``: a :func:`sandwich_task` task; its validation step runs unchanged through
+    ``trainer`` (:func:`scoring_trainer`) with ``choices`` active, so the score is
+    the metric a stand-alone training of the candidate would monitor. Higher must be better
+    (the MnasNet reward multiplies it): a task monitoring a loss is refused."""
+    if task.monitor_mode != "max":
+        raise ValueError(
+            f"{type(task).__name__} monitors {task.monitor} ({task.monitor_mode}); the search's "
+            "reward needs a metric where higher is better"
+        )
+    network = task.evaluated_network  # a SandwichNetwork (the EMA copy when the run keeps one)
+    was_training = network.training
+    network.to(trainer.strategy.root_device)  # calibrated where it is scored
     try:
-        calibrate_bn(supernet, choices, calibration)
-        correct = total = 0
-        for batch in held_out:
-            logits = supernet(batch["image"].to(device), choices)
-            correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
-            total += len(batch["label"])
+        network.eval()
+        calibrate_bn(network.supernet, choices, calibration)
+        network.active = list(choices)
+        loader = _Batches(held_out) if isinstance(held_out, list | tuple) else held_out
+        results = trainer.validate(task, dataloaders=loader, verbose=False)
     finally:
-        supernet.train(was_training)
-    if not total:
-        raise ValueError("the held-out split is empty; expected at least one labelled image")
-    return correct / total
+        network.active = None
+        network.train(was_training)
+    value = results[0].get(task.monitor) if results else None
+    if value is None:
+        raise ValueError(
+            f"the held-out split gave no {task.monitor}; expected at least one labelled batch"
+        )
+    return float(value)
 
 
 class SandwichNetwork(nn.Module):
     """A supernet as a task's network: it runs the ``active`` candidate (the largest when none
-    is set, e.g. for validation), so a task's own step, loss and metrics drive it unchanged."""
+    is set, e.g. for validation), so a task's own step, loss and metrics drive it unchanged.
+
+    Other attributes a task reads from its network are the largest network's: right for what
+    holds no weights (a detector's ``loss`` and ``postprocess``, given the candidate's outputs);
+    whatever runs weights goes through :meth:`forward`, the candidate's."""
 
     def __init__(self, supernet: SuperNet) -> None:
         super().__init__()
@@ -251,43 +324,71 @@ class SandwichNetwork(nn.Module):
 
     def backbone_modules(self) -> list[nn.Module]:
         """The shared feature extractor (what fine-tuning recipes treat as the backbone)."""
-        return self.supernet.network.backbone_modules()
+        from mnv3.tasks.base import backbone_modules
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return backbone_modules(self.supernet.network)
+
+    def forward(self, x: torch.Tensor) -> Any:
         return self.supernet(x, self.active if self.active is not None else self.largest)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "supernet":  # not built yet: no network to ask
+                raise
+            return getattr(self.supernet.network, name)
 
 
 def sandwich_task(task_cls: type) -> type:
-    """``task_cls`` (a :class:`mnv3.tasks.base.BaseTask`, e.g. the classification task) whose
+    """``task_cls`` (a :class:`mnv3.tasks.base.BaseTask`: classification, segmentation,
+    detection) whose
     network is a :class:`SuperNet` over ``model["space"]`` and whose training step is the
     task's own step run once per sandwich candidate, their losses summed (one optimizer step
     for all: the sandwich rule). Validation and test score the largest candidate. Built with
-    the task's ``from_config``: the space comes from ``search.space`` in the run's config."""
+    the task's ``from_config``: the space comes from ``search.space`` in the run's config.
+
+    The network is the task's own (``task_cls.network_kwargs`` and ``build_network``) with the
+    backbone group's ``table`` replaced by each candidate's: a classifier, or a segmenter or
+    detector whose head reads the candidate's taps. The space fixes widths, kernels and SE, so
+    the backbone group's ``width_mult`` and ``minimal`` do not apply; the supernet starts from
+    scratch (``backbone.weights`` and ``head.weights`` are not loaded)."""
 
     class SandwichTask(task_cls):  # type: ignore[misc, valid-type]
         randoms = 2
 
         @classmethod
         def network_kwargs(cls, cfg: Any) -> dict[str, Any]:
-            backbone = cfg["backbone"]
+            search = cfg["search"]
+            space = SearchSpace.from_config(search["space"])
+            backbone = {
+                **cfg["backbone"],
+                "name": "mobilenet_v3",
+                "table": table_to_plain(largest_table(space)),
+                "width_mult": 1.0,
+                "minimal": False,
+                "weights": None,
+            }
+            head = {**cfg["head"], "weights": None}
+            model = task_cls.network_kwargs({**cfg, "backbone": backbone, "head": head})
             return {
-                "space": dict(cfg["search"]["space"]),
-                "dropout": cfg["head"].get("dropout", 0.2),
-                "bn_momentum": backbone.get("bn_momentum"),
-                "randoms": int(cfg["search"].get("sandwich_randoms", 2)),
+                **model,
+                "space": dict(search["space"]),
+                "randoms": int(search.get("sandwich_randoms", 2)),
             }
 
         @classmethod
         def build_network(cls, model: dict[str, Any]) -> nn.Module:
-            space = SearchSpace.from_config(model["space"])
-            supernet = SuperNet(
-                space,
-                int(model["num_classes"]),
-                dropout=float(model.get("dropout", 0.2)),
-                bn_momentum=model.get("bn_momentum"),
-            )
+            model = dict(model)
+            space = SearchSpace.from_config(model.pop("space"))
+            randoms = int(model.pop("randoms", 2))
+
+            def build(table: V3Table) -> nn.Module:
+                return task_cls.build_network({**model, "table": table_to_plain(table)})
+
+            supernet = SuperNet(space, int(model["num_classes"]), build=build)
             network = SandwichNetwork(supernet)
-            network.randoms = int(model.get("randoms", 2))  # type: ignore[assignment]
+            network.randoms = randoms  # type: ignore[assignment]
             return network
 
         def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
