@@ -7,7 +7,9 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -29,6 +31,27 @@ TINY_DATA = [
     "data.num_workers=0",
 ]
 QUIET = ["logger=none", "callbacks.progress_bar=none", "callbacks.model_summary_depth=0"]
+# Generated street scenes at 32x64: 2 training frames, 1 validation frame.
+TINY_SHAPES_CITYSCAPES = (
+    "data.generate.train_images=2",
+    "data.generate.val_images=1",
+    "data.generate.height=32",
+    "data.generate.width=64",
+    "data.crop_size=[32,64]",
+    "data.frame_size=[32,64]",
+)
+
+
+def quiet_trainer(root: Path, **options: Any) -> pl.Trainer:
+    """A CPU Lightning Trainer under ``root`` with no logger, checkpoints, progress bar or
+    model summary: what tests that drive a task directly fit or validate with."""
+    quiet = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**{"accelerator": "cpu", "default_root_dir": root, **quiet, **options})
 
 
 def compose_train(tmp: Path, overrides: list[str], data_dir: Path | None = None) -> DictConfig:

@@ -29,7 +29,13 @@ from data_writers import (
     write_tiny_coco,
     write_tiny_imagenet,
 )
-from helpers import QUIET, compose_config, compose_train, entry_point_of
+from helpers import (
+    QUIET,
+    TINY_SHAPES_CITYSCAPES,
+    compose_config,
+    compose_train,
+    entry_point_of,
+)
 from mnv3.cli import CONFIG_DIR
 from mnv3.errors import ConfigError
 from mnv3.validate import check_train_config
@@ -66,17 +72,7 @@ TINY: dict[str, tuple[Callable[[Path], Path] | None, tuple[str, ...]]] = {
         ),
     ),
     "cityscapes": (write_tiny_cityscapes, ("data.crop_size=[32,64]", "data.frame_size=[32,64]")),
-    "shapes_cityscapes": (
-        None,
-        (
-            "data.generate.train_images=2",
-            "data.generate.val_images=1",
-            "data.generate.height=32",
-            "data.generate.width=64",
-            "data.crop_size=[32,64]",
-            "data.frame_size=[32,64]",
-        ),
-    ),
+    "shapes_cityscapes": (None, TINY_SHAPES_CITYSCAPES),
 }
 # The generated classification sets: 6 classes, 2 train / 1 val / 1 test image each.
 GENERATED_COUNTS = (

@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers import quiet_trainer
 from mnv3.cli import CONFIG_DIR
 from mnv3.models.mobilenetv3 import MOBILENET_V3_LARGE, MOBILENET_V3_SMALL
 from mnv3.search.space import SearchSpace
@@ -105,7 +106,6 @@ def test_bn_calibration_measures_the_candidates_own_statistics() -> None:
 def test_the_classification_task_trains_a_supernet_by_the_sandwich_rule(tmp_path) -> None:
     """A training step's loss is the task's own loss summed over the sandwich's candidates (the
     largest, the smallest, two random), and Lightning fits it with the task unchanged."""
-    import pytorch_lightning as pl
 
     from helpers import TINY_DATA, compose_train
     from mnv3.cli import build_datamodule, to_plain
@@ -130,15 +130,7 @@ def test_the_classification_task_trains_a_supernet_by_the_sandwich_rule(tmp_path
     torch.testing.assert_close(loss, expected)
     assert task.model.active is None  # validation scores the largest
 
-    trainer = pl.Trainer(
-        max_steps=3,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=3, limit_val_batches=1)
     before = task.model.supernet.network.stem.conv.weight.detach().clone()
     trainer.fit(task, datamodule=datamodule)
     assert trainer.global_step == 3

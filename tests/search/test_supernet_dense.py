@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import compose_config, compose_train
+from helpers import TINY_SHAPES_CITYSCAPES, compose_config, compose_train, quiet_trainer
 from mnv3.cli import CONFIG_DIR, build_datamodule, to_plain
 from mnv3.models.block_table import load_backbone_file, table_to_plain
 from mnv3.models.mobilenetv3 import MOBILENET_V3_LARGE, MOBILENET_V3_SMALL
@@ -30,17 +30,7 @@ from mnv3.search.supernet import (
 from mnv3.tasks.segmentation import IGNORE_INDEX, SegmentationTask, segmentation_loss
 
 PAPER = {"small": MOBILENET_V3_SMALL, "large": MOBILENET_V3_LARGE}
-# Generated street scenes at 32x64: 2 training frames, 1 validation frame.
-TINY_SEGMENT = [
-    "data.generate.train_images=2",
-    "data.generate.val_images=1",
-    "data.generate.height=32",
-    "data.generate.width=64",
-    "data.crop_size=[32,64]",
-    "data.frame_size=[32,64]",
-    "data.batch_size=2",
-    "data.num_workers=0",
-]
+TINY_SEGMENT = [*TINY_SHAPES_CITYSCAPES, "data.batch_size=2", "data.num_workers=0"]
 LRASPP = ["head=lraspp", "head.pool=global", "backbone=small_reduced", "backbone.bn_momentum=0.1"]
 
 
@@ -124,7 +114,6 @@ def test_the_segmentation_task_trains_a_supernet_by_the_sandwich_rule(tmp_path: 
     """A training step's loss is the segmentation loss summed over the sandwich's candidates
     (largest, smallest, two random) computed by hand; Lightning fits it and validates the
     largest by mIoU; the head's shared weights move."""
-    import pytorch_lightning as pl
 
     cfg = _config(tmp_path)
     datamodule = build_datamodule(cfg["data"], num_workers=0)
@@ -143,15 +132,7 @@ def test_the_segmentation_task_trains_a_supernet_by_the_sandwich_rule(tmp_path: 
     torch.testing.assert_close(loss, expected)
     assert task.model.active is None
 
-    trainer = pl.Trainer(
-        max_steps=2,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=1)
     head = supernet.network.head.low_classifier.weight.detach().clone()
     trainer.fit(task, datamodule=datamodule)
     assert trainer.global_step == 2

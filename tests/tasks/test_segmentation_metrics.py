@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from helpers import quiet_trainer
 from mnv3.tasks.segmentation import IGNORE_INDEX, SegmentationTask
 
 NUM_CLASSES = 4
@@ -64,16 +64,10 @@ def _hand_iou(samples: list[dict[str, object]]) -> tuple[np.ndarray, float]:
     return iou, float(tp.sum() / confusion.sum())
 
 
-def _trainer(root, **options) -> pl.Trainer:
-    """A quiet CPU Trainer writing under ``root``."""
-    quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
-    return pl.Trainer(accelerator="cpu", default_root_dir=root, **quiet, **options)
-
-
 def test_miou_is_the_whole_split_confusion_matrix_iou(tmp_path) -> None:
     task = _task(PredictionInChannelZero())
     samples = _split()
-    trainer = _trainer(tmp_path)
+    trainer = quiet_trainer(tmp_path)
     loader = DataLoader(samples, batch_size=4, collate_fn=_collate)
     (logged,) = trainer.validate(task, dataloaders=loader, verbose=False)
 
@@ -142,7 +136,7 @@ def test_all_void_batches_train_on_and_are_left_out_of_the_val_loss(tmp_path) ->
     network = OneByOneConv()
     start = network.classifier.weight.detach().clone()
     task = _task(network)
-    trainer = _trainer(tmp_path, enable_checkpointing=False, max_epochs=1)
+    trainer = quiet_trainer(tmp_path, enable_checkpointing=False, max_epochs=1)
     loader = DataLoader(split, batch_size=2, collate_fn=_collate)
     trainer.fit(task, train_dataloaders=loader)
     assert trainer.global_step == 3 and task.void_batches["train"] == 2
