@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import statistics
 import time
 from pathlib import Path
 
@@ -15,7 +17,16 @@ from mnv3.cli import CONFIG_DIR
 from mnv3.cpus import cpu_model
 from mnv3.errors import ConfigError
 from mnv3.models import mobilenet_v3_small
-from mnv3.search.platform import RUNTIMES, Platform, median_interval, quantile, quantile_interval
+from mnv3.search.platform import (
+    _REFERENCE,
+    RUNTIMES,
+    Platform,
+    batch_interval,
+    lower_mean,
+    median_interval,
+    quantile,
+    quantile_interval,
+)
 
 
 class FakeClock:
@@ -131,7 +142,12 @@ def test_a_reference_scales_by_the_ratio_in_the_same_windows() -> None:
     assert latency.raw_ms == pytest.approx(quantile(network, 0.1) * 1e3)
     assert latency.ratio == pytest.approx(quantile(network, 0.1) / 0.002)
     assert latency.ms == pytest.approx(latency.ratio * 5.0)
-    assert latency.low_ms / latency.ms == pytest.approx(network[0] / quantile(network, 0.1))
+    # the interval is the ratio's, by batch means: 10 batches of one round, ratios 2.0 ... 6.5
+    batches = [t / 0.002 for t in network]
+    half = 2.262 * statistics.stdev(batches) / math.sqrt(10)
+    assert (latency.low_ms, latency.high_ms) == pytest.approx(
+        ((latency.ratio - half) * 5.0, (latency.ratio + half) * 5.0)
+    )
     live = Platform(
         "p32",
         input_size=(32, 32),
@@ -181,6 +197,7 @@ def test_the_reference_is_calibrated_once_per_platform(
     ("override", "sentence"),
     [
         ({"quantile": 1.5}, "platform.quantile=1.5; expected a number between 0 and 1"),
+        ({"statistic": "mean"}, "platform.statistic='mean' is unknown; expected one of quantile"),
         ({"reference": "resnet50"}, "platform.reference='resnet50' is not a backbone; expected"),
         ({"reference_ms": -1}, "platform.reference_ms=-1; expected a positive number or null"),
     ],
@@ -221,3 +238,64 @@ def test_a_ratio_to_an_anchor_recovers_a_known_answer() -> None:
     x = torch.zeros(1, 3, 32, 32)
     ratio = platform.measure_ratio(Sleeper(0.004), x, Sleeper(0.002), torch.zeros(1, 8, 8, 8))
     assert 1.5 < ratio < 2.5  # 4 ms over 2 ms, plus what sleeping overshoots
+
+
+def test_lower_mean_averages_the_fastest_calls() -> None:
+    assert lower_mean([5.0, 1.0, 4.0, 2.0, 3.0], 0.5) == 2.0  # ceil(2.5) = 3 fastest: 1, 2, 3
+    assert lower_mean([5.0, 1.0, 4.0, 2.0, 3.0], 0.1) == 1.0
+    assert lower_mean([7.0], 0.5) == 7.0
+
+
+def test_batch_means_widen_for_a_drifting_run() -> None:
+    """The interval comes from 10 contiguous batches: the same calls in time order (a machine
+    slowing down) give a wider one than shuffled, which order statistics cannot see."""
+    drifting = [1.0 + 0.01 * i for i in range(100)]
+    shuffled = drifting[:]
+    torch.manual_seed(0)
+    shuffled = [shuffled[i] for i in torch.randperm(100).tolist()]
+
+    def mean_of(values: list[float]):
+        return lambda start, stop: statistics.fmean(values[start:stop])
+
+    low, high = batch_interval(mean_of(drifting), 100)
+    batches = [statistics.fmean(drifting[10 * i : 10 * i + 10]) for i in range(10)]
+    half = 2.262 * statistics.stdev(batches) / math.sqrt(10)
+    centre = statistics.fmean(drifting)
+    assert (low, high) == pytest.approx((centre - half, centre + half))
+    shuffled_low, shuffled_high = batch_interval(mean_of(shuffled), 100)
+    assert shuffled_high - shuffled_low < (high - low) / 2
+    assert batch_interval(mean_of(drifting), 9) == (-math.inf, math.inf)  # under 10 rounds
+
+
+class PairedClock:
+    """A clock two calls share: each advances it by its own schedule, one step per round."""
+
+    def __init__(self, network: list[float], reference: list[float]) -> None:
+        self.now = 0.0
+        self.network, self.reference = itertools.cycle(network), itertools.cycle(reference)
+
+    def timer(self) -> float:
+        return self.now
+
+    def call_network(self) -> None:
+        self.now += next(self.network)
+
+    def call_reference(self) -> None:
+        self.now += next(self.reference)
+
+
+def test_with_a_reference_the_run_stops_when_the_ratio_is_known() -> None:
+    """A machine slowing down 1 % per round: the network's own statistic never settles, its
+    ratio to the reference timed in the same rounds (always 2) settles at the first check."""
+    platform = Platform(
+        "p", statistic="lower_mean", warmup=0, min_runs=30, max_runs=200, budget_s=100.0
+    )
+    slowing = [0.001 * (1 + 0.01 * i) for i in range(200)]
+    clock = PairedClock([2 * t for t in slowing], slowing)
+    calls = {"network": clock.call_network, _REFERENCE: clock.call_reference}
+    times = platform._time_rounds(calls, None, clock.timer)
+    assert len(times["network"]) == 30
+    assert platform.estimate(times["network"], times[_REFERENCE]) == pytest.approx((2, 2, 2))
+    alone = PairedClock([2 * t for t in slowing], [0.0])
+    times = platform._time_rounds({"network": alone.call_network}, None, alone.timer)
+    assert len(times["network"]) == 200

@@ -702,7 +702,7 @@ class NetAdapt:
             "start held-out acc": self.state["start"]["acc"],
             "adapted held-out acc": self.state["current"]["acc"],
             "platform": f"{self.platform.name} ({start.runtime}, "
-            f"{self.platform.threads} thread(s), quantile {self.platform.quantile}, "
+            f"{self.platform.threads} thread(s), {self.platform.statistic} {self.platform.quantile}, "
             f"reference {self.platform.reference}, {start.cpu})",
         }
         atomic_write_json(self.folder / "summary.json", summary)

@@ -3,8 +3,9 @@
 The paper measures every candidate on the phone it targets (§4: Pixel 1 big core, TFLite); a
 user's target is their own CPU and runtime. A :class:`Platform` turns a network into the callable
 that runtime executes (:data:`RUNTIMES`: PyTorch eager, onnxruntime, ExecuTorch's XNNPACK, each
-built with :mod:`mnv3.deploy`) and times it: warm-up calls, then single calls until the median is
-known to ``precision`` (95 % order-statistic interval of the median) or ``max_runs`` is reached.
+built with :mod:`mnv3.deploy`) and times it: warm-up calls, then single calls until the reported
+statistic (:data:`STATISTICS`: a quantile, or the mean of the calls below one) is known to
+``precision`` (a 95 % interval) or ``max_runs`` is reached.
 Every :class:`Latency` records the CPU model, the runtime and its version, the threads and the
 input size beside the number, so a latency never travels without its platform.
 """
@@ -88,15 +89,15 @@ RUNTIMES: dict[str, Runtime] = {"torch": _torch, "onnxruntime": _onnxruntime, "x
 
 @dataclass(frozen=True)
 class Latency:
-    """One measured latency (ms at the platform's quantile of single batch-1 calls) and where.
+    """One measured latency (ms: the platform's statistic of single batch-1 calls) and where.
 
-    On a platform with a ``reference`` network, ``ratio`` is this network's time over the
-    reference's in the same time windows and ``ms`` is ``ratio * reference_ms``; ``raw_ms`` is
-    always the network's own number (equal to ``ms`` without a reference).
+    On a platform with a ``reference`` network, ``ratio`` is this network's statistic over the
+    reference's in the same time windows and ``ms`` is ``ratio * reference_ms`` (the interval
+    is the ratio's); ``raw_ms`` is always the network's own number (``ms`` without a reference).
     """
 
     ms: float
-    low_ms: float  # 95 % interval of the quantile (order statistics), scaled like ms
+    low_ms: float  # ~95 % interval of the statistic (or of the ratio), scaled like ms
     high_ms: float
     runs: int
     platform: str
@@ -106,6 +107,7 @@ class Latency:
     cpu: str
     allocator: str = "default"
     quantile: float = 0.5
+    statistic: str = "quantile"
     raw_ms: float | None = None
     ratio: float | None = None
     reference: str | None = None
@@ -142,6 +144,52 @@ def quantile(times: list[float], q: float) -> float:
     return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
 
 
+def lower_mean(times: list[float], q: float) -> float:
+    """The mean of the fastest ``ceil(n q)`` of ``times`` (q = 0.5: the fastest half): the calls a
+    busy machine did not slow down, averaged, which repeats better than one order statistic
+    (docs/search.md measures it)."""
+    ordered = sorted(times)
+    k = max(1, math.ceil(len(ordered) * q))
+    return sum(ordered[:k]) / k
+
+
+# t_{0.975} for (batches - 1) degrees of freedom: the batch-means interval below
+_BATCHES, _T975 = 10, 2.262
+
+
+def batch_interval(statistic: Callable[[int, int], float], n: int) -> tuple[float, float]:
+    """The ~95 % batch-means interval of a statistic of ``n`` consecutive rounds:
+    ``statistic(start, stop)`` is computed on the whole run and on 10 contiguous batches, and
+    their spread (Student t, 9 degrees of freedom) gives the interval's half width. The batches
+    are consecutive in time, so a machine whose speed drifts during the run widens it, as it
+    widens the spread between fresh processes (order statistics assume independent calls)."""
+    size = n // _BATCHES
+    if size < 1:  # fewer rounds than batches: nothing yet says how far off the value may be
+        return -math.inf, math.inf
+    centre = statistic(0, n)
+    values = [statistic(i * size, (i + 1) * size) for i in range(_BATCHES)]
+    mean = sum(values) / _BATCHES
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (_BATCHES - 1))
+    half = _T975 * spread / math.sqrt(_BATCHES)
+    return centre - half, centre + half
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """How a run of timed calls becomes one number: ``value(times, q)``, and ``interval(times,
+    q)`` for a single series of independent calls (None: batch means, :func:`batch_interval`).
+    A ratio to a reference always takes the batch-means interval."""
+
+    value: Callable[[list[float], float], float]
+    interval: Callable[[list[float], float], tuple[float, float]] | None
+
+
+STATISTICS: dict[str, Statistic] = {
+    "quantile": Statistic(quantile, quantile_interval),
+    "lower_mean": Statistic(lower_mean, None),
+}
+
+
 # reference_ms calibrated in this process, per calibration file (or per platform without one)
 _CALIBRATED: dict[str, float] = {}
 
@@ -162,8 +210,10 @@ class Platform:
     # Fixed glibc malloc thresholds for the whole process (mnv3.cpus.pin_malloc): without them
     # the same network measured 5.60 and 6.03 ms in two fresh processes.
     pin_malloc: bool = True
-    # The statistic reported: 0.5 is the median; a low quantile (0.1) keeps the calls a busy
-    # machine did not interrupt (bench/bench_latency_table.py measures both).
+    # The statistic reported (STATISTICS): "quantile", the ``quantile`` quantile (0.5: the
+    # median; 0.1 keeps the calls a busy machine did not interrupt), or "lower_mean", the mean
+    # of the calls at or below it (bench/bench_latency_table.py measures the rules).
+    statistic: str = "quantile"
     quantile: float = 0.5
     # A backbone (registry name) timed beside every network in the same windows: a shared
     # machine's speed moves both alike, so the ratio repeats where plain numbers do not.
@@ -195,6 +245,11 @@ class Platform:
         size = [size, size] if isinstance(size, int) else list(size)
         if len(size) != 2 or not all(isinstance(v, int) and v >= 32 for v in size):
             raise ConfigError(f"platform.input_size={size!r}; expected [H, W], each at least 32")
+        if cfg.get("statistic", "quantile") not in STATISTICS:
+            raise ConfigError(
+                f"platform.statistic={cfg.get('statistic')!r} is unknown; expected one of "
+                f"{', '.join(STATISTICS)}"
+            )
         q = cfg.get("quantile", 0.5)
         if isinstance(q, bool) or not isinstance(q, int | float) or not 0 < q < 1:
             raise ConfigError(f"platform.quantile={q!r}; expected a number between 0 and 1")
@@ -236,18 +291,40 @@ class Platform:
         x = self.example_input() if x is None else x
         return RUNTIMES[self.runtime](network, x, self.threads, scratch)
 
-    def settled(self, times: list[float]) -> bool:
-        """Whether the quantile of ``times`` is known to ``precision`` (95 % interval)."""
-        low, high = quantile_interval(times, self.quantile)
-        return high - low <= 2 * self.precision * quantile(times, self.quantile)
+    def estimate(
+        self, times: list[float], reference: list[float] | None = None
+    ) -> tuple[float, float, float]:
+        """The statistic of ``times`` (or, with ``reference`` timed in the same rounds, the
+        ratio of the two statistics) and its ~95 % interval, as (value, low, high)."""
+        rule = STATISTICS[self.statistic]
+        if reference is None and rule.interval is not None:
+            low, high = rule.interval(times, self.quantile)
+            return rule.value(times, self.quantile), low, high
+        n = min(len(times), len(reference) if reference is not None else len(times))
+
+        def statistic(start: int, stop: int) -> float:
+            value = rule.value(times[start:stop], self.quantile)
+            if reference is None:
+                return value
+            return value / rule.value(reference[start:stop], self.quantile)
+
+        value = statistic(0, n)
+        low, high = batch_interval(statistic, n)
+        return value, low, high
+
+    def settled(self, times: list[float], reference: list[float] | None = None) -> bool:
+        """Whether the statistic of ``times`` (its ratio to ``reference``) is known to
+        ``precision`` (95 % interval)."""
+        value, low, high = self.estimate(times, reference)
+        return high - low <= 2 * self.precision * value
 
     def time_calls(
         self, call: Call, timer: Callable[[], float] = time.perf_counter
     ) -> tuple[list[float], float, float]:
-        """Warm up, then time single calls until the quantile is known to ``precision``, the
+        """Warm up, then time single calls until the statistic is known to ``precision``, the
         budget is spent or ``max_runs`` is reached; returns (seconds per call, interval)."""
         times = self._time_rounds({"network": call}, None, timer)["network"]
-        low, high = quantile_interval(times, self.quantile)
+        _, low, high = self.estimate(times)
         return times, low, high
 
     def _time_rounds(
@@ -258,12 +335,13 @@ class Platform:
     ) -> dict[str, list[float]]:
         """Warm every call up, then time rounds that call each once, in alternating order (a
         machine whose speed drifts moves them all alike). ``rounds`` fixed, or None: until the
-        first call's quantile has ``settled``, the budget is spent or ``max_runs`` is reached."""
+        first call's statistic (its ratio to the reference, if one is timed) has ``settled``, the
+        budget is spent or ``max_runs`` is reached."""
         for call in calls.values():
             for _ in range(self.warmup):
                 call()
         times: dict[str, list[float]] = {name: [] for name in calls}
-        first = times[next(iter(calls))]
+        first, reference = times[next(iter(calls))], times.get(_REFERENCE)
         order = list(calls.items())
         start = timer()
         r = 0
@@ -275,7 +353,7 @@ class Platform:
             r += 1
             n = len(first)
             check = rounds is None and n >= self.min_runs and n % 10 == 0
-            if check and (self.settled(first) or timer() - start > self.budget_s):
+            if check and (self.settled(first, reference) or timer() - start > self.budget_s):
                 break
         return times
 
@@ -352,19 +430,20 @@ class Platform:
         reference: list[float] | None = None,
         reference_ms: float | None = None,
     ) -> Latency:
-        """The record of timed calls (seconds): the quantile and its interval in ms, and where;
-        with a reference, scaled to the calibrated reference by the ratio of the two."""
-        low, high = quantile_interval(times, self.quantile)
-        raw = quantile(times, self.quantile)
-        scale, ratio = 1e3, None
+        """The record of timed calls (seconds): the statistic and its interval in ms, and where;
+        with a reference, the ratio of the two statistics (and its interval) scaled to the
+        calibrated reference."""
+        own, low, high = self.estimate(times)
+        ms, low_ms, high_ms, ratio = own * 1e3, low * 1e3, high * 1e3, None
         if reference is not None:
-            ratio = raw / quantile(reference, self.quantile)
-        if ratio is not None and reference_ms is not None:
-            scale = ratio * reference_ms / raw
+            ratio, low, high = self.estimate(times, reference)
+            # ms per unit of ratio: the calibrated reference, else this run's own number
+            unit = reference_ms if reference_ms is not None else ms / ratio
+            ms, low_ms, high_ms = ratio * unit, low * unit, high * unit
         return Latency(
-            ms=raw * scale,
-            low_ms=low * scale,
-            high_ms=high * scale,
+            ms=ms,
+            low_ms=low_ms,
+            high_ms=high_ms,
             runs=len(times),
             platform=self.name,
             runtime=runtime,
@@ -373,7 +452,8 @@ class Platform:
             cpu=cpu_model(),
             allocator=allocator,
             quantile=self.quantile,
-            raw_ms=raw * 1e3,
+            statistic=self.statistic,
+            raw_ms=own * 1e3,
             ratio=ratio,
             reference=self.reference,
         )
@@ -392,6 +472,7 @@ class Platform:
             "runtime": self.runtime,
             "threads": self.threads,
             "input_size": list(self.input_size),
+            "statistic": self.statistic,
             "quantile": self.quantile,
             "reference": self.reference,
             "torch": torch.__version__,
