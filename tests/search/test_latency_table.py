@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -61,17 +62,30 @@ def test_entries_are_measured_once_cached_and_summed(tmp_path: Path) -> None:
     assert len(platform.calls) == unique  # everything came from the file
 
 
-def test_fits_are_medians_and_a_cache_from_elsewhere_is_refused(tmp_path: Path) -> None:
+def test_fits_are_medians_and_a_file_keeps_one_table_per_platform(tmp_path: Path) -> None:
     table = LatencyTable(_platform())
     assert table.fit([2.0, 4.0, 10.0], [2.4, 4.8, 100.0], "scale") == (pytest.approx(1.2), 0.0)
     assert table.fit([2.0, 4.0, 10.0], [3.0, 5.0, 90.0], "constant") == (1.0, pytest.approx(1.0))
     path = tmp_path / "lut.json"
-    LatencyTable(_platform("p"), path).save()
-    data = json.loads(path.read_text())
-    data["fingerprint"]["threads"] = 4
-    path.write_text(json.dumps(data))
-    with pytest.raises(ConfigError, match=r"latency table .*lut.json was measured on .*threads"):
-        LatencyTable(_platform("p"), path)
+    one = LatencyTable(_platform("p"), path)
+    one.entries, one.scale = {"stem": 1.5}, 2.0
+    one.save()
+    # the earlier layout, one table per file, still reads
+    legacy = json.loads(path.read_text())["tables"][0]
+    path.write_text(json.dumps(legacy))
+    assert LatencyTable(_platform("p"), path).entries == {"stem": 1.5}
+    other = LatencyTable(replace(_platform("p"), threads=4), path)  # another fingerprint
+    assert other.entries == {} and other.scale == 1.0  # nothing of the other platform used
+    other.entries = {"stem": 0.5}
+    other.save()
+    tables = json.loads(path.read_text())["tables"]
+    assert [t["fingerprint"]["threads"] for t in tables] == [1, 4]  # the first one kept
+    again = LatencyTable(_platform("p"), path)
+    assert (again.entries, again.scale) == ({"stem": 1.5}, 2.0)
+    for broken in ('{"tables": [{"fingerprint": {}}]}', "[1, 2]", "{not json"):
+        path.write_text(broken)
+        with pytest.raises(ConfigError, match=r"latency table .*lut.json cannot be read"):
+            LatencyTable(_platform("p"), path)
 
 
 def test_on_a_reference_platform_entries_are_ratios_to_an_anchor_block(

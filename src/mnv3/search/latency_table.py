@@ -137,38 +137,55 @@ class LatencyTable:
 
     def fingerprint(self) -> dict[str, Any]:
         """What an entry's number depends on besides its key: the platform's fingerprint (CPU,
-        runtime, threads, the reported quantile and the reference the entries are scaled by)."""
+        runtime, threads, the reported statistic and the reference the entries are scaled by)."""
         return self.platform.fingerprint()
 
     def _read(self, path: Path) -> None:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"latency table {path} cannot be read ({exc}); delete it") from None
-        if data.get("fingerprint") != self.fingerprint():
-            raise ConfigError(
-                f"latency table {path} was measured on {data.get('fingerprint')}; this is "
-                f"{self.fingerprint()}: expected the same platform (use another file)"
-            )
+        """Load this platform's table from ``path``: one file keeps a table per fingerprint
+        (another CPU, thread count or timing rule measured into the same file is kept, unused)."""
+        tables = self._tables(path)
+        mine = [t for t in tables if t.get("fingerprint") == self.fingerprint()]
+        if not mine:
+            return
+        data = mine[0]
         self.entries = {str(k): float(v) for k, v in data["entries"].items()}
         self.constant_ms = float(data.get("constant_ms", 0.0))
         self.scale = float(data.get("scale", 1.0))
         self.runtime = str(data.get("runtime", ""))
 
+    @staticmethod
+    def _tables(path: Path) -> list[dict[str, Any]]:
+        """Every table in the file at ``path`` ({"tables": [...]}; a file of one table, the
+        earlier layout, reads as a list of one); refused in one sentence if unreadable."""
+        try:
+            data = json.loads(path.read_text())
+            tables = data.get("tables", [data])
+            if not all(isinstance(t, dict) and isinstance(t["entries"], dict) for t in tables):
+                raise TypeError("a table without entries")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"latency table {path} cannot be read ({exc!r}); delete it") from None
+        return list(tables)
+
     def save(self) -> None:
-        """Write the table (atomically) where it was opened from."""
+        """Write the table (atomically) where it was opened from, beside the file's tables of
+        other platforms, which are kept as they were."""
         if self.path is None:
             return
         from mnv3.deploy.common import atomic_write_json
 
-        data = {
+        mine = {
             "fingerprint": self.fingerprint(),
             "runtime": self.runtime,
             "constant_ms": self.constant_ms,
             "scale": self.scale,
             "entries": dict(sorted(self.entries.items())),
         }
-        atomic_write_json(self.path, data)
+        others = []
+        if self.path.is_file():
+            others = [
+                t for t in self._tables(self.path) if t.get("fingerprint") != self.fingerprint()
+            ]
+        atomic_write_json(self.path, {"tables": [*others, mine]})
 
     def part_ms(self, part: Part) -> float:
         """The entry of ``part``, measured (and cached) the first time its key is seen."""
