@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import compose_train, entry_point_of, run_cli
-from mnv3.cli import CONFIG_DIR, ConfigError, exit_on_user_error, to_plain
+from helpers import compose_train, run_cli
+from mnv3.cli import ConfigError, exit_on_user_error, to_plain
 from mnv3.models import mobilenet_v3_large
 from mnv3.models.checkpoints import CheckpointError
 from mnv3.tasks import TASKS
@@ -24,12 +24,9 @@ from mnv3.validate import (
     check_accelerator,
     check_backbone_keys,
     check_checkpoint_fits,
-    check_known_keys,
     check_train_config,
     check_values,
 )
-
-GROUPS = ("backbone", "data", "optim", "scheduler", "trainer", "experiment", "debug", "head")
 
 
 def _user_env() -> dict[str, str]:
@@ -107,18 +104,8 @@ def test_bad_value_names_key_value_and_expectation(tmp_path: Path, override: str
     assert "\n" not in message
 
 
-def test_every_shipped_config_option_passes_the_checks(tmp_path: Path) -> None:
-    checked = 0
-    for group in GROUPS:
-        for option in sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")):
-            if group == "experiment" and entry_point_of(option) != "train":
-                continue  # a search experiment: tests/search compose and check it
-            cfg = compose_train(tmp_path, [f"{group}={option}"])
-            check_known_keys(cfg)
-            check_values(cfg)
-            check_backbone_keys(cfg)
-            checked += 1
-    assert checked >= 35
+# Every shipped option passing these checks: tests/test_train.py composes each option once
+# for its own checks and these (test_every_group_option_composes_and_passes_the_checks).
 
 
 def test_a_v3_only_key_on_mobilenet_v2_is_named(tmp_path: Path) -> None:

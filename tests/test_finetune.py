@@ -48,7 +48,8 @@ def test_binary_finetune_reaches_auroc_and_reports_youden_metrics(tmp_path: Path
         *QUIET,
         f"backbone.weights={ckpt}",
         "backbone.bn_momentum=0.1",
-        "trainer.max_epochs=8",
+        # Validation AUROC by epoch, measured: 0.65 (warm-up), 0.997, 1.0 (8 epochs also end at 1.0).
+        "trainer.max_epochs=3",
         "data.generate.train_per_class=96",
         "head.class_weights=balanced",
         "head.label_smoothing=0.0",

@@ -13,21 +13,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import QUIET, TINY_DATA, metrics_rows, run_cli, start_cli, wait_for_file
+from helpers import (
+    QUIET,
+    TINY_DATA,
+    compose_train,
+    metrics_rows,
+    run_cli,
+    start_cli,
+    wait_for_file,
+)
 from mnv3.cli import ConfigError
 from mnv3.output_dir_check import check_output_dir
 from mnv3.preemption import AtomicCheckpointIO
 from mnv3.resumable_logs import ResumableExperimentWriter
 from mnv3.resume import restore_run_config, resume_argv
+from mnv3.train import train
 
 # 6 classes x 16 images / batch 8 = 12 steps per epoch, 2 epochs = 24 optimizer steps; a row
 # every 2 steps and last.ckpt every 3, so a kill lands between checkpoints and rows are replayed.
 DATA = [a.replace("train_per_class=8", "train_per_class=16") for a in TINY_DATA]
 STEPS = 24
-# One thread per run: on a shared 2-core machine, two spinning threads per process were 6x slower.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 # As a user runs it: conftest sets HYDRA_FULL_ERROR=1, which adds the traceback to user errors.
-AS_A_USER = {**ONE_THREAD, "HYDRA_FULL_ERROR": "0"}
+AS_A_USER = {"HYDRA_FULL_ERROR": "0"}
 RUN_ARGS = [
     *DATA,
     *QUIET,
@@ -57,16 +64,14 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def uninterrupted(workdir: Path) -> Path:
-    """One uninterrupted run of RUN_ARGS: the reference for step counts and CSV rows."""
-    result = run_cli(
-        "mnv3.train",
-        [*RUN_ARGS, f"paths.data_dir={workdir}/data", f"hydra.run.dir={workdir}/full"],
-        cwd=workdir,
-        env=ONE_THREAD,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert _global_step(workdir / "full" / "checkpoints" / "last.ckpt") == STEPS
-    return workdir / "full"
+    """One uninterrupted run of RUN_ARGS: the reference for step counts and CSV rows.
+
+    Trained in-process (no interpreter to start): what is compared is its steps and rows, which
+    test_sigterm_during_validation's in-process run shares with the CLI runs."""
+    train(compose_train(workdir / "full", RUN_ARGS, data_dir=workdir / "data"))
+    run = workdir / "full" / "run"
+    assert _global_step(run / "checkpoints" / "last.ckpt") == STEPS
+    return run
 
 
 def _start_and_signal(workdir: Path, name: str, sig: int, env: dict[str, str] | None = None):
@@ -77,7 +82,7 @@ def _start_and_signal(workdir: Path, name: str, sig: int, env: dict[str, str] | 
         "mnv3.train",
         [*RUN_ARGS, *extra, f"paths.data_dir={workdir}/data", f"hydra.run.dir={run}"],
         cwd=workdir,
-        env={**ONE_THREAD, **(env or {})},
+        env=env,
     )
     wait_for_file(run / "checkpoints" / "last.ckpt", proc)
     sent = time.time()
@@ -95,7 +100,7 @@ def test_sigkill_then_resume_ends_like_the_uninterrupted_run(
     assert proc.returncode == -signal.SIGKILL and 0 < killed_at < STEPS
     rows_before = len(metrics_rows(run))
 
-    resumed = run_cli("mnv3.train", [f"resume={run}"], cwd=workdir, env=ONE_THREAD)
+    resumed = run_cli("mnv3.train", [f"resume={run}"], cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _global_step(run / "checkpoints" / "last.ckpt") == STEPS
     # The same file, continued: the history before the kill is still there, none of it twice.
@@ -107,27 +112,36 @@ def test_sigkill_then_resume_ends_like_the_uninterrupted_run(
 
 
 def test_a_slurm_requeued_job_continues_from_its_last_checkpoint(
-    workdir: Path, uninterrupted: Path
+    workdir: Path, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SLURM reruns the same command in the same folder: it must continue, not start over."""
-    _, _ = _start_and_signal(workdir, "requeued", signal.SIGKILL)
-    run = workdir / "requeued"
-    assert 0 < _global_step(run / "checkpoints" / "last.ckpt") < STEPS
-    again = run_cli(
-        "mnv3.train",
-        [*RUN_ARGS, f"paths.data_dir={workdir}/data", f"hydra.run.dir={run}"],
-        cwd=workdir,
-        env={**ONE_THREAD, "SLURM_RESTART_COUNT": "1"},
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
+    """SLURM reruns the same command in the same folder: it must continue, not start over.
+
+    The killed job is a real process; its rerun composes the same config for the same folder
+    and runs in-process (what it reads from the job is SLURM_RESTART_COUNT, from the environment).
+    """
+    import pytorch_lightning as pl
+
+    _, _ = _start_and_signal(workdir, "requeued/run", signal.SIGKILL)
+    run = workdir / "requeued" / "run"
+    killed_at = _global_step(run / "checkpoints" / "last.ckpt")
+    assert 0 < killed_at < STEPS
+    trained: list[int] = []
+
+    def count_batch(self, batch, batch_idx) -> None:
+        trained.append(batch_idx)
+
+    monkeypatch.setattr(pl.LightningModule, "on_train_batch_start", count_batch)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    train(compose_train(workdir / "requeued", RUN_ARGS, data_dir=workdir / "data"))
     assert _global_step(run / "checkpoints" / "last.ckpt") == STEPS
+    assert len(trained) == STEPS - killed_at  # it continued: a restart would train all 24
     assert _signature(metrics_rows(run)) == _signature(metrics_rows(uninterrupted))
 
 
 def test_sigterm_saves_last_ckpt_exits_143_and_resume_keeps_the_wandb_run(
     workdir: Path, uninterrupted: Path
 ) -> None:
-    env = {"WANDB_MODE": "offline", **ONE_THREAD}
+    env = {"WANDB_MODE": "offline"}
     proc, sent = _start_and_signal(workdir, "terminated", signal.SIGTERM, env=env)
     run = workdir / "terminated"
     last = run / "checkpoints" / "last.ckpt"
@@ -160,9 +174,6 @@ def test_sigterm_during_validation_resumes_from_the_checkpoint_before_it(
     workdir: Path, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     import pytorch_lightning as pl
-
-    from helpers import compose_train
-    from mnv3.train import train
 
     def terminate_in_first_validation(self, batch, batch_idx, dataloader_idx=0) -> None:
         if not self.trainer.sanity_checking and self.trainer.current_epoch == 0 and batch_idx == 1:

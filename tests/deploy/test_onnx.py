@@ -25,10 +25,20 @@ from mnv3.deploy import (
 from mnv3.models import lraspp, ssdlite320
 
 
+@pytest.fixture(scope="module")
+def classifier_onnx(
+    tmp_path_factory: pytest.TempPathFactory, classifier: nn.Module, images: torch.Tensor
+) -> Path:
+    """The classifier exported once (dynamic batch, a sidecar): the fp32 model of every test
+    below that starts from one."""
+    folder = tmp_path_factory.mktemp("classifier_onnx")
+    return export_onnx(classifier, folder / "cls.onnx", images[:1], metadata={"mean": [0.5]})
+
+
 def test_onnx_classifier_matches_eager_with_native_hard_activations(
-    tmp_path: Path, classifier: nn.Module, images: torch.Tensor
+    classifier_onnx: Path, classifier: nn.Module, images: torch.Tensor
 ) -> None:
-    path = export_onnx(classifier, tmp_path / "cls.onnx", images[:1], metadata={"mean": [0.5]})
+    path = classifier_onnx
     ops = onnx_op_types(path)
     assert {"HardSwish", "HardSigmoid"} <= ops and only_standard_ops(path)
     assert not {"Sigmoid", "Clip"} & ops  # h-swish / h-sigmoid not decomposed
@@ -39,7 +49,7 @@ def test_onnx_classifier_matches_eager_with_native_hard_activations(
     assert np.abs(logits - expected.numpy()).max() <= 1e-4
     sidecar = read_sidecar(path)
     assert sidecar["mean"] == [0.5] and sidecar["format"] == "onnx"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cls.onnx", "cls.onnx.json"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cls.onnx", "cls.onnx.json"]
 
 
 def test_onnx_segmenter_matches_eager_at_input_size(tmp_path: Path) -> None:
@@ -71,11 +81,13 @@ def test_onnx_detector_with_nms_outside_gives_the_same_top_boxes(tmp_path: Path)
 
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_onnx_qdq_int8_agrees_on_most_top1(
-    tmp_path: Path, classifier: nn.Module, images: torch.Tensor, per_channel: bool
+    tmp_path: Path,
+    classifier_onnx: Path,
+    classifier: nn.Module,
+    images: torch.Tensor,
+    per_channel: bool,
 ) -> None:
-    fp32 = tmp_path / "fp32.onnx"
-    if not fp32.exists():
-        export_onnx(classifier, fp32, images[:1])
+    fp32 = classifier_onnx
     path = quantize_onnx(fp32, tmp_path / "int8.onnx", [images[:8], images[8:]], per_channel, {})
     ops = onnx_op_types(path)
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops

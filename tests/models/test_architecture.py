@@ -1,8 +1,10 @@
 """The paper's figures: exact parameter counts, MAdds within 2%, width rules, taps."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -212,19 +214,45 @@ def test_bad_arguments_fail_with_clear_messages() -> None:
         mobilenet_v3_small(width_rounding="tf")
 
 
-def test_models_package_imports_no_hydra_lightning_or_wandb() -> None:
-    code = (
-        "import sys, mnv3.models; "
-        "bad = [m for m in ('hydra', 'omegaconf', 'lightning', 'pytorch_lightning', 'wandb') if m in sys.modules]; "
-        "print(bad); sys.exit(1 if bad else 0)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+# One fresh interpreter answers both import tests (each interpreter start imports torch: seconds).
+# It imports mnv3.models first and lists the unwanted packages then loaded; then, for each
+# module, it drops every mnv3 module from sys.modules and imports that module first. A cycle can
+# only run through mnv3's own modules, so torch staying loaded does not hide one.
+UNWANTED = ("hydra", "omegaconf", "lightning", "pytorch_lightning", "wandb")
+FIRST_IMPORTS = ("checkpoints", "mobilenet", "backbone", "detection", "segmentation")
+IMPORT_PROBE = f"""
+import importlib, json, sys, traceback
+import mnv3.models
+unwanted = [m for m in {UNWANTED!r} if m in sys.modules]
+failed = {{}}
+for module in {FIRST_IMPORTS!r}:
+    for name in [n for n in sys.modules if n == "mnv3" or n.startswith("mnv3.")]:
+        del sys.modules[name]
+    try:
+        importlib.import_module("mnv3.models." + module)
+    except Exception:
+        failed[module] = traceback.format_exc()
+print(json.dumps({{"unwanted": unwanted, "failed": failed}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def import_probe() -> dict[str, Any]:
+    """What :data:`IMPORT_PROBE` saw in a fresh interpreter: ``unwanted`` packages loaded by
+    ``import mnv3.models``, and the modules of :data:`FIRST_IMPORTS` that ``failed`` to import
+    first (with their tracebacks)."""
+    result = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_models_modules_import_in_one_direction() -> None:
+def test_models_package_imports_no_hydra_lightning_or_wandb(import_probe: dict[str, Any]) -> None:
+    assert import_probe["unwanted"] == []
+
+
+def test_models_modules_import_in_one_direction(import_probe: dict[str, Any]) -> None:
     """The network class never imports the checkpoint code that needs it (no import cycle):
-    every models module imports first in a fresh interpreter."""
+    every models module imports first, with no other mnv3 module loaded before it."""
     import ast
 
     import mnv3.models.mobilenet as mobilenet_module
@@ -236,10 +264,7 @@ def test_models_modules_import_in_one_direction() -> None:
         if isinstance(node, ast.ImportFrom) and node.module is not None
     }
     assert "mnv3.models.checkpoints" not in imported
-    for module in ("checkpoints", "mobilenet", "backbone", "detection", "segmentation"):
-        code = f"import mnv3.models.{module}"
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
+    assert import_probe["failed"] == {}, "\n".join(import_probe["failed"].values())
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
