@@ -18,7 +18,8 @@ processes). Two measurements on one platform (``--platform``, a ``conf/platform`
    the fastest half of the calls alone and beside Small (``statistic=lower_mean``).
 
 ``--set key=value`` overrides the platform's settings for the prediction part (e.g.
-``--set statistic=quantile --set quantile=0.1``).
+``--set statistic=quantile --set quantile=0.1``). ``--repeatability-only`` skips part 1 (on
+XNNPACK every table entry is an ExecuTorch export: hours for a table).
 """
 
 from __future__ import annotations
@@ -124,31 +125,9 @@ def platform_config(path: Path, overrides: list[str]) -> dict:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument(
-        "--platform", type=Path, default=CONFIG_DIR / "platform" / "torch_cpu_1t.yaml"
-    )
-    parser.add_argument("--tables", type=int, default=30, help="random tables evaluated")
-    parser.add_argument("--fit", type=int, default=8, help="other random tables the line is fit on")
-    parser.add_argument("--processes", type=int, default=5, help="fresh processes per network")
-    parser.add_argument(
-        "--rounds", type=int, default=60, help="interleaved rounds over the evaluated tables"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], help="platform key=value")
-    parser.add_argument("--quick", action="store_true", help="8 tables, 3 to fit, 2 processes")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.tables, args.fit, args.processes, args.rounds = 8, 3, 2, 10
-    start = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
-    settings = platform_config(args.platform, args.set)
-    if settings.get("reference"):  # this bench's own calibration, beside its results
-        settings["calibration"] = str(args.out / f"{settings['name']}_reference.json")
-    platform = Platform.from_config(settings)
-    info = machine_info(1)
+def prediction(args: argparse.Namespace, platform: Platform) -> tuple[list[dict], str]:
+    """Part 1: random tables measured whole and predicted by the table; the rows and the
+    report's markdown section."""
     rng = random.Random(args.seed)
     table = LatencyTable(platform)
     rows = []
@@ -193,6 +172,69 @@ def main(argv: list[str] | None = None) -> int:
             r[f"error_{kind}"] = e
         within = sum(abs(e) <= 0.10 for e in errors) / len(errors)
         fits[kind] = (scale, constant, within, max(abs(e) for e in errors))
+    table_md = "\n".join(
+        f"| {r['table']} | {r['measured_ms']:.2f} | {r['parts_sum_ms']:.2f} "
+        f"| {r['error_scale']:+.1%} | "
+        f"{format(r['error_constant'], '+.1%') if 'error_constant' in r else '-'} |"
+        for r in rows
+    )
+    fits_md = "\n".join(
+        f"| {kind} | {sc:.3f} | {c:.2f} | **{w:.0%}** | {worst:.1%} |"
+        for kind, (sc, c, w, worst) in fits.items()
+    )
+    section = f"""## Prediction ({len(rows)} random tables around Small; line fitted on {args.fit} others)
+
+{len(table.entries)} table entries measured. Spearman rank correlation of the entries' sum (and
+so of either fitted prediction) with the latency measured network by network: **{rho:.3f}**
+(goal >= 0.9: {"PASS" if rho >= 0.9 else "MISS"}); with the latency measured for all
+{len(rows)} networks interleaved ({args.rounds} rounds, one call of each per round, alternating
+order): **{rho_interleaved:.3f}** ({"PASS" if rho_interleaved >= 0.9 else "MISS"}). The two
+whole-network measurements of the same networks rank them with a correlation of
+{rho_two_measurements:.3f} (the noise ceiling).
+
+| fit (on {args.fit} tables) | scale | constant ms | within 10 % | worst error |
+|---|---|---|---|---|
+{fits_md}
+
+| table | measured ms | sum of entries ms | error, scale fit | error, constant fit |
+|---|---|---|---|---|
+{table_md}
+
+"""
+    return rows, section
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument(
+        "--platform", type=Path, default=CONFIG_DIR / "platform" / "torch_cpu_1t.yaml"
+    )
+    parser.add_argument("--tables", type=int, default=30, help="random tables evaluated")
+    parser.add_argument("--fit", type=int, default=8, help="other random tables the line is fit on")
+    parser.add_argument("--processes", type=int, default=5, help="fresh processes per network")
+    parser.add_argument(
+        "--rounds", type=int, default=60, help="interleaved rounds over the evaluated tables"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], help="platform key=value")
+    parser.add_argument("--quick", action="store_true", help="8 tables, 3 to fit, 2 processes")
+    parser.add_argument(
+        "--repeatability-only",
+        action="store_true",
+        help="skip the prediction (an XNNPACK table costs an export per entry: hours)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tables, args.fit, args.processes, args.rounds = 8, 3, 2, 10
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = platform_config(args.platform, args.set)
+    if settings.get("reference"):  # this bench's own calibration, beside its results
+        settings["calibration"] = str(args.out / f"{settings['name']}_reference.json")
+    platform = Platform.from_config(settings)
+    info = machine_info(1)
+    rows, prediction_md = ([], "") if args.repeatability_only else prediction(args, platform)
     rules = {}
     for rule, extra in RULES.items():
         cfg = {**platform_config(args.platform, []), **extra}
@@ -210,16 +252,6 @@ def main(argv: list[str] | None = None) -> int:
             spread[backbone, rule] = (values, max(values) / min(values) - 1)
     elapsed = time.perf_counter() - start
     machine = "\n".join(f"- {k}: {v}" for k, v in info)
-    table_md = "\n".join(
-        f"| {r['table']} | {r['measured_ms']:.2f} | {r['parts_sum_ms']:.2f} "
-        f"| {r['error_scale']:+.1%} | "
-        f"{format(r['error_constant'], '+.1%') if 'error_constant' in r else '-'} |"
-        for r in rows
-    )
-    fits_md = "\n".join(
-        f"| {kind} | {sc:.3f} | {c:.2f} | **{w:.0%}** | {worst:.1%} |"
-        for kind, (sc, c, w, worst) in fits.items()
-    )
     spread_md = "\n".join(
         f"| {b} | {rule} | {', '.join(f'{v:.2f}' for v in vals)} | {s:.1%} | "
         f"{'PASS' if s <= 0.03 else 'MISS'} |"
@@ -234,26 +266,9 @@ Command: `python {" ".join([sys.argv[0], *(argv or sys.argv[1:])])}`; total time
 - platform: {platform.name} ({platform.runtime}, {platform.threads} thread(s), input
   {platform.input_size[0]}x{platform.input_size[1]}, {platform.statistic} {platform.quantile} to
   +-{platform.precision:.0%} or {platform.budget_s:.0f} s, reference {platform.reference});
-  {len(table.entries)} table entries measured
+  the prediction part's settings; the repeatability part's rules are below
 
-## Prediction ({len(rows)} random tables around Small; line fitted on {args.fit} others)
-
-Spearman rank correlation of the entries' sum (and so of either fitted prediction) with the
-latency measured network by network: **{rho:.3f}** (goal >= 0.9: {"PASS" if rho >= 0.9 else "MISS"});
-with the latency measured for all {len(rows)} networks interleaved ({args.rounds} rounds, one
-call of each per round, alternating order): **{rho_interleaved:.3f}**
-({"PASS" if rho_interleaved >= 0.9 else "MISS"}). The two whole-network measurements of the
-same networks rank them with a correlation of {rho_two_measurements:.3f} (the noise ceiling).
-
-| fit (on {args.fit} tables) | scale | constant ms | within 10 % | worst error |
-|---|---|---|---|---|
-{fits_md}
-
-| table | measured ms | sum of entries ms | error, scale fit | error, constant fit |
-|---|---|---|---|---|
-{table_md}
-
-## Repeatability: whole networks in {args.processes} fresh processes
+{prediction_md}## Repeatability: whole networks in {args.processes} fresh processes
 
 Timing rules, each process measuring both networks under every rule in turn (a reference
 rule's ms is its ratio to Small in the same windows times Small's latency calibrated once,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from mnv3.cli import CONFIG_DIR
 from mnv3.cpus import cpu_model
@@ -214,11 +215,13 @@ def test_an_unresolved_calibration_path_is_refused_when_it_would_be_written() ->
         assert isinstance(cfg, dict) and "${" in cfg["calibration"]
         return cfg
 
-    Platform.from_config(shipped("onnxruntime_cpu_1t"))  # no reference: the path is never used
-    with pytest.raises(
-        ConfigError, match=r"platform.calibration=.* is an unresolved interpolation"
-    ):
-        Platform.from_config(shipped("torch_cpu_1t"))  # a reference: it would write there
+    for name in ("torch_cpu_1t", "onnxruntime_cpu_1t", "xnnpack_1t"):
+        # without a reference the path is never used
+        Platform.from_config({**shipped(name), "reference": None})
+        with pytest.raises(
+            ConfigError, match=r"platform.calibration=.* is an unresolved interpolation"
+        ):
+            Platform.from_config(shipped(name))  # a reference: it would write there
 
 
 class Sleeper(torch.nn.Module):
@@ -299,3 +302,32 @@ def test_with_a_reference_the_run_stops_when_the_ratio_is_known() -> None:
     alone = PairedClock([2 * t for t in slowing], [0.0])
     times = platform._time_rounds({"network": alone.call_network}, None, alone.timer)
     assert len(times["network"]) == 200
+
+
+def test_the_reference_is_prepared_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ONNX or ExecuTorch export of the reference costs seconds: every measurement after the
+    first reuses the one this process prepared, on every runtime."""
+    from mnv3.search import platform as module
+
+    prepared: list[str] = []
+
+    def counting(network: nn.Module, x: torch.Tensor, threads: int, scratch: Path):
+        prepared.append("reference" if scratch.name.startswith("mnv3_reference_") else "network")
+        return RUNTIMES["torch"](network, x, threads, scratch)
+
+    monkeypatch.setitem(RUNTIMES, "counting", counting)
+    monkeypatch.setattr(module, "_PREPARED", {})
+    platform = Platform(
+        "p32",
+        runtime="counting",
+        input_size=(32, 32),
+        warmup=1,
+        min_runs=5,
+        max_runs=10,
+        reference="mobilenet_v3_small",
+        reference_ms=5.0,
+    )
+    for _ in range(3):
+        assert platform.measure(mobilenet_v3_small(width_mult=0.5)).ratio is not None
+    assert prepared == ["reference", "network", "network", "network"]
+    assert len(module._PREPARED) == 1
