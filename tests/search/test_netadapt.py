@@ -255,6 +255,18 @@ def test_a_tiny_search_runs_logs_every_proposal_and_resumes_after_a_kill(
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming the search" in again.stderr + again.stdout
     assert f"backbone={run}/table.yaml" in again.stdout
+    # Resumed under another timing rule: its new milliseconds would not compare with the rows.
+    state = json.loads((run / SEARCH_DIR / STATE_FILE).read_text())
+    assert state["platform"]["quantile"] == 0.5 and state["platform"]["cpu"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        search(compose_config("search", tmp_path, [*overrides, "platform.quantile=0.4"]))
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 1
+    assert (
+        "state.json: this search measured with quantile=0.5 and this run would measure " in message
+    )
+    assert "with quantile=0.4; expected the platform it started with" in message
 
 
 def test_search_cli_refuses_bad_input_in_one_sentence(tmp_path: Path) -> None:

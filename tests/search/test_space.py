@@ -135,7 +135,9 @@ def test_space_files_are_the_shipped_ones() -> None:
     assert Path(CONFIG_DIR / "search" / "netadapt.yaml").is_file()
 
 
-def test_a_tiny_block_search_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
+def test_a_tiny_block_search_runs_end_to_end_and_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """search=nas under debug=fast_dev_run, the paper's pipeline: a supernet, 4 candidates, the
     best 2 measured, NetAdapt on the winner; the top candidates and the refined network are
     backbone options the printed multirun selects; a second run in the same folder reads the
@@ -189,3 +191,11 @@ def test_a_tiny_block_search_runs_end_to_end_and_resumes(tmp_path: Path) -> None
     )
     assert load_backbone_file(run_dir / "table.yaml").rows == table.rows  # the winner is kept
     assert load_backbone_file(run_dir / "netadapt" / "table.yaml").rows == refined.rows
+    # Resumed under another timing rule, its predicted and measured ms would not compare.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        search(compose_config("search", tmp_path, [*overrides, "platform.quantile=0.4"]))
+    assert info.value.code == 1
+    assert f"{run_dir / 'search' / 'state.json'}: this search measured with quantile=0.5" in (
+        capsys.readouterr().err
+    )

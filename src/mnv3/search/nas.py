@@ -124,6 +124,8 @@ def run_nas(cfg: Mapping[str, Any], folder: Path, loggers: list[Any]) -> dict[st
     state: dict[str, Any] = (
         json.loads(state_file.read_text()) if state_file.is_file() else {"rows": []}
     )
+    platform.check_resumed(state.get("platform"), state_file)  # its ms must compare
+    state.setdefault("platform", platform.record())
     _save(state_dir, state)  # from now on resume=<run> finds the search, even mid-supernet
 
     datamodule = build_datamodule(cfg["data"], num_workers=cfg["cpu"]["resolved"]["num_workers"])

@@ -328,6 +328,7 @@ class NetAdapt:
             "pending": None,
             "finished": None,
             "started": time.time(),
+            "platform": self.platform.record(),
         }
         self._fit()
         self._save()
@@ -655,6 +656,7 @@ class NetAdapt:
             log.info(
                 "resuming the search in %s at iteration %d", self.folder, self.state["iteration"]
             )
+            self.platform.check_resumed(self.state.get("platform"), self.dir / STATE_FILE)
             self._fit()
         else:
             self._begin()

@@ -495,6 +495,31 @@ class Platform:
             "torch": torch.__version__,
         }
 
+    def record(self) -> dict[str, Any]:
+        """What this platform's milliseconds depend on, as plain JSON values: the fingerprint
+        (CPU, runtime, threads, input, timing rule, reference) and, beside a reference, its
+        calibrated ms (the unit every ratio is multiplied by). A search keeps it in its state."""
+        unit = self.reference_latency() if self.reference else None
+        return json.loads(json.dumps({**self.fingerprint(), "reference_ms": unit}))
+
+    def check_resumed(self, saved: Mapping[str, Any] | None, state_file: Path) -> None:
+        """Refuse, in one sentence, to resume the search of ``state_file`` on a platform that
+        measures differently from the one it started on (``saved``, its :meth:`record`): the
+        new milliseconds would not compare with its saved ones. States written before the
+        record existed (``saved`` None) are taken as they are."""
+        if saved is None:
+            return
+        now = self.record()
+        changed = [key for key in sorted({*saved, *now}) if saved.get(key) != now.get(key)]
+        if changed:
+            key = changed[0]
+            raise ConfigError(
+                f"{state_file}: this search measured with {key}={saved.get(key)!r} and this run "
+                f"would measure with {key}={now.get(key)!r}; expected the platform it started "
+                "with, so that its milliseconds compare with the saved ones (a new search needs "
+                "a new run folder)"
+            )
+
     def reference_latency(self) -> float:
         """The reference network's latency (ms) that ratios are scaled by: ``reference_ms`` if
         set, else the ``calibration`` file's entry for this platform's fingerprint, else
