@@ -19,7 +19,7 @@ processes). Two measurements on one platform (``--platform``, a ``conf/platform`
 
 ``--set key=value`` overrides the platform's settings for the prediction part (e.g.
 ``--set statistic=quantile --set quantile=0.1``). ``--repeatability-only`` skips part 1 (on
-XNNPACK every table entry is an ExecuTorch export: hours for a table).
+XNNPACK every table entry and whole network is an ExecuTorch export: about 40 minutes).
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeatability-only",
         action="store_true",
-        help="skip the prediction (an XNNPACK table costs an export per entry: hours)",
+        help="skip the prediction (on XNNPACK an export per entry and network: ~40 min)",
     )
     args = parser.parse_args(argv)
     if args.quick:

@@ -305,14 +305,17 @@ def test_with_a_reference_the_run_stops_when_the_ratio_is_known() -> None:
 
 
 def test_the_reference_is_prepared_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An ONNX or ExecuTorch export of the reference costs seconds: every measurement after the
-    first reuses the one this process prepared, on every runtime."""
+    """An ONNX or ExecuTorch export of the reference (or of the table's anchor block) costs
+    seconds: every measurement after the first reuses the one this process prepared."""
     from mnv3.search import platform as module
 
     prepared: list[str] = []
 
     def counting(network: nn.Module, x: torch.Tensor, threads: int, scratch: Path):
-        prepared.append("reference" if scratch.name.startswith("mnv3_reference_") else "network")
+        if scratch.name.startswith("mnv3_reference_"):
+            prepared.append("reference")  # prepared once per process, under a name
+        else:
+            prepared.append("anchor" if scratch.name == "anchor" else "network")
         return RUNTIMES["torch"](network, x, threads, scratch)
 
     monkeypatch.setitem(RUNTIMES, "counting", counting)
@@ -331,3 +334,8 @@ def test_the_reference_is_prepared_once_per_process(monkeypatch: pytest.MonkeyPa
         assert platform.measure(mobilenet_v3_small(width_mult=0.5)).ratio is not None
     assert prepared == ["reference", "network", "network", "network"]
     assert len(module._PREPARED) == 1
+    # a named anchor (the per-block table's) likewise; an unnamed one is prepared every time
+    block, x = torch.nn.Conv2d(3, 8, 3), torch.zeros(1, 3, 32, 32)
+    for key in ("anchor", "anchor", None):
+        platform.measure_ratio(block, x, torch.nn.Conv2d(3, 16, 3), x, anchor_key=key)
+    assert prepared[4:] == ["reference", "network", "network", "network", "anchor"]

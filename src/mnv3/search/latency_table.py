@@ -126,6 +126,8 @@ class LatencyTable:
             middle = parts[len(parts) // 2]
             x = torch.randn(*middle.input_shape, generator=torch.Generator().manual_seed(0))
             self._anchor = (middle.module, x)
+        # the same block in every table of this process: prepared (exported) once
+        self._anchor_key = f"anchor: middle block of {platform.reference} at {platform.input_size}"
         self.path = Path(path) if path is not None else None
         self.entries: dict[str, float] = {}
         self.constant_ms = 0.0
@@ -196,7 +198,9 @@ class LatencyTable:
                 self.entries[part.key] = latency.ms
                 self.runtime = latency.runtime
             else:
-                self.entries[part.key] = self.platform.measure_ratio(part.module, x, *self._anchor)
+                self.entries[part.key] = self.platform.measure_ratio(
+                    part.module, x, *self._anchor, anchor_key=self._anchor_key
+                )
                 self.runtime = f"{self.platform.runtime} (entries: ratio to an anchor block)"
             self.measured += 1
         return self.entries[part.key]

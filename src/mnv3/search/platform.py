@@ -192,9 +192,10 @@ STATISTICS: dict[str, Statistic] = {
 
 # reference_ms calibrated in this process, per calibration file (or per platform without one)
 _CALIBRATED: dict[str, float] = {}
-# The reference as each runtime runs it, prepared once per process (runtime, threads, input,
-# reference): an ONNX or ExecuTorch export of it costs seconds, and every measurement on a
-# platform with a reference times it. The scratch folder lives as long as the process.
+# The reference (and the per-block table's anchor) as each runtime runs it, prepared once per
+# process (runtime, threads, name, input shape): an ONNX or ExecuTorch export costs seconds, and
+# every measurement on a platform with a reference times one. The scratch folder lives as long
+# as the process.
 _PREPARED: dict[tuple[Any, ...], tuple[Call, tempfile.TemporaryDirectory[str]]] = {}
 
 
@@ -367,17 +368,24 @@ class Platform:
         rounds: int | None,
         x: torch.Tensor | None = None,
         anchor: tuple[nn.Module, torch.Tensor] | None = None,
+        anchor_key: str | None = None,
     ) -> dict[str, Latency]:
         """Prepare ``networks`` and time them in the same rounds, beside ``anchor`` (a module and
-        its input: every latency gets its ratio to it) or else the platform's reference (the
-        ratio, and ms scaled to the calibrated reference)."""
+        its input: every latency gets its ratio to it; with ``anchor_key``, prepared once per
+        process) or else the platform's reference (the ratio, and ms scaled to the calibrated
+        reference)."""
         allocator = pin_malloc() if self.pin_malloc else "default"
         previous = torch.get_num_threads()
         reference_ms = None
         reference_call = None
         if anchor is None and self.reference:
             reference_ms = self.reference_latency()
-            reference_call = self._prepared_reference()
+            reference_call = self._prepared(
+                f"reference {self.reference}", self._reference_network, self.example_input()
+            )
+        elif anchor is not None and anchor_key is not None:
+            module = anchor[0]
+            reference_call = self._prepared(anchor_key, lambda: module, anchor[1])
         try:
             with tempfile.TemporaryDirectory(prefix="mnv3_platform_") as scratch:
                 calls, runtime = {}, ""
@@ -385,13 +393,13 @@ class Platform:
                     folder = Path(scratch) / str(i)
                     folder.mkdir()
                     calls[name], runtime = self.prepare(network, folder, x)
-                if anchor is not None:
+                if reference_call is not None:
+                    calls[_REFERENCE] = reference_call
+                elif anchor is not None:
                     (Path(scratch) / "anchor").mkdir()
                     calls[_REFERENCE] = self.prepare(
                         anchor[0], Path(scratch) / "anchor", anchor[1]
                     )[0]
-                elif reference_call is not None:
-                    calls[_REFERENCE] = reference_call
                 times = self._time_rounds(calls, rounds)
         finally:
             torch.set_num_threads(previous)
@@ -403,13 +411,21 @@ class Platform:
         }
 
     def measure_ratio(
-        self, network: nn.Module, x: torch.Tensor, anchor: nn.Module, anchor_x: torch.Tensor
+        self,
+        network: nn.Module,
+        x: torch.Tensor,
+        anchor: nn.Module,
+        anchor_x: torch.Tensor,
+        anchor_key: str | None = None,
     ) -> float:
         """``network``'s time on ``x`` over ``anchor``'s on ``anchor_x``, timed in the same rounds
-        until the network's quantile is known to ``precision``: a unitless number that a
-        machine's drifting speed leaves alone (the per-block table's entries on a platform with
-        a reference)."""
-        latency = self._run({"network": network}, None, x, anchor=(anchor, anchor_x))["network"]
+        until the ratio is known to ``precision``: a unitless number that a machine's drifting
+        speed leaves alone (the per-block table's entries on a platform with a reference).
+        ``anchor_key`` names an anchor that stays the same in this process: it is then prepared
+        (on onnxruntime and XNNPACK: exported) once and reused, as the reference is."""
+        latency = self._run(
+            {"network": network}, None, x, anchor=(anchor, anchor_x), anchor_key=anchor_key
+        )["network"]
         assert latency.ratio is not None
         return latency.ratio
 
@@ -471,13 +487,14 @@ class Platform:
         assert self.reference is not None
         return build_backbone(self.reference, num_classes=1000)
 
-    def _prepared_reference(self) -> Call:
-        """The reference as this platform's runtime calls it on the example input, built and
-        exported once per process (:data:`_PREPARED`) and reused by every later measurement."""
-        key = (self.runtime, self.threads, self.input_size, self.reference)
+    def _prepared(self, name: str, build: Callable[[], nn.Module], x: torch.Tensor) -> Call:
+        """The module ``build`` returns, as this platform's runtime calls it on ``x``, prepared
+        (exported) once per process under ``name`` (:data:`_PREPARED`) and reused by every later
+        measurement: the reference, and the per-block table's anchor."""
+        key = (self.runtime, self.threads, name, tuple(x.shape))
         if key not in _PREPARED:
             scratch = tempfile.TemporaryDirectory(prefix="mnv3_reference_")
-            call, _ = self.prepare(self._reference_network(), Path(scratch.name))
+            call, _ = self.prepare(build(), Path(scratch.name), x)
             _PREPARED[key] = (call, scratch)
         return _PREPARED[key][0]
 
