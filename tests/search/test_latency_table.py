@@ -96,8 +96,10 @@ def test_on_a_reference_platform_entries_are_ratios_to_an_anchor_block(
     scale carries the sum into ms."""
     anchors: list[tuple[int, ...]] = []
 
-    def ratio(self: Platform, network: torch.nn.Module, x: torch.Tensor, anchor, anchor_x) -> float:
-        anchors.append(tuple(anchor_x.shape))
+    def ratio(
+        self: Platform, network: torch.nn.Module, x: torch.Tensor, anchor, anchor_x, anchor_key
+    ) -> float:
+        anchors.append((tuple(anchor_x.shape), anchor_key))
         return 0.5
 
     monkeypatch.setattr(Platform, "measure_ratio", ratio)
@@ -108,7 +110,8 @@ def test_on_a_reference_platform_entries_are_ratios_to_an_anchor_block(
     total = table.parts_sum(small)
     unique = len({p.key for p in network_parts(small, (64, 64))})
     assert total == pytest.approx(0.5 * len(network_parts(small, (64, 64))))
-    assert len(anchors) == unique and len(set(anchors)) == 1  # one anchor for every entry
+    # one anchor for every entry, named so that the process prepares (exports) it once
+    assert len(anchors) == unique and len(set(anchors)) == 1 and anchors[0][1]
     table.fit([total], [7.0])
     assert table.predict(small) == pytest.approx(7.0)
     assert table.fingerprint()["reference"] == "mobilenet_v3_small"  # the units it predicts in
