@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from helpers import TINY_DATA, compose_config, run_cli
 from mnv3.errors import ConfigError
@@ -16,6 +17,7 @@ from mnv3.models.backbone import build_backbone
 from mnv3.models.block_table import load_backbone_file, table_from_arch, table_to_plain
 from mnv3.models.layers import make_divisible
 from mnv3.models.mobilenetv3 import MOBILENET_V3_LARGE, MOBILENET_V3_SMALL
+from mnv3.run_folder import RunFolder
 from mnv3.search import netadapt
 from mnv3.search.netadapt import (
     PROPOSALS_CSV,
@@ -267,6 +269,9 @@ def test_a_tiny_search_runs_logs_every_proposal_and_resumes_after_a_kill(
         "state.json: this search measured with quantile=0.5 and this run would measure " in message
     )
     assert "with quantile=0.4; expected the platform it started with" in message
+    # refused before the run's saved config was replaced: a plain resume still has its own
+    saved = OmegaConf.load(RunFolder(run).config_file)
+    assert saved.platform.quantile == 0.5
 
 
 def test_search_cli_refuses_bad_input_in_one_sentence(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ search that was stopped; ``debug=fast_dev_run`` makes any search a tiny one.
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import sys
@@ -36,6 +37,7 @@ from mnv3.resume import restore_run_config, resume_argv
 from mnv3.run_folder import RUN_CONFIG, RunFolder
 from mnv3.search.nas import run_nas
 from mnv3.search.netadapt import SEARCH_DIR, STATE_FILE, TABLE_FILE, run_netadapt
+from mnv3.search.platform import Platform
 from mnv3.validate import check_accelerator
 
 log = logging.getLogger("mnv3.search")
@@ -71,8 +73,21 @@ def _checked_config(cfg: DictConfig) -> DictConfig:
     size_cpus(cfg)
     output_dir = Path(cfg.paths.output_dir)
     check_output_dir(output_dir, "paths.output_dir")
+    _check_resumed_platform(cfg, output_dir / SEARCH_DIR / STATE_FILE)
     print_config_tree(cfg, save_to=RunFolder(output_dir).config_file)
     return cfg
+
+
+def _check_resumed_platform(cfg: DictConfig, state_file: Path) -> None:
+    """A resumed search whose platform settings changed is refused before its saved config is
+    replaced by this run's (a later ``resume=<run>`` would restore the refused settings); the
+    search checks the calibrated unit itself when it starts."""
+    try:
+        saved = json.loads(state_file.read_text()).get("platform")
+    except (OSError, ValueError, AttributeError):
+        return  # no search here yet, or a state the search itself will refuse
+    platform = Platform.from_config(to_plain(cfg.platform))
+    platform.check_resumed(saved, state_file, calibrated=False)
 
 
 @exit_on_user_error

@@ -519,15 +519,20 @@ class Platform:
         unit = self.reference_latency() if self.reference else None
         return json.loads(json.dumps({**self.fingerprint(), "reference_ms": unit}))
 
-    def check_resumed(self, saved: Mapping[str, Any] | None, state_file: Path) -> None:
+    def check_resumed(
+        self, saved: Mapping[str, Any] | None, state_file: Path, calibrated: bool = True
+    ) -> None:
         """Refuse, in one sentence, to resume the search of ``state_file`` on a platform that
         measures differently from the one it started on (``saved``, its :meth:`record`): the
-        new milliseconds would not compare with its saved ones. States written before the
-        record existed (``saved`` None) are taken as they are."""
+        new milliseconds would not compare with its saved ones. ``calibrated=False`` compares
+        the fingerprint only (no calibration is read or made: the CLI's check before it saves
+        the run's config). States written before the record existed (``saved`` None) are taken
+        as they are."""
         if saved is None:
             return
-        now = self.record()
-        changed = [key for key in sorted({*saved, *now}) if saved.get(key) != now.get(key)]
+        now = self.record() if calibrated else json.loads(json.dumps(self.fingerprint()))
+        keys = {*saved, *now} - (set() if calibrated else {"reference_ms"})
+        changed = [key for key in sorted(keys) if saved.get(key) != now.get(key)]
         if changed:
             key = changed[0]
             raise ConfigError(
