@@ -118,6 +118,7 @@ class LatencyTable:
         # block per round), and kept as its ratio to it, so entries measured minutes apart on
         # a drifting machine stay comparable; the fitted scale turns their sum into ms.
         self._anchor: tuple[nn.Module, torch.Tensor] | None = None
+        self._anchor_key: str | None = None  # its name: prepared (exported) once per process
         if platform.reference:
             from mnv3.models import build_backbone
 
@@ -126,8 +127,7 @@ class LatencyTable:
             middle = parts[len(parts) // 2]
             x = torch.randn(*middle.input_shape, generator=torch.Generator().manual_seed(0))
             self._anchor = (middle.module, x)
-        # the same block in every table of this process: prepared (exported) once
-        self._anchor_key = f"anchor: middle block of {platform.reference} at {platform.input_size}"
+            self._anchor_key = f"middle block of {platform.reference} at {platform.input_size}"
         self.path = Path(path) if path is not None else None
         self.entries: dict[str, float] = {}
         self.constant_ms = 0.0

@@ -512,12 +512,15 @@ class Platform:
             "torch": torch.__version__,
         }
 
-    def record(self) -> dict[str, Any]:
+    def record(self, calibrated: bool = True) -> dict[str, Any]:
         """What this platform's milliseconds depend on, as plain JSON values: the fingerprint
-        (CPU, runtime, threads, input, timing rule, reference) and, beside a reference, its
-        calibrated ms (the unit every ratio is multiplied by). A search keeps it in its state."""
-        unit = self.reference_latency() if self.reference else None
-        return json.loads(json.dumps({**self.fingerprint(), "reference_ms": unit}))
+        (CPU, runtime, threads, input, timing rule, reference) and, if ``calibrated``, the
+        reference's calibrated ms (the unit every ratio is multiplied by; None without a
+        reference). A search keeps it in its state."""
+        plain = self.fingerprint()
+        if calibrated:
+            plain["reference_ms"] = self.reference_latency() if self.reference else None
+        return json.loads(json.dumps(plain))
 
     def check_resumed(
         self, saved: Mapping[str, Any] | None, state_file: Path, calibrated: bool = True
@@ -530,8 +533,8 @@ class Platform:
         as they are."""
         if saved is None:
             return
-        now = self.record() if calibrated else json.loads(json.dumps(self.fingerprint()))
-        keys = {*saved, *now} - (set() if calibrated else {"reference_ms"})
+        now = self.record(calibrated)
+        keys = {*now, *(key for key in saved if calibrated or key != "reference_ms")}
         changed = [key for key in sorted(keys) if saved.get(key) != now.get(key)]
         if changed:
             key = changed[0]
